@@ -1,0 +1,52 @@
+# The two commands of the README:  `make demo` (the full loop on the synthetic world, CPU)
+# and `make test` (lint + the whole test suite). Both create the environment on first use.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/demo.yaml
+ARGS ?=
+
+.PHONY: demo test lint unit integration world env clean
+
+env: $(STAMP)
+
+# torch goes in first, as the CUDA build from PyPI: local wheel mirrors (find-links in pip.conf or
+# PIP_FIND_LINKS) may hold a CPU-only torch that satisfies `torch==X` but breaks torchvision
+# ("operator torchvision::nms does not exist"). Ignoring pip's config files for this one step makes
+# pip take PyPI's build, which runs fine without a GPU. Everything after resolves against it.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(PY) -m pip install -q \
+	    "torch==$$(sed -n 's/.*"torch==\([^"]*\)".*/\1/p' pyproject.toml)" \
+	    "torchvision==$$(sed -n 's/.*"torchvision==\([^"]*\)".*/\1/p' pyproject.toml)"
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -c "import torchvision, open_clip, ray, faiss, deepspeed; print('environment ok: torch', __import__('torch').__version__)"
+	@if command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then \
+	    echo "installing chromium for the browser tests"; \
+	    (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	    || echo "chromium not installed: browser tests will be skipped"; fi
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m pipelines.demo --config $(CONFIG) $(ARGS)
+
+world: $(STAMP)
+	$(PY) -m pipelines.make_world --config $(CONFIG) $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit $(ARGS)
+
+integration: $(STAMP)
+	$(PY) -m pytest tests/integration $(ARGS)
+
+test: lint
+	$(PY) -m pytest tests $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,88 @@
+"""Paths and files on any filesystem pyarrow knows (local paths, file://, s3://, gs://, ...)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def require_exists(uri: str, what: str) -> None:
+    """Raise FileNotFoundError naming `what` when `uri` does not exist."""
+    if not exists(uri):
+        raise FileNotFoundError(f"{what} not found: {uri}")
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Files below `uri` (recursive) whose names end with `suffix`, sorted, as full URIs/paths."""
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+    out = []
+    for info in infos:
+        if info.type == pafs.FileType.File and info.path.endswith(suffix):
+            if info.base_name.startswith((".", "_")):  # hidden files, markers like _manifest.json
+                continue
+            out.append(scheme + info.path)
+    return sorted(out)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write atomically where the filesystem allows: to a temporary name, then move."""
+    fs, path = filesystem(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{path}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_parquet(table, uri: str) -> None:
+    """Write one Parquet file atomically (temporary name, then move), so a killed job never leaves
+    a half-written shard that a resumed run would take as finished."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    tmp = f"{path}.tmp"
+    pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+    fs.move(tmp, path)
+
+
+def read_parquet(uri: str, columns: list[str] | None = None):
+    """Read one Parquet file or every Parquet file below a folder into one Arrow table."""
+    fs, path = filesystem(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)

@@ -1,0 +1,94 @@
+"""CLIP models: the project's tiny open_clip configs and one builder for every place that needs a
+model (jobs, Ray actors, Serve replicas).
+
+The configs in `model_configs/` are registered with open_clip by `register_model_configs()`, which
+`build_clip` calls first, so a model builds the same way in the driver and in every Ray worker
+without touching a model hub. Real models keep open_clip's own names, pretrained tags
+('openai', 'laion2b_s32b_b82k', ...) and local checkpoint paths.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.config import ModelConfig
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+PROJECT_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
+
+
+class ModelLoadError(ValueError):
+    """An unknown model name, or a pretrained tag / checkpoint that cannot be loaded."""
+
+
+def register_model_configs() -> None:
+    """Register the project's model configs with open_clip (idempotent, cheap)."""
+    import open_clip
+
+    known = set(open_clip.list_models())
+    if not set(PROJECT_MODELS) <= known:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+@dataclass
+class Clip:
+    """A CLIP model with its tokenizer and the facts downstream code needs."""
+
+    model: Any  # open_clip.CLIP
+    tokenizer: Any
+    name: str
+    embed_dim: int
+    image_size: int
+    context_length: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def build_clip(cfg: ModelConfig, device: str = "cpu") -> Clip:
+    """Build (and load) a CLIP model from config.
+
+    Args:
+        cfg: model name (open_clip's or the project's), pretrained tag or checkpoint path.
+        device: torch device.
+    Returns:
+        Clip with the model in eval mode.
+    Raises:
+        ModelLoadError: unknown name, missing checkpoint path, or a checkpoint that does not fit.
+    """
+    import open_clip
+
+    register_model_configs()
+    if cfg.name not in open_clip.list_models():
+        raise ModelLoadError(
+            f"unknown model name {cfg.name!r}; project models: {', '.join(PROJECT_MODELS)}; "
+            f"open_clip knows {len(open_clip.list_models())} more (open_clip.list_models())"
+        )
+    pretrained = cfg.pretrained
+    if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin"))):
+        if not Path(pretrained).is_file():
+            raise ModelLoadError(f"checkpoint not found for model {cfg.name!r}: {pretrained}")
+    try:
+        model = open_clip.create_model(
+            cfg.name, pretrained=pretrained, precision=cfg.precision, device=device
+        )
+    except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError) as e:
+        raise ModelLoadError(
+            f"cannot load model {cfg.name!r} with pretrained={pretrained!r}: {e}"
+        ) from e
+    model.eval()
+    model_cfg = open_clip.get_model_config(cfg.name)
+    vision = model.visual
+    size = vision.image_size
+    return Clip(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(cfg.name),
+        name=cfg.name,
+        embed_dim=int(model_cfg["embed_dim"]),
+        image_size=int(size[0] if isinstance(size, (tuple, list)) else size),
+        context_length=int(model_cfg["text_cfg"].get("context_length", 77)),
+        mean=tuple(getattr(vision, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
+        std=tuple(getattr(vision, "image_std", None) or open_clip.OPENAI_DATASET_STD),
+    )

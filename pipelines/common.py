@@ -1,0 +1,43 @@
+"""What every job entry point shares: the command line and the error contract.
+
+`python -m pipelines.<job> --config PATH [key=value ...]`. A bad config, a missing input, a table
+from the wrong job or a model that cannot load ends the job with exit code 2 and one line on
+stderr naming what is wrong; other failures keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from align.config import Config, ConfigError, load_config
+from align.contracts import ContractError
+from align.models import ModelLoadError
+
+# Errors that mean "your input is wrong", reported in one line.
+USER_ERRORS = (ConfigError, ContractError, ModelLoadError, FileNotFoundError)
+
+
+def parse_args(job: str, argv: list[str] | None) -> Config:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m pipelines.{job}",
+        description=f"Run the {job} job.",
+        epilog="Overrides are dotted keys, e.g. world.seed=3 output_dir=/tmp/run.",
+    )
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied after the file")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides)
+
+
+def run_job(job: str, body: Callable[[Config], object], argv: list[str] | None = None) -> int:
+    """Parse the command line, run `body(config)`, map user errors to one line and exit code 2."""
+    try:
+        config = parse_args(job, argv)
+        body(config)
+    except USER_ERRORS as e:
+        message = e.args[0] if isinstance(e, FileNotFoundError) and e.args else e
+        print(f"{job}: error: {message}", file=sys.stderr)
+        return 2
+    return 0

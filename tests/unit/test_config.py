@@ -1,0 +1,93 @@
+from pathlib import Path
+
+import pytest
+
+from align.config import Config, ConfigError, load_config, parse_override
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_defaults_live_in_the_typed_config():
+    cfg = load_config(None)
+    assert cfg == Config()
+    assert cfg.world.num_images == Config.model_fields["world"].default.num_images
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_yaml_in_configs_validates(path):
+    text = path.read_text()
+    assert text.startswith("#"), f"{path.name} must open with a comment: what it runs, how"
+    assert "python -m pipelines." in text.split("\n\n")[0] or "serve run" in text
+    load_config(path)
+
+
+def test_dotted_overrides_apply_in_order_with_yaml_types(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("world:\n  seed: 1\n")
+    cfg = load_config(
+        cfg_file, ["world.seed=7", "world.caption_quality_share=0.5", "model.pretrained=null"]
+    )
+    assert cfg.world.seed == 7
+    assert cfg.world.caption_quality_share == 0.5
+    assert cfg.model.pretrained is None
+
+
+def test_unknown_key_names_it_and_the_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["world.sed=3"])
+    msg = str(e.value)
+    assert "world.sed" in msg and "seed" in msg and "num_images" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_key_in_the_file_is_an_error_too(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("world:\n  num_imgs: 3\n")
+    with pytest.raises(ConfigError, match=r"world\.num_imgs.*valid keys under world"):
+        load_config(cfg_file)
+
+
+def test_unknown_section_is_an_error():
+    with pytest.raises(ConfigError, match=r"unknown config key 'wrold'"):
+        load_config(None, ["wrold.seed=3"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"world\.num_images.*integer.*'many'"):
+        load_config(None, ["world.num_images=many"])
+
+
+def test_value_out_of_range_names_the_key():
+    with pytest.raises(ConfigError, match=r"world\.caption_quality_share"):
+        load_config(None, ["world.caption_quality_share=1.5"])
+
+
+def test_section_cannot_be_overwritten_by_a_value():
+    with pytest.raises(ConfigError, match="world"):
+        load_config(None, ["world=3"])
+
+
+@pytest.mark.parametrize("bad", ["world.seed", "=3", ""])
+def test_malformed_override(bad):
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override(bad)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("world: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)
+
+
+def test_paths_under_output_dir_are_absolute_for_local_and_kept_for_uris(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, ["output_dir=out"]).path("world") == f"{tmp_path}/out/world"
+    assert load_config(None, ["output_dir=s3://b/run/"]).path("world") == "s3://b/run/world"

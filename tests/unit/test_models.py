@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from align.config import ModelConfig
+from align.models import PROJECT_MODELS, ModelLoadError, build_clip
+
+
+@pytest.mark.parametrize("name", PROJECT_MODELS)
+def test_project_models_build_offline_and_encode(name):
+    clip = build_clip(ModelConfig(name=name))
+    tokens = clip.tokenizer(["a red star", "a blurry photo of a blue ring"])
+    assert tokens.shape == (2, clip.context_length)
+    with torch.no_grad():
+        text = clip.model.encode_text(tokens)
+        image = clip.model.encode_image(torch.rand(2, 3, clip.image_size, clip.image_size))
+    assert text.shape == image.shape == (2, clip.embed_dim)
+    assert torch.isfinite(text).all() and torch.isfinite(image).all()
+
+
+def test_real_model_names_keep_open_clip_configs():
+    clip = build_clip(ModelConfig(name="ViT-B-32"))  # no pretrained tag: random init, no download
+    assert clip.embed_dim == 512 and clip.image_size == 224 and clip.context_length == 77
+
+
+def test_unknown_model_and_missing_checkpoint_fail_fast(tmp_path):
+    with pytest.raises(ModelLoadError, match="unknown model name 'tiny-cilp'"):
+        build_clip(ModelConfig(name="tiny-cilp"))
+    with pytest.raises(ModelLoadError, match="checkpoint not found"):
+        build_clip(ModelConfig(name="micro-clip", pretrained=str(tmp_path / "missing.pt")))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelLoadError, match="cannot load model 'micro-clip'"):
+        build_clip(ModelConfig(name="micro-clip", pretrained=str(junk)))
+
+
+def test_checkpoint_path_round_trip(tmp_path):
+    clip = build_clip(ModelConfig(name="micro-clip"))
+    path = tmp_path / "micro.pt"
+    torch.save(clip.model.state_dict(), path)
+    loaded = build_clip(ModelConfig(name="micro-clip", pretrained=str(path)))
+    pairs = zip(clip.model.state_dict().items(), loaded.model.state_dict().items(), strict=True)
+    for (k, a), (_, b) in pairs:
+        assert torch.equal(a, b), k
+
+
+def test_project_models_build_inside_ray_workers(ray_session):
+    """Registration happens where the model is built, so a fresh worker process can build it."""
+
+    @ray_session.remote
+    def build_in_worker(name):
+        return build_clip(ModelConfig(name=name)).embed_dim
+
+    assert ray_session.get(build_in_worker.remote("tiny-clip")) == 128

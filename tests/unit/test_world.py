@@ -1,0 +1,129 @@
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from align import world
+from align.config import WorldConfig
+from align.contracts import GROUND_TRUTH, IMAGES, QUERIES
+
+
+@pytest.fixture(scope="module")
+def shard():
+    cfg = WorldConfig(seed=11, num_images=1500, shard_size=1500)
+    return cfg, *world.render_shard(cfg, 0)
+
+
+def test_shards_follow_the_contracts(shard):
+    cfg, images, gt = shard
+    assert images.schema == IMAGES.schema and gt.schema == GROUND_TRUTH.schema
+    assert images.num_rows == gt.num_rows == 1500
+    assert images["image_id"].to_pylist() == gt["image_id"].to_pylist()
+    img = Image.open(io.BytesIO(images["image"][0].as_py()))
+    assert img.format == "JPEG" and img.size == (cfg.image_size, cfg.image_size)
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes():
+    cfg = WorldConfig(seed=5, num_images=40, shard_size=20)
+    a, _ = world.render_shard(cfg, 1)
+    b, _ = world.render_shard(cfg, 1)
+    c, _ = world.render_shard(cfg.model_copy(update={"seed": 6}), 1)
+    assert a.equals(b)
+    assert a["image"].to_pylist() != c["image"].to_pylist()
+    assert a["image_id"][0].as_py() == "w5-0000020"
+
+
+def test_true_aesthetic_depends_on_low_and_high_level_parts(shard):
+    _, _, gt = shard
+    true = gt["true_aesthetic"].to_numpy()
+    corr_low = np.corrcoef(true, gt["low_level"].to_numpy())[0, 1]
+    corr_high = np.corrcoef(true, gt["high_level"].to_numpy())[0, 1]
+    # Both parts matter: clearly above zero, clearly below one.
+    assert 0.3 < corr_low < 0.85
+    assert 0.3 < corr_high < 0.9
+
+
+def _render(scene, **changes):
+    return world.render(dataclasses.replace(scene, **changes), 64).astype(np.float32)
+
+
+@pytest.fixture
+def good_scene():
+    rng = np.random.default_rng(0)
+    scene = world.sample_scenes(rng, 1)[0]
+    best = {a: 1.0 for a in world.ATTRIBUTES}
+    return dataclasses.replace(scene, shape="square", background="plain", **best)
+
+
+def _laplacian_energy(img):
+    g = img.mean(axis=2)
+    lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
+    return float(np.mean(lap**2))
+
+
+def test_low_level_attributes_are_visible_in_pixels(good_scene):
+    base = _render(good_scene)
+    assert _laplacian_energy(_render(good_scene, sharpness=0.0)) < 0.5 * _laplacian_energy(base)
+    dark = _render(good_scene, exposure=0.0, too_bright=False)
+    bright = _render(good_scene, exposure=0.0, too_bright=True)
+    assert dark.mean() < base.mean() - 30 and bright.mean() > base.mean() + 30
+    noisy = _render(good_scene, noise=0.0)
+    assert np.abs(noisy - base).mean() > 10
+    washed = _render(good_scene, saturation=0.0)
+    assert washed.std(axis=2).mean() < 0.5 * base.std(axis=2).mean()
+
+
+def test_composition_moves_and_scales_the_subject(good_scene):
+    subject = np.array(world._hsv(world.COLOURS[good_scene.colour], 0.9, 0.95)) * 255
+
+    def subject_mask(img):
+        return np.abs(img - subject).sum(axis=2) < 30
+
+    good = subject_mask(_render(good_scene))
+    bad = subject_mask(_render(good_scene, composition=0.0))
+    assert good.sum() > 0 and not np.array_equal(good, bad)
+
+
+def test_quality_words_are_truthful(shard):
+    _, images, gt = shard
+    rows = gt.to_pylist()
+    captions = images["caption"].to_pylist()
+    with_words = [r for r in rows if r["quality_words"]]
+    share = len(with_words) / len(rows)
+    # caption_quality_share is 0.3; a few of those images have no clearly good or bad attribute.
+    assert 0.22 < share < 0.36
+    for r, caption in zip(rows, captions, strict=True):
+        words = r["quality_words"]
+        assert (
+            (words in caption)
+            if words
+            else (world.content_phrase(r["colour"], r["shape"]) in caption)
+        )
+        if "blurry" in words:
+            assert r["sharpness"] < 0.25
+        if "sharp" in words.split(", "):
+            assert r["sharpness"] > 0.75
+        if "well-composed" in words:
+            assert r["composition"] > 0.75
+        if "clashing colours" in words:
+            assert r["harmony"] < 0.25
+        if "beautiful" in words:
+            assert r["true_aesthetic"] > 0.6
+
+
+def test_queries_name_content_only_and_split_by_seed():
+    cfg = WorldConfig(seed=3)
+    q = world.make_queries(cfg)
+    assert q.schema == QUERIES.schema
+    texts = q["query"].to_pylist()
+    assert len(set(texts)) == len(texts) == len(world.COLOURS) * len(world.SHAPES) * 5
+    banned = {w for pair in world.QUALITY_WORDS.values() for w in pair if w} | set(
+        world.OVERALL_WORDS
+    )
+    assert not any(b in t for t in texts for b in banned)
+    splits = q["split"].to_pylist()
+    assert splits.count("heldout") == round(cfg.heldout_query_share * len(texts))
+    assert world.make_queries(cfg).equals(q)
+    assert world.make_queries(WorldConfig(seed=4))["split"].to_pylist() != splits
