@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -65,6 +65,74 @@ class ModelConfig(Section):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
 
 
+class PoolConfig(Section):
+    """Sizing of one Ray Data stage: passed to map_batches, never hard-coded in the stage."""
+
+    batch_size: int = Field(256, ge=1)
+    concurrency: int = Field(1, ge=1, description="Actor pool size (tasks: max parallel tasks).")
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (0: CPU).")
+
+
+class ScorerConfig(Section):
+    """One aesthetic scorer and its weight in the combined score."""
+
+    weight: float = Field(1.0, ge=0)
+    checkpoint: str | None = Field(None, description="Weights file, for scorers that have one.")
+
+
+class IndexConfig(Section):
+    """The FAISS index built over the scored embeddings."""
+
+    type: Literal["auto", "flat", "hnsw", "ivfpq"] = Field(
+        "auto",
+        description="auto: flat up to flat_max_vectors, then HNSW within the memory "
+        "budget, else IVF-PQ.",
+    )
+    flat_max_vectors: int = Field(200_000, ge=1)
+    memory_budget_mb: int = Field(8192, ge=1, description="Per index shard.")
+    hnsw_m: int = Field(32, ge=4)
+    hnsw_ef_search: int = Field(128, ge=1)
+    ivf_nprobe: int = Field(32, ge=1)
+    num_shards: int = Field(
+        1,
+        ge=1,
+        description=">1: per-shard indexes built in parallel, searched by fan-out and merge.",
+    )
+    recall_queries: int = Field(200, ge=1, description="Sampled queries for measured recall@10.")
+    seed: int = 0
+
+
+class IndexCorpusConfig(Section):
+    """The index_corpus job: decode, embed, score, write shards, build the index."""
+
+    input: str = Field(
+        "{output_dir}/world/images", description="Path or URI; {output_dir} expands."
+    )
+    input_format: Literal["parquet", "folder", "webdataset"] = "parquet"
+    id_column: str = "image_id"
+    image_column: str | None = Field("image", description="Parquet column of image bytes.")
+    path_column: str | None = Field(None, description="Parquet column of image paths (instead).")
+    files_per_unit: int = Field(
+        1,
+        ge=1,
+        description="Input files per unit of work (parquet, webdataset); a unit is what "
+        "a resumed run skips when done.",
+    )
+    images_per_unit: int = Field(20_000, ge=1, description="Images per unit for folder input.")
+    max_image_pixels: int = Field(
+        64_000_000, ge=1, description="Decompression-bomb guard: larger images are error rows."
+    )
+    decode: PoolConfig = PoolConfig(batch_size=128, concurrency=2)
+    embed: PoolConfig = PoolConfig()
+    score: PoolConfig = PoolConfig()
+    scorers: dict[str, ScorerConfig] = Field(
+        default_factory=lambda: {"lowlevel": ScorerConfig()},
+        description="Scorer name (lowlevel, laion_mlp) -> weight and checkpoint.",
+    )
+    index: IndexConfig = IndexConfig()
+
+
 class Config(Section):
     """Root config shared by every job; each job reads the sections it needs."""
 
@@ -72,6 +140,12 @@ class Config(Section):
     ray: RayConfig = RayConfig()
     world: WorldConfig = WorldConfig()
     model: ModelConfig = ModelConfig()
+    index_corpus: IndexCorpusConfig = IndexCorpusConfig()
+
+    def expand(self, path: str) -> str:
+        """Expand `{output_dir}` in a configured path; local paths become absolute."""
+        path = path.replace("{output_dir}", self.output_dir.rstrip("/"))
+        return path if "://" in path else os.path.abspath(path)
 
     def path(self, *parts: str) -> str:
         """A path under output_dir, joined with '/' so that URIs (s3://...) work too. A local
@@ -96,23 +170,40 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def _section_at(path: list[str]) -> type[BaseModel] | None:
-    """The model class of the section at a dotted path, or None when the path is not a section."""
-    model: type[BaseModel] = Config
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    return (
+        annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    )
+
+
+def _node_at(path: list[str]) -> tuple[str, type[BaseModel]] | None:
+    """What sits at a dotted path: ("section", cls), ("mapping", value cls) for a
+    `dict[str, Section]` field such as index_corpus.scorers (any key, Section values), or None
+    when the path names a plain value or nothing."""
+    node: tuple[str, type[BaseModel]] | None = ("section", Config)
     for part in path:
-        field = model.model_fields.get(part)
-        if field is None or not (
-            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-        ):
+        if node is None:
             return None
-        model = field.annotation
-    return model
+        kind, cls = node
+        if kind == "mapping":
+            node = ("section", cls)
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        if get_origin(field.annotation) is dict:
+            value_cls = _model_class(get_args(field.annotation)[1])
+            node = ("mapping", value_cls) if value_cls else None
+        else:
+            sub = _model_class(field.annotation)
+            node = ("section", sub) if sub else None
+    return node
 
 
 def _unknown_key_message(path: list[str]) -> str:
-    parent = _section_at(path[:-1])
+    parent = _node_at(path[:-1])
     where = ".".join(path[:-1]) or "the top level"
-    valid = ", ".join(parent.model_fields) if parent else "(not a section)"
+    valid = ", ".join(parent[1].model_fields) if parent and parent[0] == "section" else "(none)"
     return f"unknown config key '{'.'.join(path)}'; valid keys under {where}: {valid}"
 
 
@@ -132,7 +223,7 @@ def _format_validation_error(err: ValidationError) -> str:
 def _set_dotted(data: dict, path: list[str], value: Any) -> None:
     node = data
     for i, part in enumerate(path[:-1]):
-        if _section_at(path[: i + 1]) is None:
+        if _node_at(path[: i + 1]) is None:
             raise ConfigError(_unknown_key_message(path[: i + 1]))
         child = node.setdefault(part, {})
         if not isinstance(child, dict):

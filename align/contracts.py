@@ -97,8 +97,10 @@ SCORED = Contract(
     "index_corpus",
     (
         Column("image_id", pa.string(), "id of the image"),
-        Column("embedding", EMBEDDING_TYPE, "L2-normalised CLIP image embedding, float16"),
-        Column("aesthetic", pa.float32(), "combined aesthetic score, normalised across the corpus"),
+        Column(
+            "embedding", EMBEDDING_TYPE, "L2-normalised CLIP image embedding (null: error)", True
+        ),
+        Column("aesthetic", pa.float32(), "combined aesthetic, z-scored (null: error)", True),
         Column("status", pa.string(), "'ok' or 'error'"),
         Column("error", pa.string(), "reason when status is 'error'", nullable=True),
     ),

@@ -22,6 +22,11 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def is_file(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
 def require_exists(uri: str, what: str) -> None:
     """Raise FileNotFoundError naming `what` when `uri` does not exist."""
     if not exists(uri):

@@ -11,12 +11,13 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from align.aesthetics import ScorerError
 from align.config import Config, ConfigError, load_config
 from align.contracts import ContractError
 from align.models import ModelLoadError
 
 # Errors that mean "your input is wrong", reported in one line.
-USER_ERRORS = (ConfigError, ContractError, ModelLoadError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ContractError, ModelLoadError, ScorerError, FileNotFoundError)
 
 
 def parse_args(job: str, argv: list[str] | None) -> Config:

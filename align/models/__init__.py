@@ -33,6 +33,43 @@ def register_model_configs() -> None:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
+def check_model(cfg: ModelConfig) -> int:
+    """Check, without building the model, that it can be built: a known name, and a pretrained
+    tag open_clip knows for it or a readable checkpoint file. Cheap (the checkpoint is
+    memory-mapped, not read). Returns the embedding width.
+
+    Raises:
+        ModelLoadError: naming what is wrong.
+    """
+    import open_clip
+    import torch
+
+    register_model_configs()
+    if cfg.name not in open_clip.list_models():
+        raise ModelLoadError(
+            f"unknown model name {cfg.name!r}; project models: {', '.join(PROJECT_MODELS)}; "
+            f"open_clip knows {len(open_clip.list_models())} more (open_clip.list_models())"
+        )
+    pretrained = cfg.pretrained
+    if pretrained and _is_path(pretrained):
+        if not Path(pretrained).is_file():
+            raise ModelLoadError(f"checkpoint not found for model {cfg.name!r}: {pretrained}")
+        try:
+            torch.load(pretrained, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises several types for a file that is not a checkpoint
+            raise ModelLoadError(f"cannot read checkpoint {pretrained}: {e}") from None
+    elif pretrained and not open_clip.get_pretrained_cfg(cfg.name, pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(cfg.name)
+        raise ModelLoadError(
+            f"model {cfg.name!r} has no pretrained tag {pretrained!r}; known: {tags or 'none'}"
+        )
+    return int(open_clip.get_model_config(cfg.name)["embed_dim"])
+
+
+def _is_path(pretrained: str) -> bool:
+    return "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
 @dataclass
 class Clip:
     """A CLIP model with its tokenizer and the facts downstream code needs."""
@@ -60,16 +97,8 @@ def build_clip(cfg: ModelConfig, device: str = "cpu") -> Clip:
     """
     import open_clip
 
-    register_model_configs()
-    if cfg.name not in open_clip.list_models():
-        raise ModelLoadError(
-            f"unknown model name {cfg.name!r}; project models: {', '.join(PROJECT_MODELS)}; "
-            f"open_clip knows {len(open_clip.list_models())} more (open_clip.list_models())"
-        )
+    check_model(cfg)
     pretrained = cfg.pretrained
-    if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin"))):
-        if not Path(pretrained).is_file():
-            raise ModelLoadError(f"checkpoint not found for model {cfg.name!r}: {pretrained}")
     try:
         model = open_clip.create_model(
             cfg.name, pretrained=pretrained, precision=cfg.precision, device=device

@@ -1,0 +1,51 @@
+"""Decode stage (CPU tasks): encoded bytes or paths -> uint8 pixels at the model's size.
+
+Every row comes out: decodable images with status 'ok', the rest with status 'error' and the
+reason, and zero pixels that later stages skip.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from actors import require_batch_columns
+from align.images import ImageDecodeError, decode_image
+
+REQUIRED = {"image_id": "id of the image"}
+
+
+def _read(path: str) -> bytes:
+    from align import io
+
+    try:
+        return io.read_bytes(path)
+    except FileNotFoundError:
+        raise ImageDecodeError(f"file not found: {path}") from None
+    except OSError as e:
+        raise ImageDecodeError(f"cannot read {path}: {e}") from None
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    image_size: int,
+    max_pixels: int,
+    image_column: str | None = "image",
+    path_column: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Decode a batch. Reads `image_column` (bytes) or else `path_column` (paths)."""
+    source = image_column if image_column and image_column in batch else path_column
+    require_batch_columns(
+        batch, {**REQUIRED, source or "image": "encoded image bytes or a path"}, "decode"
+    )
+    n = len(batch["image_id"])
+    pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    status = np.full(n, "ok", dtype=object)
+    error = np.full(n, "", dtype=object)  # "" not None: an all-None column loses its type
+    for i, item in enumerate(batch[source]):  # PIL decodes one image at a time
+        try:
+            data = _read(item) if source == path_column else item
+            pixels[i] = decode_image(data, image_size, max_pixels)
+        except ImageDecodeError as e:
+            status[i], error[i] = "error", str(e)
+    return {"image_id": batch["image_id"], "pixels": pixels, "status": status, "error": error}

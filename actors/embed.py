@@ -1,0 +1,46 @@
+"""CLIP image embedding stage (actor pool): uint8 pixels -> L2-normalised float16 embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from actors import require_batch_columns
+from align.config import ModelConfig
+
+REQUIRED = {
+    "pixels": "uint8 (N, S, S, 3) at the model's image size, from the decode stage",
+    "status": "'ok' rows are embedded, others skipped",
+}
+
+
+class ClipImageEmbedder:
+    """Loads the CLIP model once per actor; float16 on GPU, float32 compute on CPU."""
+
+    def __init__(self, model: dict):
+        import torch
+
+        from align.models import build_clip
+
+        cfg = ModelConfig.model_validate(model)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and cfg.precision == "fp32":
+            cfg = cfg.model_copy(update={"precision": "fp16"})
+        self.clip = build_clip(cfg, device=self.device)
+        self.dtype = next(self.clip.model.parameters()).dtype
+        self.mean = torch.tensor(self.clip.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.clip.std, device=self.device).view(1, 3, 1, 1)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        require_batch_columns(batch, REQUIRED, "embed")
+        ok = batch["status"] == "ok"
+        out = np.zeros((len(ok), self.clip.embed_dim), dtype=np.float16)
+        if ok.any():
+            with torch.inference_mode():
+                x = torch.from_numpy(batch["pixels"][ok]).to(self.device)
+                x = (x.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+                emb = self.clip.model.encode_image(x.to(self.dtype))
+                emb = torch.nn.functional.normalize(emb.float(), dim=-1)
+                out[ok] = emb.half().cpu().numpy()
+        return {**batch, "embedding": out}

@@ -1,0 +1,224 @@
+"""Aesthetic scorers behind one interface, and their combination.
+
+A scorer maps a batch to one float32 score per image, from pixels or from CLIP image embeddings:
+
+- `lowlevel`: classical pixel measures, no weights (see `lowlevel_measures`).
+- `laion_mlp`: the LAION improved-aesthetic-predictor head on L2-normalised CLIP image embeddings
+  (OpenAI ViT-L/14, 768 wide for the released checkpoints).
+
+The combined score is `sum_i w_i * z_i / sum_i w_i`, each scorer z-scored with its mean and
+standard deviation over the whole corpus (`combine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+SCORERS = ("lowlevel", "laion_mlp")
+
+
+class ScorerError(ValueError):
+    """A scorer that cannot be built: unknown name, bad checkpoint, wrong embedding width."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Classical low-level measures, vectorised over a batch (N, H, W, 3) uint8.
+
+LOWLEVEL_MEASURES = ("sharpness", "exposure", "colourfulness", "noise", "contrast")
+
+
+def _conv3(lum: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """'valid' 3x3 convolution of (N, H, W) by shifted sums (no per-image Python loop)."""
+    h, w = lum.shape[1] - 2, lum.shape[2] - 2
+    out = np.zeros((lum.shape[0], h, w), dtype=np.float32)
+    for dy in range(3):
+        for dx in range(3):
+            if kernel[dy, dx]:
+                out += kernel[dy, dx] * lum[:, dy : dy + h, dx : dx + w]
+    return out
+
+
+_LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float32)
+_IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float32)
+
+
+def lowlevel_measures(pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """Five classical measures, each mapped to [0, 1] with 1 = better.
+
+    - sharpness: energy e of the Laplacian of the 2x-downsampled luminance, less the energy the
+      estimated noise puts there (so noise does not pass for detail); e / (e + 0.002).
+    - exposure: 1 - 2 |mean luminance - 0.5|, minus the share of clipped (near 0 or 1) pixels.
+    - colourfulness: Hasler & Suesstrunk (2003) on the opponent channels rg, yb;
+      c / (c + 0.15).
+    - noise: Immerkaer's (1996) fast noise sigma estimate on luminance; exp(-sigma / 0.02).
+    - contrast: RMS contrast (std of the 2x-downsampled luminance), min(std / 0.2, 1).
+    """
+    x = pixels.astype(np.float32) / 255.0
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    lum = 0.299 * r + 0.587 * g + 0.114 * b
+    n, h, w = lum.shape
+
+    sigma = (
+        np.sqrt(np.pi / 2)
+        / (6.0 * (h - 2) * (w - 2))
+        * np.abs(_conv3(lum, _IMMERKAER)).sum(axis=(1, 2))
+    )
+    noise = np.exp(-sigma / 0.02)
+
+    # White noise of std s leaves std s/2 after 2x2 averaging, and the Laplacian (kernel energy
+    # 20) turns that into 20 (s/2)^2 of energy: subtract it so noise does not pass for detail.
+    half = lum[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+    energy = (_conv3(half, _LAPLACIAN) ** 2).mean(axis=(1, 2))
+    energy = np.maximum(energy - 20.0 * (sigma / 2) ** 2, 0.0)
+    sharpness = energy / (energy + 0.002)
+
+    mean = lum.mean(axis=(1, 2))
+    clipped = ((lum < 0.02) | (lum > 0.98)).mean(axis=(1, 2))
+    exposure = np.clip(1.0 - 2.0 * np.abs(mean - 0.5) - clipped, 0.0, 1.0)
+
+    rg, yb = r - g, 0.5 * (r + g) - b
+    c = np.sqrt(rg.std(axis=(1, 2)) ** 2 + yb.std(axis=(1, 2)) ** 2) + 0.3 * np.sqrt(
+        rg.mean(axis=(1, 2)) ** 2 + yb.mean(axis=(1, 2)) ** 2
+    )
+    colourfulness = c / (c + 0.15)
+
+    contrast = np.minimum(half.std(axis=(1, 2)) / 0.2, 1.0)
+    return {
+        "sharpness": sharpness.astype(np.float32),
+        "exposure": exposure.astype(np.float32),
+        "colourfulness": colourfulness.astype(np.float32),
+        "noise": noise.astype(np.float32),
+        "contrast": contrast.astype(np.float32),
+    }
+
+
+def lowlevel_score(pixels: np.ndarray) -> np.ndarray:
+    """The `lowlevel` scorer: mean of the five measures, in [0, 1]."""
+    measures = lowlevel_measures(pixels)
+    return np.mean([measures[m] for m in LOWLEVEL_MEASURES], axis=0).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The LAION improved aesthetic predictor head.
+
+
+def _laion_head(input_size: int):
+    import torch.nn as nn
+
+    class LaionAestheticHead(nn.Module):
+        """christophschuhmann/improved-aesthetic-predictor's MLP ("linearMSE": no activations)."""
+
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(
+                nn.Linear(input_size, 1024),
+                nn.Dropout(0.2),
+                nn.Linear(1024, 128),
+                nn.Dropout(0.2),
+                nn.Linear(128, 64),
+                nn.Dropout(0.1),
+                nn.Linear(64, 16),
+                nn.Linear(16, 1),
+            )
+
+        def forward(self, x):
+            return self.layers(x)
+
+    return LaionAestheticHead()
+
+
+def load_laion_head(checkpoint: str, embed_dim: int):
+    """Load the LAION head with weights_only, checking it fits embeddings of `embed_dim`.
+
+    Raises:
+        ScorerError: missing file, not a state dict of this head, or a width mismatch.
+    """
+    import torch
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ScorerError(f"laion_mlp checkpoint not found: {checkpoint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a file that is not a checkpoint
+        raise ScorerError(f"laion_mlp checkpoint {checkpoint} cannot be read: {e}") from None
+    if not isinstance(state, dict) or "layers.0.weight" not in state:
+        raise ScorerError(f"laion_mlp checkpoint {checkpoint} is not a LAION aesthetic head")
+    width = int(state["layers.0.weight"].shape[1])
+    if width != embed_dim:
+        raise ScorerError(
+            f"laion_mlp checkpoint expects {width}-wide CLIP embeddings but the model "
+            f"gives {embed_dim}-wide ones (the released heads need ViT-L-14, 768)"
+        )
+    head = _laion_head(width)
+    head.load_state_dict(state)
+    return head.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# One interface
+
+
+@dataclass
+class Scorer:
+    """A named scorer; `needs` says whether it reads pixels or embeddings."""
+
+    name: str
+    needs: Literal["pixels", "embedding"]
+    fn: object  # callable(np.ndarray) -> np.ndarray float32
+
+    def __call__(self, pixels: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+        return self.fn(pixels if self.needs == "pixels" else embeddings)
+
+
+def build_scorer(name: str, checkpoint: str | None, embed_dim: int) -> Scorer:
+    """Build scorer `name`. Raises ScorerError for an unknown name or an unusable checkpoint."""
+    if name == "lowlevel":
+        return Scorer(name, "pixels", lowlevel_score)
+    if name == "laion_mlp":
+        if not checkpoint:
+            raise ScorerError("scorer laion_mlp needs a checkpoint path")
+        head = load_laion_head(checkpoint, embed_dim)
+
+        def score(embeddings: np.ndarray) -> np.ndarray:
+            import torch
+
+            x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+            x = torch.nn.functional.normalize(x, dim=-1)
+            with torch.no_grad():
+                return head(x).squeeze(-1).numpy().astype(np.float32)
+
+        return Scorer(name, "embedding", score)
+    raise ScorerError(f"unknown aesthetic scorer {name!r}; known: {', '.join(SCORERS)}")
+
+
+def normalisation_stats(columns: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation of each scorer's raw scores over the corpus."""
+    stats = {}
+    for name, values in columns.items():
+        v = np.asarray(values, dtype=np.float64)
+        v = v[np.isfinite(v)]
+        std = float(v.std()) if v.size else 0.0
+        stats[name] = {"mean": float(v.mean()) if v.size else 0.0, "std": std if std > 0 else 1.0}
+    return stats
+
+
+def combine(
+    columns: Mapping[str, np.ndarray],
+    weights: Mapping[str, float],
+    stats: Mapping[str, Mapping[str, float]],
+) -> np.ndarray:
+    """Weighted mean of z-scored scorer columns: sum_i w_i z_i / sum_i w_i."""
+    total = sum(weights[n] for n in columns)
+    if total <= 0:
+        raise ScorerError("the aesthetic scorer weights sum to zero")
+    acc = None
+    for name, values in columns.items():
+        z = (np.asarray(values, dtype=np.float64) - stats[name]["mean"]) / stats[name]["std"]
+        acc = weights[name] * z if acc is None else acc + weights[name] * z
+    return (acc / total).astype(np.float32)

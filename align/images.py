@@ -1,0 +1,73 @@
+"""Decoding untrusted image bytes into model-ready pixels, with a reason for every refusal."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a usable image; the message says why."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB where that is sound: alpha is composited on white, 16-bit
+    and float greyscale are rescaled to 8 bits, CMYK and palettes are converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_image(data: bytes | None, size: int, max_pixels: int) -> np.ndarray:
+    """Decode, convert to RGB, resize the short side to `size` and centre-crop (as CLIP does).
+
+    Args:
+        data: encoded image bytes.
+        size: output side length.
+        max_pixels: decompression-bomb guard, checked on the header before decoding.
+    Returns:
+        uint8 array (size, size, 3).
+    Raises:
+        ImageDecodeError: empty, not an image, truncated, too large, or unconvertible.
+    """
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"image too large: {width}x{height} exceeds max_image_pixels={max_pixels}"
+                )
+            if width < 1 or height < 1:
+                raise ImageDecodeError(f"image has no pixels: {width}x{height}")
+            if img.format == "JPEG":
+                img.draft("RGB", (size, size))  # decode at reduced scale: much faster for big JPEGs
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(f"image too large (decompression-bomb guard): {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError("not an image (no decoder recognises the bytes)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError(f"corrupt image: {e}") from None
+    img = _to_rgb(img)
+    img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)

@@ -1,0 +1,182 @@
+"""FAISS vector indexes over L2-normalised embeddings (inner product = cosine similarity).
+
+`choose_index` picks the type from corpus size and a memory budget: exact (flat) for small corpora,
+HNSW while its graph fits the budget, IVF-PQ beyond. `build_index` trains on a sample and adds
+everything; `measure_recall` compares against exact search on sampled queries. A corpus beyond
+one machine is split into shards, each its own index, searched by `ShardedIndex` (fan-out, merge).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from align.config import IndexConfig
+
+INDEX_FILE = "index.faiss"
+SHARD_FILE = "shard-{:03d}.faiss"
+INDEX_MANIFEST = "_index.json"
+
+
+@dataclass
+class IndexSpec:
+    """What to build: the FAISS type and its parameters."""
+
+    type: str  # flat | hnsw | ivfpq
+    dim: int
+    params: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_index(n: int, dim: int, cfg: IndexConfig) -> IndexSpec:
+    """Pick the index type and parameters for n vectors of width dim."""
+    kind = cfg.type
+    hnsw_bytes = n * (dim * 4 + cfg.hnsw_m * 2 * 4)  # vectors + level-0 links
+    if kind == "auto":
+        if n <= cfg.flat_max_vectors:
+            kind = "flat"
+        elif hnsw_bytes <= cfg.memory_budget_mb * 2**20:
+            kind = "hnsw"
+        else:
+            kind = "ivfpq"
+    if kind == "flat":
+        return IndexSpec("flat", dim)
+    if kind == "hnsw":
+        return IndexSpec(
+            "hnsw", dim, {"m": cfg.hnsw_m, "ef_construction": 80, "ef_search": cfg.hnsw_ef_search}
+        )
+    # IVF-PQ: ~4 sqrt(n) lists; PQ codes of dim/4 bytes (8 bits each, m divides dim).
+    nlist = max(1, min(65536, int(4 * math.sqrt(n))))
+    m = next(k for k in (dim // 4, dim // 8, dim // 2, dim) if k >= 1 and dim % k == 0)
+    return IndexSpec(
+        "ivfpq",
+        dim,
+        {"nlist": nlist, "m": m, "nbits": 8, "nprobe": min(cfg.ivf_nprobe, nlist), "train": 0},
+    )
+
+
+def build_index(vectors: np.ndarray, spec: IndexSpec, seed: int = 0):
+    """Build a FAISS index from float vectors (n, dim); trains on a sample where needed."""
+    import faiss
+
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if spec.type == "flat":
+        index = faiss.IndexFlatIP(spec.dim)
+    elif spec.type == "hnsw":
+        index = faiss.IndexHNSWFlat(spec.dim, spec.params["m"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = spec.params["ef_construction"]
+        index.hnsw.efSearch = spec.params["ef_search"]
+    elif spec.type == "ivfpq":
+        p = spec.params
+        quantizer = faiss.IndexFlatIP(spec.dim)
+        index = faiss.IndexIVFPQ(
+            quantizer, spec.dim, p["nlist"], p["m"], p["nbits"], faiss.METRIC_INNER_PRODUCT
+        )
+        n_train = min(len(x), max(p["nlist"] * 64, 10_000))
+        sample = np.random.default_rng(seed).choice(len(x), size=n_train, replace=False)
+        index.train(x[np.sort(sample)])
+        index.nprobe = p["nprobe"]
+        p["train"] = n_train
+    else:
+        raise ValueError(f"unknown index type {spec.type!r}")
+    index.add(x)
+    return index
+
+
+def measure_recall(index, vectors: np.ndarray, n_queries: int, k: int = 10, seed: int = 0) -> dict:
+    """recall@k of `index` against exact inner-product search, on sampled stored vectors used
+    as queries; also both query rates."""
+    import faiss
+
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    q = x[rng.choice(len(x), size=min(n_queries, len(x)), replace=False)]
+    k = min(k, len(x))
+    exact = faiss.IndexFlatIP(x.shape[1])
+    exact.add(x)
+    t0 = time.perf_counter()
+    _, truth = exact.search(q, k)
+    t_exact = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, found = index.search(q, k)
+    t_index = time.perf_counter() - t0
+    hits = sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist(), strict=True))
+    return {
+        "recall_at_k": hits / (len(q) * k),
+        "k": k,
+        "queries": len(q),
+        "qps": len(q) / max(t_index, 1e-9),
+        "exact_qps": len(q) / max(t_exact, 1e-9),
+    }
+
+
+class ShardedIndex:
+    """Several FAISS indexes over disjoint shards, searched by fan-out and merge.
+
+    Row ids are global: shard s holds rows offsets[s] .. offsets[s] + ntotal - 1.
+    """
+
+    def __init__(self, indexes: list, offsets: list[int]):
+        self.indexes = indexes
+        self.offsets = offsets
+
+    @property
+    def ntotal(self) -> int:
+        return sum(i.ntotal for i in self.indexes)
+
+    @property
+    def d(self) -> int:
+        return self.indexes[0].d
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, global rows) per query, merged over all shards (-1 pads)."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        scores, rows = [], []
+        for index, offset in zip(self.indexes, self.offsets, strict=True):
+            s, r = index.search(q, min(k, index.ntotal))
+            scores.append(s)
+            rows.append(np.where(r >= 0, r + offset, -1))
+        s, r = np.concatenate(scores, axis=1), np.concatenate(rows, axis=1)
+        s = np.where(r >= 0, s, -np.inf)
+        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(s, order, axis=1), np.take_along_axis(r, order, axis=1)
+
+
+def load_index(index_dir: str):
+    """Load what index_corpus wrote: one index, or a ShardedIndex over several.
+
+    Returns:
+        (index with .search(queries, k) and .ntotal, id map table, index manifest dict).
+    Raises:
+        FileNotFoundError: naming the missing file.
+    """
+    import faiss
+
+    from align import io
+
+    manifest = (
+        io.read_json(f"{index_dir}/{INDEX_MANIFEST}")
+        if io.exists(f"{index_dir}/{INDEX_MANIFEST}")
+        else None
+    )
+    if manifest is None:
+        raise FileNotFoundError(f"index manifest not found: {index_dir}/{INDEX_MANIFEST}")
+    indexes = []
+    for shard in manifest["shards"]:
+        path = f"{index_dir}/{shard['file']}"
+        io.require_exists(path, "index shard")
+        indexes.append(faiss.deserialize_index(np.frombuffer(io.read_bytes(path), dtype=np.uint8)))
+        if "nprobe" in manifest["spec"]["params"]:
+            indexes[-1].nprobe = manifest["spec"]["params"]["nprobe"]
+    id_map = io.read_parquet(f"{index_dir}/id_map.parquet")
+    index = (
+        indexes[0]
+        if len(indexes) == 1
+        else ShardedIndex(indexes, [s["offset"] for s in manifest["shards"]])
+    )
+    return index, id_map, manifest

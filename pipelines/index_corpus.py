@@ -1,0 +1,449 @@
+"""index_corpus: batch re-scoring of an image corpus, and the FAISS index over it.
+
+    python -m pipelines.index_corpus --config configs/demo.yaml [key=value ...]
+
+read (Parquet with bytes or paths | image folder | WebDataset tars)
+  -> decode + resize (CPU tasks, uint8) -> CLIP image embedding (actor pool)
+  -> aesthetic scoring (actor pool) -> staged Parquet, one folder per unit of input
+then: z-score every scorer over the corpus and combine -> `scored/` and `errors/` shards
+(the `scored` and `errors` contracts) -> FAISS index(es) + id map + `_index.json` -> manifest.
+
+Input files are grouped into units. A unit's staged output is marked done only when complete, so a
+re-run after a kill redoes only the unfinished units and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from align import aesthetics, io
+from align.config import Config, IndexCorpusConfig, PoolConfig
+from align.contracts import ERRORS, SCORED, SCORER_COLUMN_PREFIX, conform
+from align.images import IMAGE_EXTENSIONS
+from align.index import (
+    INDEX_MANIFEST,
+    SHARD_FILE,
+    build_index,
+    choose_index,
+    measure_recall,
+)
+from align.log import get_logger
+from align.manifest import JobManifest
+from align.models import check_model
+from align.runtime import init_ray
+from pipelines.common import run_job
+
+log = get_logger("index_corpus")
+DONE_MARKER = "_SUCCESS.json"
+
+
+def output_dir(config: Config) -> str:
+    return config.path("index_corpus")
+
+
+# ---------------------------------------------------------------------------------------------
+# Input: units of work
+
+
+def plan_units(ic: IndexCorpusConfig, source: str) -> list[list[str]]:
+    """Split the input into units: lists of files, in a stable order."""
+    if io.is_file(source):
+        files, per_unit = [source], 1
+    elif ic.input_format == "parquet":
+        files, per_unit = io.list_files(source, ".parquet"), ic.files_per_unit
+    elif ic.input_format == "webdataset":
+        files, per_unit = io.list_files(source, ".tar"), ic.files_per_unit
+    else:
+        files = [f for f in io.list_files(source) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        per_unit = ic.images_per_unit
+    if not files:
+        raise FileNotFoundError(f"no {ic.input_format} input files under {source}")
+    return [files[i : i + per_unit] for i in range(0, len(files), per_unit)]
+
+
+def _tar_samples(row: dict) -> list[dict]:
+    """WebDataset tar (as img2dataset writes it) -> one row per image member, keyed by name."""
+    import io as _io
+
+    samples: dict[str, dict] = {}
+    with tarfile.open(fileobj=_io.BytesIO(row["bytes"]), mode="r:*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.rpartition(".")
+            sample = samples.setdefault(key, {"image_id": key, "image": None})
+            data = tar.extractfile(member).read()
+            if f".{ext.lower()}" in IMAGE_EXTENSIONS:
+                sample["image"] = data
+    # A sample with a caption or metadata but no image is an input row too: it becomes an error.
+    return [{"image_id": s["image_id"], "image": s["image"] or b""} for s in samples.values()]
+
+
+def read_unit(ic: IndexCorpusConfig, files: list[str], source: str):
+    """A Ray Dataset of (image_id, image bytes or path) for one unit."""
+    import ray.data
+
+    if ic.input_format == "parquet":
+        column = ic.image_column if ic.image_column else ic.path_column
+        ds = ray.data.read_parquet(files, num_cpus=ic.decode.num_cpus).select_columns(
+            [ic.id_column, column]
+        )
+        if ic.id_column != "image_id":
+            ds = ds.rename_columns({ic.id_column: "image_id"})
+        return ds
+    if ic.input_format == "webdataset":
+        return ray.data.read_binary_files(files, num_cpus=ic.decode.num_cpus).flat_map(
+            _tar_samples, num_cpus=ic.decode.num_cpus
+        )
+    root = source.rstrip("/") + "/"
+    return ray.data.from_items([{"image_id": f.removeprefix(root), "path": f} for f in files])
+
+
+def count_input_rows(ic: IndexCorpusConfig, files: list[str]) -> int | None:
+    """Rows in a unit, from metadata where the format has it (None: count what was read)."""
+    if ic.input_format == "parquet":
+        total = 0
+        for f in files:
+            fs, path = io.filesystem(f)
+            with fs.open_input_file(path) as fh:
+                total += pq.ParquetFile(fh).metadata.num_rows
+        return total
+    if ic.input_format == "folder":
+        return len(files)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-unit pipeline
+
+
+def _actor_pool(stage: PoolConfig) -> dict:
+    """map_batches arguments for an actor-pool stage, from its config."""
+    import ray.data
+
+    return {
+        "batch_size": stage.batch_size,
+        "compute": ray.data.ActorPoolStrategy(size=stage.concurrency),
+        "num_cpus": stage.num_cpus,
+        "num_gpus": stage.num_gpus,
+    }
+
+
+def _task_pool(stage: PoolConfig) -> dict:
+    """map_batches arguments for a task stage (CPU only), from its config."""
+    import ray.data
+
+    return {
+        "batch_size": stage.batch_size,
+        "compute": ray.data.TaskPoolStrategy(size=stage.concurrency),
+        "num_cpus": stage.num_cpus,
+    }
+
+
+def to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
+    """Scored numpy batch -> Arrow with the embedding as list<float16> (null on error rows)."""
+    emb = np.asarray(batch["embedding"], dtype=np.float16)
+    dim = emb.shape[1]
+    ok = batch["status"] == "ok"
+    # Error rows are null lists, which must take no values: offsets advance on ok rows only.
+    offsets = np.concatenate([[0], np.cumsum(ok * dim)]).astype(np.int32)
+    embedding = pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(emb[ok].reshape(-1), type=pa.float16()), mask=pa.array(~ok)
+    )
+    columns = {
+        "image_id": pa.array(batch["image_id"], pa.string()),
+        "embedding": embedding,
+        "status": pa.array(batch["status"], pa.string()),
+        "error": pc.if_else(
+            pa.array(ok), pa.scalar(None, pa.string()), pa.array(batch["error"].astype(str))
+        ),
+    }
+    for name, values in batch.items():
+        if name.startswith(SCORER_COLUMN_PREFIX):
+            columns[name] = pa.array(values, pa.float32())
+    return pa.table(columns)
+
+
+def run_unit(config: Config, files: list[str], source: str, unit_dir: str, model_facts: dict):
+    """Decode, embed and score one unit into `unit_dir`, then mark it done.
+
+    model_facts: {"image_size": .., "embed_dim": ..} of the configured model."""
+    from actors.decode import decode_batch
+    from actors.embed import ClipImageEmbedder
+    from actors.score import AestheticScorer
+
+    ic = config.index_corpus
+    scorers = {name: s.checkpoint for name, s in ic.scorers.items()}
+    t0 = time.perf_counter()
+    ds = (
+        read_unit(ic, files, source)
+        .map_batches(
+            decode_batch,
+            fn_kwargs={
+                "image_size": model_facts["image_size"],
+                "max_pixels": ic.max_image_pixels,
+                "image_column": ic.image_column if ic.input_format == "parquet" else "image",
+                "path_column": ic.path_column if ic.input_format == "parquet" else "path",
+            },
+            **_task_pool(ic.decode),
+        )
+        .map_batches(
+            ClipImageEmbedder,
+            fn_constructor_kwargs={"model": config.model.model_dump()},
+            batch_format="numpy",
+            **_actor_pool(ic.embed),
+        )
+        .map_batches(
+            AestheticScorer,
+            fn_constructor_kwargs={"scorers": scorers, "embed_dim": model_facts["embed_dim"]},
+            batch_format="numpy",
+            **_actor_pool(ic.score),
+        )
+        .map_batches(to_arrow, batch_format="numpy", batch_size=None, num_cpus=ic.decode.num_cpus)
+    )
+    # A unit folder without its marker is a leftover of a killed run: start it over.
+    fs, path = io.filesystem(unit_dir)
+    fs.create_dir(path, recursive=True)
+    fs.delete_dir_contents(path)
+    ds.write_parquet(unit_dir)
+    staged = io.read_parquet(unit_dir, columns=["status"])
+    ok = int(pc.sum(pc.equal(staged["status"], "ok")).as_py() or 0)
+    expected = count_input_rows(ic, files)
+    marker = {
+        "files": files,
+        "rows_in": expected if expected is not None else staged.num_rows,
+        "rows_ok": ok,
+        "rows_error": staged.num_rows - ok,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    io.write_json(f"{unit_dir}/{DONE_MARKER}", marker)
+    return marker
+
+
+def unit_done(unit_dir: str, files: list[str]) -> dict | None:
+    marker = f"{unit_dir}/{DONE_MARKER}"
+    if not io.exists(marker):
+        return None
+    done = io.read_json(marker)
+    return done if done["files"] == files else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Finalise: combined aesthetic across the corpus, contract shards, error table
+
+
+def finalise_unit(unit_dir: str, out: str, part: int, weights: dict, stats: dict) -> None:
+    """Ray task: staged unit -> scored/part-N.parquet and errors/part-N.parquet."""
+    table = io.read_parquet(unit_dir)
+    names = [c for c in table.column_names if c.startswith(SCORER_COLUMN_PREFIX)]
+    columns = {
+        n.removeprefix(SCORER_COLUMN_PREFIX): table[n].to_numpy(zero_copy_only=False) for n in names
+    }
+    combined = aesthetics.combine(columns, weights, stats)
+    ok = table["status"].to_numpy(zero_copy_only=False) == "ok"
+    combined = pa.array(combined, pa.float32(), mask=~ok)
+    table = table.append_column("aesthetic", combined)
+    io.write_parquet(
+        conform(table, SCORED, extra_prefix=SCORER_COLUMN_PREFIX),
+        f"{out}/scored/part-{part:05d}.parquet",
+    )
+    errors = table.filter(pc.equal(table["status"], "error"))
+    errors = pa.table(
+        {
+            "row_id": errors["image_id"],
+            "stage": pa.array(["decode"] * errors.num_rows, pa.string()),
+            "error": errors["error"],
+        }
+    )
+    io.write_parquet(conform(errors, ERRORS), f"{out}/errors/part-{part:05d}.parquet")
+
+
+def corpus_stats(unit_dirs: list[str], scorer_names: list[str]) -> dict:
+    cols = [SCORER_COLUMN_PREFIX + n for n in scorer_names]
+    tables = [io.read_parquet(d, columns=cols) for d in unit_dirs]
+    table = pa.concat_tables(tables)
+    return aesthetics.normalisation_stats(
+        {n: table[SCORER_COLUMN_PREFIX + n].to_numpy(zero_copy_only=False) for n in scorer_names}
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Index
+
+
+def read_embeddings(files: list[str]) -> tuple[np.ndarray, pa.Table]:
+    """Embeddings (float32, n x d) and (image_id, aesthetic) of the ok rows of scored shards."""
+    table = pa.concat_tables(
+        [
+            io.read_parquet(f, columns=["image_id", "embedding", "aesthetic", "status"])
+            for f in files
+        ]
+    )
+    table = table.filter(pc.equal(table["status"], "ok"))
+    emb = table["embedding"].combine_chunks()
+    dim = len(emb[0]) if len(emb) else 0
+    vectors = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
+    return vectors, table.select(["image_id", "aesthetic"])
+
+
+def build_index_shard(files: list[str], index_dir: str, shard: int, config: Config) -> dict:
+    """Ray task: build and save the index over some scored shards; measure its recall@10."""
+    import faiss
+
+    vectors, ids = read_embeddings(files)
+    cfg = config.index_corpus.index
+    spec = choose_index(len(vectors), vectors.shape[1], cfg)
+    t0 = time.perf_counter()
+    index = build_index(vectors, spec, seed=cfg.seed)
+    build_s = time.perf_counter() - t0
+    recall = measure_recall(index, vectors, cfg.recall_queries, k=10, seed=cfg.seed)
+    name = SHARD_FILE.format(shard)
+    io.write_bytes(f"{index_dir}/{name}", faiss.serialize_index(index).tobytes())
+    return {
+        "file": name,
+        "count": len(vectors),
+        "spec": spec.to_dict(),
+        "build_s": round(build_s, 3),
+        "recall": recall,
+        "ids": ids,
+    }
+
+
+def build_indexes(config: Config, out: str) -> dict:
+    """Build index.num_shards indexes in parallel Ray tasks, each over a group of scored files
+    (a scored file, one per unit, is the smallest shard), plus the global id map."""
+    import ray
+
+    cfg = config.index_corpus.index
+    files = io.list_files(f"{out}/scored", ".parquet")
+    groups = [g for g in np.array_split(np.array(files, dtype=object), cfg.num_shards) if len(g)]
+    index_dir = f"{out}/index"
+    task = ray.remote(num_cpus=1)(build_index_shard)
+    shards = ray.get([task.remote(list(g), index_dir, i, config) for i, g in enumerate(groups)])
+    offset, id_tables = 0, []
+    for shard in shards:
+        shard["offset"] = offset
+        ids = shard.pop("ids")
+        id_tables.append(
+            pa.table(
+                {
+                    "row": pa.array(np.arange(offset, offset + ids.num_rows), pa.int64()),
+                    "image_id": ids["image_id"],
+                    "aesthetic": ids["aesthetic"],
+                }
+            )
+        )
+        offset += ids.num_rows
+    io.write_parquet(pa.concat_tables(id_tables), f"{index_dir}/id_map.parquet")
+    recall = float(np.mean([s["recall"]["recall_at_k"] for s in shards]))
+    index_manifest = {
+        "model": config.model.model_dump(),
+        "dim": shards[0]["spec"]["dim"],
+        "count": offset,
+        "spec": shards[0]["spec"],
+        "shards": shards,
+        "recall_at_10": recall,
+        "metric": "inner product on L2-normalised embeddings (cosine)",
+    }
+    io.write_json(f"{index_dir}/{INDEX_MANIFEST}", index_manifest)
+    return index_manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+def index_corpus(config: Config) -> dict:
+    import open_clip
+    import ray
+
+    from align.models import register_model_configs
+
+    ic = config.index_corpus
+    source = config.expand(ic.input)
+    out = output_dir(config)
+    manifest = JobManifest("index_corpus", config)
+
+    # Fail fast, before any data is read: the model, the scorers, the input.
+    embed_dim = check_model(config.model)
+    for name, scorer in ic.scorers.items():
+        aesthetics.build_scorer(name, scorer.checkpoint, embed_dim)
+    io.require_exists(source, "index_corpus input")
+    units = plan_units(ic, source)
+    register_model_configs()
+    image_size = open_clip.get_model_config(config.model.name)["vision_cfg"]["image_size"]
+    image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
+    model_facts = {"image_size": int(image_size), "embed_dim": embed_dim}
+
+    init_ray(config.ray)
+    unit_dirs, markers = [], []
+    with manifest.stage("embed_and_score"):
+        for i, files in enumerate(units):
+            unit_dir = f"{out}/_staging/unit-{i:05d}"
+            marker = unit_done(unit_dir, files)
+            if marker is None:
+                log.info("unit %d/%d: %d file(s)", i + 1, len(units), len(files))
+                marker = run_unit(config, files, source, unit_dir, model_facts)
+            else:
+                log.info("unit %d/%d already done, skipped", i + 1, len(units))
+            unit_dirs.append(unit_dir)
+            markers.append(marker)
+
+    with manifest.stage("combine"):
+        scorer_names = list(ic.scorers)
+        stats = corpus_stats(unit_dirs, scorer_names)
+        weights = {n: s.weight for n, s in ic.scorers.items()}
+        for sub in ("scored", "errors"):
+            for stale in io.list_files(f"{out}/{sub}", ".parquet"):
+                if int(stale.rsplit("-", 1)[-1].split(".")[0]) >= len(units):
+                    fs, path = io.filesystem(stale)
+                    fs.delete_file(path)
+        task = ray.remote(num_cpus=1)(finalise_unit)
+        ray.get([task.remote(d, out, i, weights, stats) for i, d in enumerate(unit_dirs)])
+
+    with manifest.stage("index"):
+        index_manifest = build_indexes(config, out)
+
+    rows_in = sum(m["rows_in"] for m in markers)
+    rows_ok = sum(m["rows_ok"] for m in markers)
+    rows_error = sum(m["rows_error"] for m in markers)
+    manifest.extra.update(
+        {
+            "input": source,
+            "units": len(units),
+            "embed_dim": embed_dim,
+            "aesthetic": {
+                "combined": "sum_i w_i * z_i / sum_i w_i, each scorer z-scored over the corpus",
+                "weights": weights,
+                "normalisation": stats,
+            },
+            "index": {k: v for k, v in index_manifest.items() if k != "shards"},
+            "images_per_second": round(rows_in / max(manifest.timings["embed_and_score"], 1e-9), 1),
+        }
+    )
+    result = manifest.write(out, rows_in=rows_in, rows_out=rows_ok, rows_error=rows_error)
+    log.info(
+        "%d images in: %d scored, %d errors; index %s over %d vectors, recall@10 %.3f",
+        rows_in,
+        rows_ok,
+        rows_error,
+        index_manifest["spec"]["type"],
+        index_manifest["count"],
+        index_manifest["recall_at_10"],
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("index_corpus", index_corpus, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""index_corpus end to end: real Ray Data actor pools, real open_clip, real FAISS, real Parquet."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from align.config import load_config
+from align.contracts import ERRORS, SCORED, SCORER_COLUMN_PREFIX
+from align.index import load_index
+from pipelines.index_corpus import index_corpus
+from pipelines.make_world import make_world
+
+from ..conftest import SHARED_ASSETS
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+SMALL = ["model.name=micro-clip", "index_corpus.index.recall_queries=50"]
+
+
+def encode(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def good_image(seed, mode="RGB", size=(48, 40)):
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(arr).convert(mode)
+
+
+GOOD = {
+    "plain.jpg": encode(good_image(0), "JPEG"),
+    "cmyk.jpg": encode(good_image(1, "CMYK"), "JPEG"),
+    "grey.png": encode(good_image(2, "L"), "PNG"),
+    "palette.png": encode(good_image(3).convert("P"), "PNG", transparency=0),
+    "alpha.png": encode(good_image(4, "RGBA"), "PNG"),
+    "sixteen.png": encode(
+        Image.fromarray(np.arange(1600, dtype=np.uint16).reshape(40, 40) * 40), "PNG"
+    ),
+    "nested/deeper/photo.webp": encode(good_image(5), "WEBP"),
+}
+BAD = {
+    "empty.jpg": (b"", "empty file"),
+    "text.jpg": (b"this is not a picture", "not an image"),
+    "truncated.jpg": (encode(good_image(6, size=(200, 200)), "JPEG")[:300], "corrupt"),
+    "huge.png": (encode(Image.new("RGB", (3000, 3000)), "PNG"), "too large"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for name, data in {**GOOD, **{k: v[0] for k, v in BAD.items()}}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    (root / "notes.txt").write_text("not an image extension: not an input row")
+    return root
+
+
+def read_out(out):
+    scored = pq.read_table(out / "index_corpus" / "scored")
+    errors = pq.read_table(out / "index_corpus" / "errors")
+    manifest = json.loads((out / "index_corpus" / "_manifest.json").read_text())
+    return scored, errors, manifest
+
+
+def test_folder_with_bad_files_accounts_for_every_row(ray_session, bad_corpus, tmp_path):
+    config = load_config(
+        REPO / "configs/demo.yaml",
+        [
+            f"output_dir={tmp_path}",
+            f"index_corpus.input={bad_corpus}",
+            "index_corpus.input_format=folder",
+            "index_corpus.images_per_unit=4",
+            "index_corpus.max_image_pixels=4000000",
+            "index_corpus.index.type=hnsw",
+            *SMALL,
+        ],
+    )
+    index_corpus(config)
+    scored, errors, manifest = read_out(tmp_path)
+    assert scored.schema.names == SCORED.names + [SCORER_COLUMN_PREFIX + "lowlevel"]
+    assert errors.schema == ERRORS.schema
+    rows = {r["image_id"]: r for r in scored.to_pylist()}
+    assert set(rows) == set(GOOD) | set(BAD)  # every input row, once
+    for name in GOOD:
+        assert rows[name]["status"] == "ok" and len(rows[name]["embedding"]) == 32
+        assert np.isfinite(rows[name]["aesthetic"])
+    reasons = {r["row_id"]: r["error"] for r in errors.to_pylist()}
+    assert set(reasons) == set(BAD)
+    for name, (_, reason) in BAD.items():
+        assert reason in reasons[name] and rows[name]["status"] == "error"
+        assert rows[name]["embedding"] is None and rows[name]["aesthetic"] is None
+    assert manifest["counts"] == {"rows_in": 11, "rows_out": 7, "rows_error": 4}
+    assert manifest["units"] == 3
+    assert "z-scored" in manifest["aesthetic"]["combined"]
+    index, id_map, index_manifest = load_index(str(tmp_path / "index_corpus" / "index"))
+    assert index.ntotal == 7 and index_manifest["spec"]["type"] == "hnsw"
+    assert sorted(id_map["image_id"].to_pylist()) == sorted(GOOD)
+    assert 0.0 <= index_manifest["recall_at_10"] <= 1.0
+
+
+def test_webdataset_tars_and_sharded_index(ray_session, tmp_path):
+    shards = tmp_path / "wds"
+    shards.mkdir()
+    expected = []
+    for s in range(2):
+        with tarfile.open(shards / f"{s:05d}.tar", "w") as tar:
+            for i in range(5):
+                key = f"{s:05d}{i:04d}"
+                members = {
+                    f"{key}.jpg": encode(good_image(10 * s + i), "JPEG"),
+                    f"{key}.txt": b"a caption",
+                    f"{key}.json": b"{}",
+                }
+                if i == 4:
+                    members.pop(f"{key}.jpg")  # img2dataset writes failed downloads like this
+                for name, data in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                expected.append(key)
+    out = tmp_path / "out"
+    config = load_config(
+        REPO / "configs/demo.yaml",
+        [
+            f"output_dir={out}",
+            f"index_corpus.input={shards}",
+            "index_corpus.input_format=webdataset",
+            "index_corpus.files_per_unit=1",
+            "index_corpus.index.num_shards=2",
+            *SMALL,
+        ],
+    )
+    index_corpus(config)
+    scored, errors, manifest = read_out(out)
+    assert sorted(scored["image_id"].to_pylist()) == sorted(expected)
+    assert manifest["counts"] == {"rows_in": 10, "rows_out": 8, "rows_error": 2}
+    assert all("empty file" in e for e in errors["error"].to_pylist())
+    index, id_map, index_manifest = load_index(str(out / "index_corpus" / "index"))
+    assert len(index_manifest["shards"]) == 2 and index.ntotal == 8
+    # Fan-out search finds each stored vector as its own best match.
+    vectors = np.array(
+        [r["embedding"] for r in scored.to_pylist() if r["status"] == "ok"], dtype=np.float32
+    )
+    ids = [r["image_id"] for r in scored.to_pylist() if r["status"] == "ok"]
+    _, rows = index.search(vectors, 1)
+    row_to_id = dict(zip(id_map["row"].to_pylist(), id_map["image_id"].to_pylist(), strict=True))
+    assert [row_to_id[r] for r in rows[:, 0]] == ids
+
+
+def test_parquet_with_paths_and_a_missing_file(ray_session, bad_corpus, tmp_path):
+    import pyarrow as pa
+
+    table = pa.table(
+        {"key": ["a", "b"], "url": [str(bad_corpus / "plain.jpg"), str(bad_corpus / "gone.jpg")]}
+    )
+    pq.write_table(table, tmp_path / "paths.parquet")
+    out = tmp_path / "out"
+    config = load_config(
+        REPO / "configs/demo.yaml",
+        [
+            f"output_dir={out}",
+            f"index_corpus.input={tmp_path / 'paths.parquet'}",
+            "index_corpus.id_column=key",
+            "index_corpus.image_column=null",
+            "index_corpus.path_column=url",
+            *SMALL,
+        ],
+    )
+    index_corpus(config)
+    scored, errors, manifest = read_out(out)
+    assert manifest["counts"] == {"rows_in": 2, "rows_out": 1, "rows_error": 1}
+    assert errors.to_pylist() == [
+        {"row_id": "b", "stage": "decode", "error": f"file not found: {bad_corpus / 'gone.jpg'}"}
+    ]
+
+
+def run_cli(*args, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines.index_corpus", "--config", "configs/demo.yaml", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        start_new_session=True,
+        **kw,
+    )
+
+
+def test_kill_and_rerun_finishes_missing_units_without_duplicates(ray_session, tmp_path):
+    make_world(
+        load_config(
+            REPO / "configs/demo.yaml",
+            [f"output_dir={tmp_path}", "world.num_images=600", "world.shard_size=100"],
+        )
+    )
+    args = [f"output_dir={tmp_path}", "index_corpus.files_per_unit=2", *SMALL]
+    staging = tmp_path / "index_corpus" / "_staging"
+    proc = run_cli(*args)
+    deadline = time.time() + 240
+    while not (staging / "unit-00000" / "_SUCCESS.json").exists():
+        assert proc.poll() is None and time.time() < deadline, (
+            proc.stdout.read() if proc.poll() is not None else "timeout"
+        )
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its embedded Ray, mid-run
+    proc.wait()
+    assert not (tmp_path / "index_corpus" / "_manifest.json").exists()
+    first = json.loads((staging / "unit-00000" / "_SUCCESS.json").read_text())
+
+    rerun = run_cli(*args)
+    log, _ = rerun.communicate(timeout=400)
+    assert rerun.returncode == 0, log
+    assert "unit 1/3 already done, skipped" in log
+    assert json.loads((staging / "unit-00000" / "_SUCCESS.json").read_text()) == first
+    scored, _, manifest = read_out(tmp_path)
+    ids = scored["image_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 600
+    assert manifest["counts"] == {"rows_in": 600, "rows_out": 600, "rows_error": 0}
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["model.name=ViT-Nope"], "unknown model name 'ViT-Nope'"),
+        (["model.name=ViT-B-32", "model.pretrained=not-a-tag"], "no pretrained tag 'not-a-tag'"),
+        (["model.pretrained=/nowhere/ckpt.pt"], "checkpoint not found"),
+        (
+            ["index_corpus.scorers.laion_mlp.checkpoint=/nowhere/head.pth"],
+            "laion_mlp checkpoint not found",
+        ),
+        (["index_corpus.input=/nowhere/images"], "index_corpus input not found: /nowhere/images"),
+    ],
+)
+def test_bad_model_scorer_or_input_fails_fast_in_one_line(tmp_path, args, expected):
+    proc = run_cli(f"output_dir={tmp_path}", *args)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    lines = [
+        line for line in out.strip().splitlines() if "Warning" not in line and "warn" not in line
+    ]
+    assert expected in lines[-1] and lines[-1].startswith("index_corpus: error:")
+    assert not (tmp_path / "index_corpus").exists()  # nothing was read or written
+
+
+def test_real_laion_head_on_a_768_wide_model_in_the_job(ray_session, tmp_path):
+    head = SHARED_ASSETS / "laion-improved-aesthetic-predictor" / "sac+logos+ava1-l14-linearMSE.pth"
+    photo = SHARED_ASSETS / "laion-improved-aesthetic-predictor" / "sample-photo.jpeg"
+    if not head.exists():
+        pytest.skip("shared assets not beside the repo")
+    corpus = tmp_path / "photos"
+    corpus.mkdir()
+    (corpus / "sample.jpeg").write_bytes(photo.read_bytes())
+    (corpus / "noise.png").write_bytes(encode(good_image(9, size=(120, 90)), "PNG"))
+    # ViT-L-14 has 768-wide embeddings (random weights here: no download); tiny pools.
+    config = load_config(
+        REPO / "configs/demo.yaml",
+        [
+            f"output_dir={tmp_path / 'out'}",
+            f"index_corpus.input={corpus}",
+            "index_corpus.input_format=folder",
+            "model.name=ViT-L-14",
+            "index_corpus.embed.batch_size=2",
+            f"index_corpus.scorers={{lowlevel: {{weight: 1}}, laion_mlp: {{weight: 1, checkpoint: '{head}'}}}}",
+        ],
+    )
+    index_corpus(config)
+    scored, _, manifest = read_out(tmp_path / "out")
+    assert manifest["counts"]["rows_out"] == 2
+    assert np.isfinite(scored["aesthetic_laion_mlp"].to_numpy()).all()
+    assert set(manifest["aesthetic"]["weights"]) == {"lowlevel", "laion_mlp"}

@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+
+from align import world
+from align.aesthetics import (
+    ScorerError,
+    build_scorer,
+    combine,
+    lowlevel_measures,
+    normalisation_stats,
+)
+from align.config import WorldConfig
+from align.images import decode_image
+
+from ..conftest import SHARED_ASSETS
+
+LAION = SHARED_ASSETS / "laion-improved-aesthetic-predictor" / "sac+logos+ava1-l14-linearMSE.pth"
+
+
+@pytest.fixture(scope="module")
+def world_batch():
+    images, gt = world.render_shard(WorldConfig(seed=2, num_images=1200, shard_size=1200), 0)
+    pixels = np.stack([decode_image(b, 64, 10**7) for b in images["image"].to_pylist()])
+    return pixels, gt
+
+
+def corr(a, b):
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def test_lowlevel_sees_pixel_attributes_and_not_composition_or_harmony(world_batch):
+    pixels, gt = world_batch
+    score = build_scorer("lowlevel", None, 64)(pixels, None)
+    assert score.shape == (len(pixels),) and np.isfinite(score).all()
+    assert corr(score, gt["low_level"].to_numpy()) > 0.5
+    assert abs(corr(score, gt["high_level"].to_numpy())) < 0.15
+
+
+@pytest.mark.parametrize(
+    ("measure", "attribute"),
+    [
+        ("sharpness", "sharpness"),
+        ("exposure", "exposure"),
+        ("noise", "noise"),
+        ("colourfulness", "saturation"),
+    ],
+)
+def test_each_lowlevel_measure_tracks_its_attribute(world_batch, measure, attribute):
+    pixels, gt = world_batch
+    assert corr(lowlevel_measures(pixels)[measure], gt[attribute].to_numpy()) > 0.3
+
+
+@pytest.fixture
+def laion_checkpoint():
+    if not LAION.exists():
+        pytest.skip("shared assets not beside the repo")
+    return str(LAION)
+
+
+def test_real_laion_head_scores_768_wide_embeddings(laion_checkpoint):
+    import torch
+
+    scorer = build_scorer("laion_mlp", laion_checkpoint, 768)
+    emb = np.random.default_rng(0).normal(size=(6, 768)).astype(np.float16)
+    scores = scorer(None, emb)
+    assert scores.shape == (6,) and np.isfinite(scores).all()
+    # Same numbers as the head applied by hand to the L2-normalised inputs (scale invariance).
+    state = torch.load(laion_checkpoint, map_location="cpu", weights_only=True)
+    x = torch.nn.functional.normalize(torch.tensor(emb, dtype=torch.float32), dim=-1)
+    for i in (0, 2, 4, 6, 7):
+        x = x @ state[f"layers.{i}.weight"].T + state[f"layers.{i}.bias"]
+    np.testing.assert_allclose(scores, x.squeeze(-1).numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(scorer(None, emb * 3), scores, rtol=1e-2)
+
+
+def test_laion_head_refuses_a_mismatched_width_naming_both(laion_checkpoint):
+    with pytest.raises(ScorerError, match=r"768-wide.*128-wide"):
+        build_scorer("laion_mlp", laion_checkpoint, 128)
+
+
+def test_unknown_scorer_and_bad_checkpoints(tmp_path):
+    with pytest.raises(ScorerError, match="unknown aesthetic scorer 'clipiqa'"):
+        build_scorer("clipiqa", None, 768)
+    with pytest.raises(ScorerError, match="not found"):
+        build_scorer("laion_mlp", str(tmp_path / "none.pth"), 768)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"junk")
+    with pytest.raises(ScorerError, match="cannot be read"):
+        build_scorer("laion_mlp", str(junk), 768)
+
+
+def test_combine_is_the_weighted_mean_of_z_scores():
+    cols = {"a": np.array([1.0, 2.0, 3.0]), "b": np.array([10.0, 10.0, 40.0])}
+    stats = normalisation_stats(cols)
+    assert stats["a"]["mean"] == pytest.approx(2.0)
+    assert stats["a"]["std"] == pytest.approx(np.std([1, 2, 3]))
+    out = combine(cols, {"a": 1.0, "b": 3.0}, stats)
+    za = (cols["a"] - 2.0) / np.std([1, 2, 3])
+    zb = (cols["b"] - 20.0) / np.std([10, 10, 40])
+    np.testing.assert_allclose(out, (za + 3 * zb) / 4, rtol=1e-6)
+    with pytest.raises(ScorerError, match="sum to zero"):
+        combine(cols, {"a": 0.0, "b": 0.0}, stats)
