@@ -16,11 +16,13 @@ REQUIRED = {
 class ClipImageEmbedder:
     """Loads the CLIP model once per actor; float16 on GPU, float32 compute on CPU."""
 
-    def __init__(self, model: dict):
+    def __init__(self, model: dict, threads: int | None = None):
         import torch
 
         from align.models import build_clip
 
+        if threads:
+            torch.set_num_threads(threads)
         cfg = ModelConfig.model_validate(model)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda" and cfg.precision == "fp32":

@@ -197,15 +197,32 @@ def build_scorer(name: str, checkpoint: str | None, embed_dim: int) -> Scorer:
     raise ScorerError(f"unknown aesthetic scorer {name!r}; known: {', '.join(SCORERS)}")
 
 
-def normalisation_stats(columns: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """Mean and standard deviation of each scorer's raw scores over the corpus."""
-    stats = {}
+def score_moments(columns: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Count, sum and sum of squares of each scorer's finite scores: per unit of work, so the
+    corpus statistics merge exactly without reading the scores again."""
+    moments = {}
     for name, values in columns.items():
         v = np.asarray(values, dtype=np.float64)
         v = v[np.isfinite(v)]
-        std = float(v.std()) if v.size else 0.0
-        stats[name] = {"mean": float(v.mean()) if v.size else 0.0, "std": std if std > 0 else 1.0}
+        moments[name] = {"n": int(v.size), "sum": float(v.sum()), "sumsq": float((v * v).sum())}
+    return moments
+
+
+def stats_from_moments(parts: list[Mapping[str, Mapping[str, float]]]) -> dict[str, dict]:
+    """Mean and standard deviation per scorer over all parts (std 1 where it would be 0)."""
+    stats = {}
+    for name in parts[0] if parts else ():
+        n = sum(p[name]["n"] for p in parts)
+        mean = sum(p[name]["sum"] for p in parts) / n if n else 0.0
+        var = max(sum(p[name]["sumsq"] for p in parts) / n - mean * mean, 0.0) if n else 0.0
+        std = float(np.sqrt(var))
+        stats[name] = {"mean": mean, "std": std if std > 1e-12 else 1.0, "n": n}
     return stats
+
+
+def normalisation_stats(columns: Mapping[str, np.ndarray]) -> dict[str, dict]:
+    """Mean and standard deviation of each scorer's raw scores over the given columns."""
+    return stats_from_moments([score_moments(columns)])
 
 
 def combine(

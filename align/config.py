@@ -72,6 +72,13 @@ class PoolConfig(Section):
     concurrency: int = Field(1, ge=1, description="Actor pool size (tasks: max parallel tasks).")
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (0: CPU).")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads per actor; None keeps Ray's (OMP_NUM_THREADS from num_cpus). "
+        "On a small CPU machine, more threads than logical CPUs lets one model actor use idle "
+        "cores without reserving them (a reservation can starve Ray Data's read tasks).",
+    )
 
 
 class ScorerConfig(Section):
@@ -224,6 +231,11 @@ def _set_dotted(data: dict, path: list[str], value: Any) -> None:
     node = data
     for i, part in enumerate(path[:-1]):
         if _node_at(path[: i + 1]) is None:
+            parent = _node_at(path[:i])
+            if parent and parent[0] == "section" and part in parent[1].model_fields:
+                raise ConfigError(
+                    f"config key '{'.'.join(path[: i + 1])}' is a value, not a section"
+                )
             raise ConfigError(_unknown_key_message(path[: i + 1]))
         child = node.setdefault(part, {})
         if not isinstance(child, dict):

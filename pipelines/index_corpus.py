@@ -36,7 +36,7 @@ from align.index import (
 )
 from align.log import get_logger
 from align.manifest import JobManifest
-from align.models import check_model
+from align.models import ModelFacts, check_model
 from align.runtime import init_ray
 from pipelines.common import run_job
 
@@ -171,10 +171,8 @@ def to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
     return pa.table(columns)
 
 
-def run_unit(config: Config, files: list[str], source: str, unit_dir: str, model_facts: dict):
-    """Decode, embed and score one unit into `unit_dir`, then mark it done.
-
-    model_facts: {"image_size": .., "embed_dim": ..} of the configured model."""
+def run_unit(config: Config, files: list[str], source: str, unit_dir: str, model: ModelFacts):
+    """Decode, embed and score one unit into `unit_dir`, then mark it done."""
     from actors.decode import decode_batch
     from actors.embed import ClipImageEmbedder
     from actors.score import AestheticScorer
@@ -187,7 +185,7 @@ def run_unit(config: Config, files: list[str], source: str, unit_dir: str, model
         .map_batches(
             decode_batch,
             fn_kwargs={
-                "image_size": model_facts["image_size"],
+                "image_size": model.image_size,
                 "max_pixels": ic.max_image_pixels,
                 "image_column": ic.image_column if ic.input_format == "parquet" else "image",
                 "path_column": ic.path_column if ic.input_format == "parquet" else "path",
@@ -196,13 +194,13 @@ def run_unit(config: Config, files: list[str], source: str, unit_dir: str, model
         )
         .map_batches(
             ClipImageEmbedder,
-            fn_constructor_kwargs={"model": config.model.model_dump()},
+            fn_constructor_kwargs={"model": config.model.model_dump(), "threads": ic.embed.threads},
             batch_format="numpy",
             **_actor_pool(ic.embed),
         )
         .map_batches(
             AestheticScorer,
-            fn_constructor_kwargs={"scorers": scorers, "embed_dim": model_facts["embed_dim"]},
+            fn_constructor_kwargs={"scorers": scorers, "embed_dim": model.embed_dim},
             batch_format="numpy",
             **_actor_pool(ic.score),
         )
@@ -213,7 +211,8 @@ def run_unit(config: Config, files: list[str], source: str, unit_dir: str, model
     fs.create_dir(path, recursive=True)
     fs.delete_dir_contents(path)
     ds.write_parquet(unit_dir)
-    staged = io.read_parquet(unit_dir, columns=["status"])
+    score_columns = [SCORER_COLUMN_PREFIX + n for n in scorers]
+    staged = io.read_parquet(unit_dir, columns=["status", *score_columns])
     ok = int(pc.sum(pc.equal(staged["status"], "ok")).as_py() or 0)
     expected = count_input_rows(ic, files)
     marker = {
@@ -221,6 +220,9 @@ def run_unit(config: Config, files: list[str], source: str, unit_dir: str, model
         "rows_in": expected if expected is not None else staged.num_rows,
         "rows_ok": ok,
         "rows_error": staged.num_rows - ok,
+        "score_moments": aesthetics.score_moments(
+            {n: staged[SCORER_COLUMN_PREFIX + n].to_numpy(zero_copy_only=False) for n in scorers}
+        ),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     io.write_json(f"{unit_dir}/{DONE_MARKER}", marker)
@@ -263,15 +265,6 @@ def finalise_unit(unit_dir: str, out: str, part: int, weights: dict, stats: dict
         }
     )
     io.write_parquet(conform(errors, ERRORS), f"{out}/errors/part-{part:05d}.parquet")
-
-
-def corpus_stats(unit_dirs: list[str], scorer_names: list[str]) -> dict:
-    cols = [SCORER_COLUMN_PREFIX + n for n in scorer_names]
-    tables = [io.read_parquet(d, columns=cols) for d in unit_dirs]
-    table = pa.concat_tables(tables)
-    return aesthetics.normalisation_stats(
-        {n: table[SCORER_COLUMN_PREFIX + n].to_numpy(zero_copy_only=False) for n in scorer_names}
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,10 +354,7 @@ def build_indexes(config: Config, out: str) -> dict:
 
 
 def index_corpus(config: Config) -> dict:
-    import open_clip
     import ray
-
-    from align.models import register_model_configs
 
     ic = config.index_corpus
     source = config.expand(ic.input)
@@ -372,15 +362,11 @@ def index_corpus(config: Config) -> dict:
     manifest = JobManifest("index_corpus", config)
 
     # Fail fast, before any data is read: the model, the scorers, the input.
-    embed_dim = check_model(config.model)
+    model = check_model(config.model)
     for name, scorer in ic.scorers.items():
-        aesthetics.build_scorer(name, scorer.checkpoint, embed_dim)
+        aesthetics.build_scorer(name, scorer.checkpoint, model.embed_dim)
     io.require_exists(source, "index_corpus input")
     units = plan_units(ic, source)
-    register_model_configs()
-    image_size = open_clip.get_model_config(config.model.name)["vision_cfg"]["image_size"]
-    image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
-    model_facts = {"image_size": int(image_size), "embed_dim": embed_dim}
 
     init_ray(config.ray)
     unit_dirs, markers = [], []
@@ -390,15 +376,14 @@ def index_corpus(config: Config) -> dict:
             marker = unit_done(unit_dir, files)
             if marker is None:
                 log.info("unit %d/%d: %d file(s)", i + 1, len(units), len(files))
-                marker = run_unit(config, files, source, unit_dir, model_facts)
+                marker = run_unit(config, files, source, unit_dir, model)
             else:
                 log.info("unit %d/%d already done, skipped", i + 1, len(units))
             unit_dirs.append(unit_dir)
             markers.append(marker)
 
     with manifest.stage("combine"):
-        scorer_names = list(ic.scorers)
-        stats = corpus_stats(unit_dirs, scorer_names)
+        stats = aesthetics.stats_from_moments([m["score_moments"] for m in markers])
         weights = {n: s.weight for n, s in ic.scorers.items()}
         for sub in ("scored", "errors"):
             for stale in io.list_files(f"{out}/{sub}", ".parquet"):
@@ -418,7 +403,7 @@ def index_corpus(config: Config) -> dict:
         {
             "input": source,
             "units": len(units),
-            "embed_dim": embed_dim,
+            "embed_dim": model.embed_dim,
             "aesthetic": {
                 "combined": "sum_i w_i * z_i / sum_i w_i, each scorer z-scored over the corpus",
                 "weights": weights,

@@ -33,10 +33,19 @@ def register_model_configs() -> None:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
-def check_model(cfg: ModelConfig) -> int:
+@dataclass(frozen=True)
+class ModelFacts:
+    """What downstream stages need to know of a model without building it."""
+
+    embed_dim: int
+    image_size: int
+    context_length: int
+
+
+def check_model(cfg: ModelConfig) -> ModelFacts:
     """Check, without building the model, that it can be built: a known name, and a pretrained
     tag open_clip knows for it or a readable checkpoint file. Cheap (the checkpoint is
-    memory-mapped, not read). Returns the embedding width.
+    memory-mapped, not read).
 
     Raises:
         ModelLoadError: naming what is wrong.
@@ -63,7 +72,13 @@ def check_model(cfg: ModelConfig) -> int:
         raise ModelLoadError(
             f"model {cfg.name!r} has no pretrained tag {pretrained!r}; known: {tags or 'none'}"
         )
-    return int(open_clip.get_model_config(cfg.name)["embed_dim"])
+    model_cfg = open_clip.get_model_config(cfg.name)
+    size = model_cfg["vision_cfg"]["image_size"]
+    return ModelFacts(
+        embed_dim=int(model_cfg["embed_dim"]),
+        image_size=int(size[0] if isinstance(size, (list, tuple)) else size),
+        context_length=int(model_cfg["text_cfg"].get("context_length", 77)),
+    )
 
 
 def _is_path(pretrained: str) -> bool:
@@ -97,7 +112,7 @@ def build_clip(cfg: ModelConfig, device: str = "cpu") -> Clip:
     """
     import open_clip
 
-    check_model(cfg)
+    facts = check_model(cfg)
     pretrained = cfg.pretrained
     try:
         model = open_clip.create_model(
@@ -108,16 +123,14 @@ def build_clip(cfg: ModelConfig, device: str = "cpu") -> Clip:
             f"cannot load model {cfg.name!r} with pretrained={pretrained!r}: {e}"
         ) from e
     model.eval()
-    model_cfg = open_clip.get_model_config(cfg.name)
     vision = model.visual
-    size = vision.image_size
     return Clip(
         model=model,
         tokenizer=open_clip.get_tokenizer(cfg.name),
         name=cfg.name,
-        embed_dim=int(model_cfg["embed_dim"]),
-        image_size=int(size[0] if isinstance(size, (tuple, list)) else size),
-        context_length=int(model_cfg["text_cfg"].get("context_length", 77)),
+        embed_dim=facts.embed_dim,
+        image_size=facts.image_size,
+        context_length=facts.context_length,
         mean=tuple(getattr(vision, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
         std=tuple(getattr(vision, "image_std", None) or open_clip.OPENAI_DATASET_STD),
     )

@@ -63,6 +63,18 @@ def test_value_out_of_range_names_the_key():
         load_config(None, ["world.caption_quality_share=1.5"])
 
 
+def test_value_cannot_be_used_as_a_section():
+    with pytest.raises(ConfigError, match=r"'world\.seed' is a value, not a section"):
+        load_config(None, ["world.seed.x=3"])
+
+
+def test_keyed_sections_take_any_name_and_check_inside():
+    cfg = load_config(None, ["index_corpus.scorers.laion_mlp.weight=2"])
+    assert cfg.index_corpus.scorers["laion_mlp"].weight == 2.0
+    with pytest.raises(ConfigError, match=r"scorers\.lowlevel\.wieght.*weight, checkpoint"):
+        load_config(None, ["index_corpus.scorers.lowlevel.wieght=2"])
+
+
 def test_section_cannot_be_overwritten_by_a_value():
     with pytest.raises(ConfigError, match="world"):
         load_config(None, ["world=3"])

@@ -1,0 +1,86 @@
+"""Query rewriting: spell out the aesthetic expectations a person has but does not type.
+
+The paper (PAPER.md, Finding 1) compares prompt variants for an LLM rewriter:
+
+- `original`: no rewrite (the baseline);
+- `repeat`: the query repeated, a length control;
+- `k_list` (<k list>): the query plus aesthetic keywords from a flat list;
+- `kw_dict` (<kw dict>): the query plus keywords from a dictionary grouped by aspect;
+- `detail` (<detail>): describe the ideal image in detail;
+- `reorg` (<reorg>): reorganise the query.
+
+`PROMPT_TEMPLATES` are the LLM prompts for each variant (backends vllm and http). The `keywords`
+backend needs no model: it implements `original`, `repeat`, `k_list` and `kw_dict` directly from
+`ASPECT_KEYWORDS`, deterministically; `detail` and `reorg` need an LLM.
+"""
+
+from __future__ import annotations
+
+VARIANTS = ("original", "repeat", "k_list", "kw_dict", "detail", "reorg")
+KEYWORD_VARIANTS = ("original", "repeat", "k_list", "kw_dict")
+
+# A curated dictionary of aesthetic keywords, grouped by aspect, most generally useful first.
+# Drawn from the vocabulary photographers and image-generation prompts use for "a good picture".
+ASPECT_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "style": ("professional photography", "award-winning", "fine art", "editorial"),
+    "composition": ("well-composed", "rule of thirds", "balanced framing", "clear subject"),
+    "lighting": ("well-lit", "soft natural light", "balanced exposure", "golden hour"),
+    "colour": ("harmonious colours", "vivid colours", "rich tones", "complementary palette"),
+    "quality": ("beautiful", "sharp focus", "clean", "high detail"),
+}
+# The flat list for <k list>: the first keyword of each aspect, then the second, ...
+KEYWORD_LIST: tuple[str, ...] = tuple(
+    kw
+    for rank in range(max(len(v) for v in ASPECT_KEYWORDS.values()))
+    for kws in ASPECT_KEYWORDS.values()
+    if rank < len(kws)
+    for kw in [kws[rank]]
+)
+
+SYSTEM_PROMPT = (
+    "You rewrite image-search queries so that a text-to-image retrieval model returns images "
+    "people find beautiful. Keep the subject of the query. Answer with the rewritten query only."
+)
+PROMPT_TEMPLATES: dict[str, str] = {
+    "repeat": "Repeat this query twice, separated by a space: {query}",
+    "k_list": (
+        "Add aesthetic keywords to this image-search query, chosen from this list: "
+        + ", ".join(KEYWORD_LIST)
+        + ".\nQuery: {query}"
+    ),
+    "kw_dict": (
+        "Add aesthetic keywords to this image-search query, at most one per aspect, from this "
+        "dictionary: "
+        + "; ".join(f"{aspect}: {', '.join(kws)}" for aspect, kws in ASPECT_KEYWORDS.items())
+        + ".\nQuery: {query}"
+    ),
+    "detail": (
+        "Describe in one sentence the ideal, most beautiful image for this search query: its "
+        "style, composition, lighting and colours.\nQuery: {query}"
+    ),
+    "reorg": "Reorganise this image-search query into a clear, well-formed description: {query}",
+}
+
+
+def keyword_rewrite(query: str, variant: str, keywords: int = 5) -> str:
+    """Rewrite without a model, deterministically.
+
+    Args:
+        query: the user's query.
+        variant: one of KEYWORD_VARIANTS.
+        keywords: for k_list, how many keywords from KEYWORD_LIST; for kw_dict, how many aspects.
+    Raises:
+        ValueError: for a variant that needs an LLM (detail, reorg) or an unknown one.
+    """
+    if variant == "original":
+        return query
+    if variant == "repeat":
+        return f"{query} {query}"
+    if variant == "k_list":
+        return ", ".join([query, *KEYWORD_LIST[:keywords]])
+    if variant == "kw_dict":
+        aspects = list(ASPECT_KEYWORDS.items())[:keywords]
+        return "; ".join([query, *(f"{aspect}: {kws[0]}" for aspect, kws in aspects)])
+    if variant in VARIANTS:
+        raise ValueError(f"rewrite variant {variant!r} needs an LLM backend (vllm or http)")
+    raise ValueError(f"unknown rewrite variant {variant!r}; known: {', '.join(VARIANTS)}")
