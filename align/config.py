@@ -140,6 +140,66 @@ class IndexCorpusConfig(Section):
     index: IndexConfig = IndexConfig()
 
 
+class HttpRewriteConfig(Section):
+    """An OpenAI-compatible chat-completions endpoint, called through ray.data.llm."""
+
+    url: str = "http://127.0.0.1:8000/v1/chat/completions"
+    model: str = "gpt-4o-mini"
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the API key (None: no key)."
+    )
+    batch_size: int = Field(16, ge=1)
+    concurrency: int = Field(1, ge=1)
+    max_retries: int = Field(2, ge=0)
+    max_tokens: int = Field(96, ge=1)
+    temperature: float = Field(0.0, ge=0)
+
+
+class VllmRewriteConfig(Section):
+    """vLLM through ray.data.llm (the `gpu` extra, GPU workers)."""
+
+    model: str = "Qwen/Qwen2.5-7B-Instruct"
+    engine_kwargs: dict = Field(default_factory=lambda: {"max_model_len": 4096})
+    batch_size: int = Field(64, ge=1)
+    concurrency: int = Field(1, ge=1)
+    max_tokens: int = Field(96, ge=1)
+    temperature: float = Field(0.0, ge=0)
+
+
+class RewriteConfig(Section):
+    backend: Literal["keywords", "http", "vllm"] = "keywords"
+    variant: Literal["original", "repeat", "k_list", "kw_dict", "detail", "reorg"] = "k_list"
+    keywords: int = Field(5, ge=1, description="Keywords (k_list) or aspects (kw_dict) added.")
+    max_chars: int = Field(400, ge=1, description="Longer completions fall back to the query.")
+    http: HttpRewriteConfig = HttpRewriteConfig()
+    vllm: VllmRewriteConfig = VllmRewriteConfig()
+
+
+class GridConfig(Section):
+    """The u x v preference grid (align.pairing)."""
+
+    u: int = Field(4, ge=1, description="Rows: semantic-relevance levels.")
+    v: int = Field(4, ge=1, description="Columns: aesthetic levels within a row.")
+    stride: int = Field(2, ge=1, description="Take every stride-th candidate by relevance.")
+
+
+class BuildPreferencesConfig(Section):
+    """The build_preferences job: rewrite, retrieve, re-rank, pairs."""
+
+    queries: str = Field(
+        "{output_dir}/world/queries.parquet", description="Parquet, JSONL or text (one per line)."
+    )
+    split: str | None = Field("train", description="Keep rows of this split (if a split column).")
+    index_corpus_dir: str = Field(
+        "{output_dir}/index_corpus", description="Output of index_corpus: index and scored shards."
+    )
+    top_k: int = Field(64, ge=1, description="Candidates retrieved per rewritten query.")
+    rewrite: RewriteConfig = RewriteConfig()
+    grid: GridConfig = GridConfig()
+    embed: PoolConfig = PoolConfig(batch_size=256)
+    retrieve: PoolConfig = PoolConfig(batch_size=64)
+
+
 class Config(Section):
     """Root config shared by every job; each job reads the sections it needs."""
 
@@ -148,6 +208,7 @@ class Config(Section):
     world: WorldConfig = WorldConfig()
     model: ModelConfig = ModelConfig()
     index_corpus: IndexCorpusConfig = IndexCorpusConfig()
+    build_preferences: BuildPreferencesConfig = BuildPreferencesConfig()
 
     def expand(self, path: str) -> str:
         """Expand `{output_dir}` in a configured path; local paths become absolute."""

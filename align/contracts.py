@@ -128,6 +128,7 @@ REWRITES = Contract(
         Column("backend", pa.string(), "vllm, http or keywords"),
         Column("variant", pa.string(), "prompt variant (original, repeat, detail, k_list, ...)"),
         Column("fallback", pa.string(), "why the original was kept, if it was", nullable=True),
+        Column("truncated", pa.bool_(), "query or rewrite cut at the text tower's context"),
     ),
 )
 

@@ -115,6 +115,28 @@ def measure_recall(index, vectors: np.ndarray, n_queries: int, k: int = 10, seed
     }
 
 
+def read_scored_embeddings(files: list[str]):
+    """Embeddings (float32, n x d) and the (image_id, aesthetic) table of the ok rows of scored
+    shards, in file order: the order index_corpus adds them to the index, so row i of the result
+    is row i of the index."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from align import io
+
+    table = pa.concat_tables(
+        [
+            io.read_parquet(f, columns=["image_id", "embedding", "aesthetic", "status"])
+            for f in files
+        ]
+    )
+    table = table.filter(pc.equal(table["status"], "ok"))
+    emb = table["embedding"].combine_chunks()
+    dim = len(emb[0]) if len(emb) else 0
+    vectors = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
+    return vectors, table.select(["image_id", "aesthetic"])
+
+
 class ShardedIndex:
     """Several FAISS indexes over disjoint shards, searched by fan-out and merge.
 
@@ -180,3 +202,25 @@ def load_index(index_dir: str):
         else ShardedIndex(indexes, [s["offset"] for s in manifest["shards"]])
     )
     return index, id_map, manifest
+
+
+def load_corpus(index_corpus_dir: str):
+    """Everything retrieval needs from an index_corpus output, row-aligned with the index.
+
+    Returns:
+        (index, image ids (object array), aesthetic (float32), embeddings (float16, n x d)).
+    Raises:
+        FileNotFoundError: when index_corpus has not finished there.
+    """
+    from align import io
+
+    index, id_map, _ = load_index(f"{index_corpus_dir}/index")
+    vectors, table = read_scored_embeddings(io.list_files(f"{index_corpus_dir}/scored", ".parquet"))
+    if not table["image_id"].combine_chunks().equals(id_map["image_id"].combine_chunks()):
+        raise ValueError(f"scored shards in {index_corpus_dir} do not match its index id map")
+    return (
+        index,
+        np.asarray(table["image_id"].to_pylist(), dtype=object),
+        table["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float32),
+        vectors.astype(np.float16),
+    )

@@ -3,8 +3,8 @@
     python -m pipelines.demo --config configs/demo.yaml [key=value ...]     (or: make demo)
 
 Runs the jobs in order, in one embedded Ray session, each writing under `output_dir` as it would
-alone. The loop grows with the jobs: today it makes the world and indexes and scores the corpus;
-pretraining, build_preferences, finetune and evaluate join it as they land.
+alone. The loop grows with the jobs: today it makes the world, indexes and scores the corpus and
+builds preference pairs; pretraining, finetune and evaluate join it as they land.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 from align import io
 from align.config import Config
 from align.log import get_logger
+from pipelines.build_preferences import build_preferences
 from pipelines.common import run_job
 from pipelines.index_corpus import index_corpus
 from pipelines.make_world import make_world, world_dir
@@ -37,16 +38,23 @@ def summarise_world(config: Config) -> str:
 
 
 def demo(config: Config) -> None:
-    log.info("step 1/2: make_world")
+    log.info("step 1/3: make_world")
     make_world(config)
     print(summarise_world(config))
-    log.info("step 2/2: index_corpus")
+    log.info("step 2/3: index_corpus")
     manifest = index_corpus(config)
     counts, index = manifest["counts"], manifest["index"]
     print(
         f"index_corpus: {counts['rows_out']} scored, {counts['rows_error']} errors, "
         f"{manifest['images_per_second']} images/s; {index['spec']['type']} index, "
         f"recall@10 {index['recall_at_10']:.3f}"
+    )
+    log.info("step 3/3: build_preferences")
+    manifest = build_preferences(config)
+    print(
+        f"build_preferences: {manifest['counts']['rows_out']} queries -> {manifest['pairs']} pairs "
+        f"({manifest['rewrite']['backend']}/{manifest['rewrite']['variant']} rewriting, "
+        f"{manifest['rewrite']['fallbacks']} fallbacks), {manifest['counts']['rows_error']} errors"
     )
 
 

@@ -33,6 +33,7 @@ from align.index import (
     build_index,
     choose_index,
     measure_recall,
+    read_scored_embeddings,
 )
 from align.log import get_logger
 from align.manifest import JobManifest
@@ -271,26 +272,11 @@ def finalise_unit(unit_dir: str, out: str, part: int, weights: dict, stats: dict
 # Index
 
 
-def read_embeddings(files: list[str]) -> tuple[np.ndarray, pa.Table]:
-    """Embeddings (float32, n x d) and (image_id, aesthetic) of the ok rows of scored shards."""
-    table = pa.concat_tables(
-        [
-            io.read_parquet(f, columns=["image_id", "embedding", "aesthetic", "status"])
-            for f in files
-        ]
-    )
-    table = table.filter(pc.equal(table["status"], "ok"))
-    emb = table["embedding"].combine_chunks()
-    dim = len(emb[0]) if len(emb) else 0
-    vectors = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
-    return vectors, table.select(["image_id", "aesthetic"])
-
-
 def build_index_shard(files: list[str], index_dir: str, shard: int, config: Config) -> dict:
     """Ray task: build and save the index over some scored shards; measure its recall@10."""
     import faiss
 
-    vectors, ids = read_embeddings(files)
+    vectors, ids = read_scored_embeddings(files)
     cfg = config.index_corpus.index
     spec = choose_index(len(vectors), vectors.shape[1], cfg)
     t0 = time.perf_counter()

@@ -111,13 +111,19 @@ def build_clip(cfg: ModelConfig, device: str = "cpu") -> Clip:
         ModelLoadError: unknown name, missing checkpoint path, or a checkpoint that does not fit.
     """
     import open_clip
+    import torch
 
     facts = check_model(cfg)
     pretrained = cfg.pretrained
     try:
-        model = open_clip.create_model(
-            cfg.name, pretrained=pretrained, precision=cfg.precision, device=device
-        )
+        # Without weights, initialise from a fixed seed: every process (driver, each Ray actor)
+        # then builds the same model, so embeddings from different stages agree.
+        with torch.random.fork_rng(devices=[]):
+            if not pretrained:
+                torch.manual_seed(0)
+            model = open_clip.create_model(
+                cfg.name, pretrained=pretrained, precision=cfg.precision, device=device
+            )
     except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError) as e:
         raise ModelLoadError(
             f"cannot load model {cfg.name!r} with pretrained={pretrained!r}: {e}"

@@ -51,3 +51,12 @@ def test_project_models_build_inside_ray_workers(ray_session):
         return build_clip(ModelConfig(name=name)).embed_dim
 
     assert ray_session.get(build_in_worker.remote("tiny-clip")) == 128
+
+
+def test_random_init_is_the_same_in_every_process(ray_session):
+    @ray_session.remote
+    def first_weights():
+        return build_clip(ModelConfig(name="micro-clip")).model.token_embedding.weight[:2].clone()
+
+    here = build_clip(ModelConfig(name="micro-clip")).model.token_embedding.weight[:2]
+    assert torch.equal(ray_session.get(first_weights.remote()), here)

@@ -1,0 +1,101 @@
+"""Candidate retrieval and pairing stage (actor pool): the index is loaded once per actor.
+
+For each query: top-K from the index for the REWRITTEN query; the semantic score of each
+candidate is the reference model's cosine similarity to the ORIGINAL query (exact, from the stored
+embeddings); the aesthetic score is index_corpus's combined score. The u x v grid then gives the
+preference pairs (align.pairing), emitted as list columns, one row per query.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from actors import require_batch_columns
+from align.pairing import NotEnoughCandidates, grid_pairs
+
+REQUIRED = {
+    "query_id": "id of the query",
+    "query_embedding": "embedding of the original query (text_embed stage)",
+    "rewritten_embedding": "embedding of the rewritten query (text_embed stage)",
+}
+LIST_COLUMNS = (
+    "candidate_ids", "candidate_semantic", "candidate_aesthetic",
+    "chosen_id", "rejected_id", "chosen_ref_sim", "rejected_ref_sim",
+    "chosen_aesthetic", "rejected_aesthetic", "chosen_cell", "rejected_cell",
+)  # fmt: skip
+
+
+class CandidateRetriever:
+    def __init__(self, index_corpus_dir: str, top_k: int, u: int, v: int, stride: int):
+        from align.index import load_corpus
+
+        self.index, self.ids, self.aesthetic, self.embeddings = load_corpus(index_corpus_dir)
+        self.top_k = min(top_k, len(self.ids))
+        self.u, self.v, self.stride = u, v, stride
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        require_batch_columns(batch, REQUIRED, "retrieve")
+        q_orig = np.asarray(batch["query_embedding"], dtype=np.float32)
+        q_rew = np.asarray(batch["rewritten_embedding"], dtype=np.float32)
+        _, rows = self.index.search(q_rew, self.top_k)
+        n = len(rows)
+        out: dict[str, list] = {name: [] for name in LIST_COLUMNS}
+        status = np.full(n, "ok", dtype=object)
+        error = np.full(n, "", dtype=object)
+        safe = np.where(rows >= 0, rows, 0)
+        # Reference similarity to the ORIGINAL query, for every candidate of the batch at once.
+        semantic = np.einsum("bkd,bd->bk", self.embeddings[safe].astype(np.float32), q_orig)
+        aesthetic = self.aesthetic[safe]
+        for i in range(n):  # one grid per query; each grid is vectorised
+            found = rows[i] >= 0
+            ids, sem, aes = self.ids[safe[i][found]], semantic[i][found], aesthetic[i][found]
+            try:
+                chosen, rejected, c_cells, r_cells = grid_pairs(
+                    sem, aes, self.u, self.v, self.stride
+                )
+            except NotEnoughCandidates as e:
+                status[i], error[i] = "error", f"skipped: {e}"
+                chosen = rejected = np.zeros(0, dtype=int)
+                c_cells = r_cells = np.zeros((0, 2), dtype=int)
+            for name, values in (
+                ("candidate_ids", ids), ("candidate_semantic", sem), ("candidate_aesthetic", aes),
+                ("chosen_id", ids[chosen]), ("rejected_id", ids[rejected]),
+                ("chosen_ref_sim", sem[chosen]), ("rejected_ref_sim", sem[rejected]),
+                ("chosen_aesthetic", aes[chosen]), ("rejected_aesthetic", aes[rejected]),
+                ("chosen_cell", c_cells), ("rejected_cell", r_cells),
+            ):  # fmt: skip
+                out[name].append(values)
+        columns = {
+            k: pa.array(v) if v.dtype != object else pa.array(v.tolist(), pa.string())
+            for k, v in batch.items()
+            if not k.endswith("_embedding")
+        }
+        for name, parts in out.items():
+            columns[name] = _list_array(parts, LIST_TYPES.get(name, pa.float32()))
+        columns["status"] = pa.array(status.tolist(), pa.string())
+        columns["error"] = pa.array(error.tolist(), pa.string())
+        return pa.table(columns)
+
+
+LIST_TYPES = {
+    "candidate_ids": pa.string(),
+    "chosen_id": pa.string(),
+    "rejected_id": pa.string(),
+    "chosen_cell": pa.list_(pa.int16()),
+    "rejected_cell": pa.list_(pa.int16()),
+}
+
+
+def _list_array(parts: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    """Build a list column from one numpy array per row (rows of 2-vectors for the cells)."""
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int32)
+    flat = np.concatenate(parts) if parts else np.zeros(0)
+    if value_type == pa.list_(pa.int16()):
+        inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1).astype(np.int16)), 2)
+        values = inner.cast(value_type)
+    elif value_type == pa.string():
+        values = pa.array(flat.tolist(), pa.string())
+    else:
+        values = pa.array(flat.astype(np.float32), value_type)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)

@@ -1,0 +1,49 @@
+"""Text embedding stage (actor pool): original and rewritten queries -> L2-normalised embeddings.
+
+Queries longer than the text tower's context are truncated as CLIP does; `truncated` records it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from actors import require_batch_columns
+from align.config import ModelConfig
+
+REQUIRED = {"query": "the original query", "rewritten": "the rewritten query"}
+
+
+class ClipTextEmbedder:
+    def __init__(self, model: dict, threads: int | None = None):
+        import torch
+
+        from align.models import build_clip
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.clip = build_clip(ModelConfig.model_validate(model), device=self.device)
+
+    def _too_long(self, texts) -> np.ndarray:
+        encode = getattr(self.clip.tokenizer, "encode", None)
+        if encode is None:
+            return np.zeros(len(texts), dtype=bool)
+        # +2: start and end tokens.
+        return np.array([len(encode(t)) + 2 > self.clip.context_length for t in texts])
+
+    def _embed(self, texts) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            tokens = self.clip.tokenizer(list(texts)).to(self.device)
+            emb = self.clip.model.encode_text(tokens)
+            return torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        require_batch_columns(batch, REQUIRED, "text_embed")
+        return {
+            **batch,
+            "query_embedding": self._embed(batch["query"]),
+            "rewritten_embedding": self._embed(batch["rewritten"]),
+            "truncated": self._too_long(batch["query"]) | self._too_long(batch["rewritten"]),
+        }

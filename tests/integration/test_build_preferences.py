@@ -1,0 +1,180 @@
+"""build_preferences end to end: real Ray Data, real open_clip, real FAISS, a real HTTP server
+speaking the OpenAI chat-completions wire format for the http backend."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from align.config import ModelConfig, load_config
+from align.contracts import PAIRS, REWRITES
+from align.models import ModelLoadError, build_clip
+from align.pairing import pair_count
+from pipelines.build_preferences import build_preferences
+from pipelines.index_corpus import index_corpus
+from pipelines.make_world import make_world
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def indexed_world(ray_session, tmp_path_factory):
+    """A small world indexed with a fixed micro-clip checkpoint (the reference model)."""
+    root = tmp_path_factory.mktemp("bp")
+    ckpt = root / "micro.pt"
+    torch.save(build_clip(ModelConfig(name="micro-clip")).model.state_dict(), ckpt)
+    overrides = [
+        f"output_dir={root}",
+        "world.num_images=800",
+        "world.shard_size=400",
+        "model.name=micro-clip",
+        f"model.pretrained={ckpt}",
+        "index_corpus.index.recall_queries=20",
+    ]
+    config = load_config(REPO / "configs/demo.yaml", overrides)
+    make_world(config)
+    index_corpus(config)
+    return root, overrides
+
+
+def run(indexed_world, *extra):
+    root, overrides = indexed_world
+    config = load_config(REPO / "configs/demo.yaml", [*overrides, *extra])
+    manifest = build_preferences(config)
+    out = root / "build_preferences"
+    read = lambda name: pq.read_table(out / name) if any((out / name).glob("*.parquet")) else None  # noqa: E731
+    return config, manifest, read
+
+
+def test_keyword_pairs_carry_exact_reference_similarities(indexed_world):
+    config, manifest, read = run(indexed_world)
+    queries = pq.read_table(indexed_world[0] / "world" / "queries.parquet").to_pylist()
+    train = [q for q in queries if q["split"] == "train"]
+    pairs, rewrites = read("pairs"), read("rewrites")
+    assert pairs.schema == PAIRS.schema and rewrites.schema == REWRITES.schema
+    assert manifest["counts"] == {"rows_in": len(train), "rows_out": len(train), "rows_error": 0}
+    assert pairs.num_rows == manifest["pairs"] == len(train) * pair_count(4, 4)
+    assert rewrites.num_rows == len(train)
+    assert all("well-composed" in r for r in rewrites["rewritten"].to_pylist())
+
+    p = pairs.to_pylist()
+    assert all(tuple(x["chosen_cell"]) != tuple(x["rejected_cell"]) for x in p)
+    assert all(
+        x["chosen_cell"][0] <= x["rejected_cell"][0]
+        and x["chosen_cell"][1] <= x["rejected_cell"][1]
+        for x in p
+    )
+    keys = {(x["query_id"], x["chosen_id"], x["rejected_id"]) for x in p}
+    assert not any((q, r, c) in keys for q, c, r in keys)
+
+    # The stored reference similarity is the reference model's cosine(ORIGINAL query, image).
+    clip = build_clip(config.model)
+    scored = pq.read_table(indexed_world[0] / "index_corpus" / "scored").to_pylist()
+    emb = {r["image_id"]: np.array(r["embedding"], dtype=np.float32) for r in scored}
+    sample = p[:: max(1, len(p) // 25)]
+    with torch.no_grad():
+        text = clip.model.encode_text(clip.tokenizer([x["query"] for x in sample]))
+        text = torch.nn.functional.normalize(text, dim=-1).numpy()
+    for t, x in zip(text, sample, strict=True):
+        assert x["chosen_ref_sim"] == pytest.approx(float(t @ emb[x["chosen_id"]]), abs=2e-3)
+        assert x["rejected_ref_sim"] == pytest.approx(float(t @ emb[x["rejected_id"]]), abs=2e-3)
+
+    # A re-run replaces its outputs rather than appending.
+    _, _, read_again = run(indexed_world)
+    assert read_again("pairs").num_rows == pairs.num_rows
+
+
+def test_too_few_candidates_are_skipped_with_a_reason(indexed_world):
+    _, manifest, read = run(indexed_world, "build_preferences.top_k=10")
+    errors = read("errors").to_pylist()
+    assert manifest["counts"]["rows_out"] == 0 and len(errors) == manifest["counts"]["rows_in"]
+    assert all("skipped" in e["error"] and "needs 31" in e["error"] for e in errors)
+    assert read("pairs") is None
+
+
+def test_mismatched_index_fails_fast_naming_both_models(indexed_world):
+    with pytest.raises(ModelLoadError, match=r"built with model 'micro-clip'.*'tiny-clip'"):
+        run(indexed_world, "model.name=tiny-clip", "model.pretrained=null")
+
+
+class ChatCompletions(BaseHTTPRequestHandler):
+    """An OpenAI-compatible /v1/chat/completions: rewrites by rule, fails on request."""
+
+    seen_auth: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        ChatCompletions.seen_auth.append(self.headers.get("Authorization"))
+        query = body["messages"][-1]["content"].rsplit("Query: ", 1)[-1]
+        if "fail" in query:
+            self.send_response(400)
+            payload = {"error": {"message": "bad request", "type": "invalid_request_error"}}
+        else:
+            content = {"empty": "", "long": "x" * 2000}.get(
+                query.split()[-1], f"{query}, golden hour"
+            )
+            self.send_response(200)
+            payload = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content},
+                        "finish_reason": "stop",
+                    }
+                ],
+            }
+        data = json.dumps(payload).encode()
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_http_backend_against_a_local_openai_compatible_server(
+    indexed_world, monkeypatch, tmp_path
+):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ChatCompletions)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("TEST_LLM_KEY", "sk-test")
+    queries = tmp_path / "queries.txt"
+    queries.write_text(
+        "a red star\na blue ring\nplease fail\nmake it empty\nmake it long\na red star\n\n"
+    )
+    try:
+        _, manifest, read = run(
+            indexed_world,
+            f"build_preferences.queries={queries}",
+            "build_preferences.rewrite.backend=http",
+            "build_preferences.rewrite.variant=detail",
+            f"build_preferences.rewrite.http.url=http://127.0.0.1:{server.server_port}/v1/chat/completions",
+            "build_preferences.rewrite.http.api_key_env=TEST_LLM_KEY",
+            "build_preferences.rewrite.http.max_retries=0",
+        )
+    finally:
+        server.shutdown()
+    rewrites = {r["query"]: r for r in read("rewrites").to_pylist()}
+    assert rewrites["a red star"]["rewritten"] == "a red star, golden hour"
+    assert rewrites["a red star"]["fallback"] is None
+    assert (
+        rewrites["please fail"]["rewritten"] == "please fail"
+        and "llm error" in rewrites["please fail"]["fallback"]
+    )
+    assert rewrites["make it empty"]["fallback"] == "empty completion"
+    assert "over 400 characters" in rewrites["make it long"]["fallback"]
+    assert manifest["rewrite"]["fallbacks"] == 3
+    assert set(ChatCompletions.seen_auth) == {"Bearer sk-test"}
+    errors = {e["error"] for e in read("errors").to_pylist()}
+    assert errors == {"duplicate of line0000001", "empty or whitespace query"}
+    assert manifest["counts"] == {"rows_in": 7, "rows_out": 5, "rows_error": 2}
