@@ -12,7 +12,7 @@ import numpy as np
 
 from actors import require_batch_columns
 from align.config import RewriteConfig
-from align.rewrite import PROMPT_TEMPLATES, SYSTEM_PROMPT, keyword_rewrite
+from align.rewrite import keyword_rewrite
 
 REQUIRED = {"query_id": "id of the query", "query": "the original query"}
 
@@ -42,10 +42,10 @@ def keyword_rewrite_batch(batch: dict[str, np.ndarray], *, variant: str, keyword
     }
 
 
-def _messages(query: str, variant: str) -> list[dict]:
+def _messages(query: str, cfg: RewriteConfig) -> list[dict]:
     return [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": PROMPT_TEMPLATES[variant].format(query=query)},
+        {"role": "system", "content": cfg.system_prompt},
+        {"role": "user", "content": cfg.prompt_templates[cfg.variant].format(query=query)},
     ]
 
 
@@ -53,7 +53,12 @@ def build_llm_rewriter(cfg: RewriteConfig):
     """A ray.data.llm processor (Dataset -> Dataset) for the http or vllm backend."""
     from ray.data.llm import build_processor
 
-    variant, max_chars = cfg.variant, cfg.max_chars
+    if cfg.variant not in cfg.prompt_templates:
+        raise ValueError(
+            f"rewrite variant {cfg.variant!r} has no prompt template; "
+            f"templates: {', '.join(cfg.prompt_templates)}"
+        )
+    max_chars = cfg.max_chars
 
     def postprocess(row: dict) -> dict:
         if cfg.backend == "http":
@@ -96,7 +101,7 @@ def build_llm_rewriter(cfg: RewriteConfig):
                 "query": row["query"],
                 "payload": {
                     "model": http.model,
-                    "messages": _messages(row["query"], variant),
+                    "messages": _messages(row["query"], cfg),
                     "max_tokens": http.max_tokens,
                     "temperature": http.temperature,
                 },
@@ -119,7 +124,7 @@ def build_llm_rewriter(cfg: RewriteConfig):
         return {
             "query_id": row["query_id"],
             "query": row["query"],
-            "messages": _messages(row["query"], variant),
+            "messages": _messages(row["query"], cfg),
             "sampling_params": {"temperature": v.temperature, "max_tokens": v.max_tokens},
         }
 

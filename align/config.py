@@ -166,8 +166,26 @@ class VllmRewriteConfig(Section):
     temperature: float = Field(0.0, ge=0)
 
 
+def _default_prompts() -> dict[str, str]:
+    from align.rewrite import PROMPT_TEMPLATES
+
+    return dict(PROMPT_TEMPLATES)
+
+
+def _default_system_prompt() -> str:
+    from align.rewrite import SYSTEM_PROMPT
+
+    return SYSTEM_PROMPT
+
+
 class RewriteConfig(Section):
     backend: Literal["keywords", "http", "vllm"] = "keywords"
+    system_prompt: str = Field(default_factory=_default_system_prompt)
+    prompt_templates: dict[str, str] = Field(
+        default_factory=_default_prompts,
+        description="LLM prompt per variant, with a {query} slot (align/rewrite.py has the "
+        "defaults: the paper's <detail>, <k list>, <kw dict>, repeat, <reorg>).",
+    )
     variant: Literal["original", "repeat", "k_list", "kw_dict", "detail", "reorg"] = "k_list"
     keywords: int = Field(5, ge=1, description="Keywords (k_list) or aspects (kw_dict) added.")
     max_chars: int = Field(400, ge=1, description="Longer completions fall back to the query.")

@@ -98,6 +98,11 @@ def test_too_few_candidates_are_skipped_with_a_reason(indexed_world):
     assert read("pairs") is None
 
 
+def test_missing_index_fails_fast(indexed_world, tmp_path):
+    with pytest.raises(FileNotFoundError, match="run index_corpus first"):
+        run(indexed_world, f"build_preferences.index_corpus_dir={tmp_path}")
+
+
 def test_mismatched_index_fails_fast_naming_both_models(indexed_world):
     with pytest.raises(ModelLoadError, match=r"built with model 'micro-clip'.*'tiny-clip'"):
         run(indexed_world, "model.name=tiny-clip", "model.pretrained=null")
@@ -149,8 +154,11 @@ def test_http_backend_against_a_local_openai_compatible_server(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("TEST_LLM_KEY", "sk-test")
     queries = tmp_path / "queries.txt"
+    long_query = "a red star " + "with many more words " * 8
     queries.write_text(
         "a red star\na blue ring\nplease fail\nmake it empty\nmake it long\na red star\n\n"
+        + long_query
+        + "\n"
     )
     try:
         _, manifest, read = run(
@@ -177,4 +185,7 @@ def test_http_backend_against_a_local_openai_compatible_server(
     assert set(ChatCompletions.seen_auth) == {"Bearer sk-test"}
     errors = {e["error"] for e in read("errors").to_pylist()}
     assert errors == {"duplicate of line0000001", "empty or whitespace query"}
-    assert manifest["counts"] == {"rows_in": 7, "rows_out": 5, "rows_error": 2}
+    assert manifest["counts"] == {"rows_in": 8, "rows_out": 6, "rows_error": 2}
+    # Over the text tower's context (micro-clip: 16 tokens): truncated as CLIP does, recorded.
+    assert rewrites[long_query.strip()]["truncated"] and not rewrites["a red star"]["truncated"]
+    assert manifest["rewrite"]["truncated"] == 1
