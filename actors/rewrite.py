@@ -6,6 +6,7 @@ original query and says why in `fallback`; it is never fatal.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -49,6 +50,81 @@ def _messages(query: str, cfg: RewriteConfig) -> list[dict]:
     ]
 
 
+RETRYABLE_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+class _ErrorAnswer:
+    """Stands in for an HTTP response after the last retry failed: an OpenAI-style error body,
+    which postprocess turns into a fallback for that row alone."""
+
+    status, reason = 200, "OK"
+
+    def __init__(self, message: str):
+        self._body = {"error": {"message": message, "type": "request_failed"}}
+
+    async def json(self) -> dict:
+        return self._body
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> bool:
+        return False
+
+
+class _TolerantPost:
+    """Awaitable in place of `session.post(...)`: retries 408/429/5xx and network errors with
+    exponential backoff, then answers with an `_ErrorAnswer` instead of raising."""
+
+    def __init__(self, session, url: str, kwargs: dict, retries: int, wait_s: float):
+        self.session, self.url, self.kwargs = session, url, kwargs
+        self.retries, self.wait_s = retries, wait_s
+
+    def __await__(self):
+        return self._send().__await__()
+
+    async def _send(self):
+        import asyncio
+
+        import aiohttp
+
+        problem = "no attempt made"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(self.wait_s * 2 ** (attempt - 1))
+            try:
+                response = await self.session.post(self.url, **self.kwargs)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                problem = f"{type(e).__name__}: {e}"
+                continue
+            if response.status not in RETRYABLE_STATUS:
+                return response
+            problem = f"HTTP {response.status} {response.reason}"
+            response.release()
+        return _ErrorAnswer(f"{problem} (after {self.retries + 1} attempts)")
+
+
+class TolerantSession:
+    """aiohttp session for ray.data.llm's HTTP stage whose failed requests become error answers:
+    Ray 2.60's HTTP stage raises (and fails the job) once its own retries run out."""
+
+    def __init__(self, retries: int, wait_s: float):
+        self.retries, self.wait_s = retries, wait_s
+
+    async def __aenter__(self):
+        import aiohttp
+
+        self._session = aiohttp.ClientSession()
+        await self._session.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc):
+        return await self._session.__aexit__(*exc)
+
+    def post(self, url: str, **kwargs) -> _TolerantPost:
+        return _TolerantPost(self._session, url, kwargs, self.retries, self.wait_s)
+
+
 def build_llm_rewriter(cfg: RewriteConfig):
     """A ray.data.llm processor (Dataset -> Dataset) for the http or vllm backend."""
     from ray.data.llm import build_processor
@@ -88,12 +164,11 @@ def build_llm_rewriter(cfg: RewriteConfig):
             headers=headers,
             batch_size=http.batch_size,
             concurrency=http.concurrency,
-            max_retries=http.max_retries,
-            base_retry_wait_time_in_s=0.5,
+            # Retries happen in TolerantSession, which answers a final failure with an error
+            # body: postprocess then falls back for that row, and the job goes on.
+            max_retries=0,
+            session_factory=functools.partial(TolerantSession, http.max_retries, 0.5),
         )
-        # An error answer (4xx with an "error" body) falls back per row in postprocess; 429 and
-        # 5xx are retried max_retries times by ray.data.llm, which then fails the job (its HTTP
-        # stage has no continue-on-error switch in Ray 2.60).
 
         def preprocess(row: dict) -> dict:
             return {

@@ -22,14 +22,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from align import io
-from align.config import Config, PoolConfig
+from align.config import Config
 from align.contracts import CANDIDATES, ERRORS, PAIRS, QUERIES, REWRITES, conform, require_columns
 from align.index import INDEX_MANIFEST
 from align.log import get_logger
 from align.manifest import JobManifest
 from align.models import ModelLoadError, check_model
 from align.runtime import init_ray
-from pipelines.common import run_job
+from pipelines.common import actor_pool, run_job
 
 log = get_logger("build_preferences")
 OUTPUTS = ("pairs", "candidates", "rewrites", "errors")
@@ -133,17 +133,6 @@ def check_index(config: Config, index_corpus_dir: str) -> dict:
 # The pipeline
 
 
-def _actor_pool(stage: PoolConfig) -> dict:
-    import ray.data
-
-    return {
-        "batch_size": stage.batch_size,
-        "compute": ray.data.ActorPoolStrategy(size=stage.concurrency),
-        "num_cpus": stage.num_cpus,
-        "num_gpus": stage.num_gpus,
-    }
-
-
 def rewrite(config: Config, ds):
     from actors.rewrite import build_llm_rewriter, keyword_rewrite_batch
 
@@ -212,10 +201,10 @@ def build_preferences(config: Config) -> dict:
     index_manifest = check_index(config, index_corpus_dir)
     io.require_exists(queries_path, "queries")
     with manifest.stage("read"):
-        raw, errors = read_queries(queries_path, bp.split)
+        raw, read_errors = read_queries(queries_path, bp.split)
         queries, check_errors = check_queries(raw)
-        errors += check_errors
-    rows_in = raw.num_rows + len(errors) - len(check_errors)
+    errors = read_errors + check_errors
+    rows_in = raw.num_rows + len(read_errors)  # undecodable lines are input rows too
     log.info("%d queries read, %d kept, %d rejected", rows_in, queries.num_rows, len(errors))
 
     init_ray(config.ray)
@@ -233,7 +222,7 @@ def build_preferences(config: Config) -> dict:
             ClipTextEmbedder,
             fn_constructor_kwargs={"model": config.model.model_dump(), "threads": bp.embed.threads},
             batch_format="numpy",
-            **_actor_pool(bp.embed),
+            **actor_pool(bp.embed),
         ).map_batches(
             CandidateRetriever,
             fn_constructor_kwargs={
@@ -244,7 +233,7 @@ def build_preferences(config: Config) -> dict:
                 "stride": bp.grid.stride,
             },
             batch_format="numpy",
-            **_actor_pool(bp.retrieve),
+            **actor_pool(bp.retrieve),
         )
         results = ds.materialize()
     # Per-operator wall times (rewrite, text_embed, retrieve) for the share of time per stage.

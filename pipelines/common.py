@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 
 from align.aesthetics import ScorerError
-from align.config import Config, ConfigError, load_config
+from align.config import Config, ConfigError, PoolConfig, load_config
 from align.contracts import ContractError
 from align.models import ModelLoadError
 
@@ -42,3 +42,26 @@ def run_job(job: str, body: Callable[[Config], object], argv: list[str] | None =
         print(f"{job}: error: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+def actor_pool(stage: PoolConfig) -> dict:
+    """map_batches arguments for an actor-pool stage, from its config."""
+    import ray.data
+
+    return {
+        "batch_size": stage.batch_size,
+        "compute": ray.data.ActorPoolStrategy(size=stage.concurrency),
+        "num_cpus": stage.num_cpus,
+        "num_gpus": stage.num_gpus,
+    }
+
+
+def task_pool(stage: PoolConfig) -> dict:
+    """map_batches arguments for a task stage (CPU only), from its config."""
+    import ray.data
+
+    return {
+        "batch_size": stage.batch_size,
+        "compute": ray.data.TaskPoolStrategy(size=stage.concurrency),
+        "num_cpus": stage.num_cpus,
+    }

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from align import aesthetics, io
-from align.config import Config, IndexCorpusConfig, PoolConfig
+from align.config import Config, IndexCorpusConfig
 from align.contracts import ERRORS, SCORED, SCORER_COLUMN_PREFIX, conform
 from align.images import IMAGE_EXTENSIONS
 from align.index import (
@@ -39,7 +39,7 @@ from align.log import get_logger
 from align.manifest import JobManifest
 from align.models import ModelFacts, check_model
 from align.runtime import init_ray
-from pipelines.common import run_job
+from pipelines.common import actor_pool, run_job, task_pool
 
 log = get_logger("index_corpus")
 DONE_MARKER = "_SUCCESS.json"
@@ -125,29 +125,6 @@ def count_input_rows(ic: IndexCorpusConfig, files: list[str]) -> int | None:
 # The per-unit pipeline
 
 
-def _actor_pool(stage: PoolConfig) -> dict:
-    """map_batches arguments for an actor-pool stage, from its config."""
-    import ray.data
-
-    return {
-        "batch_size": stage.batch_size,
-        "compute": ray.data.ActorPoolStrategy(size=stage.concurrency),
-        "num_cpus": stage.num_cpus,
-        "num_gpus": stage.num_gpus,
-    }
-
-
-def _task_pool(stage: PoolConfig) -> dict:
-    """map_batches arguments for a task stage (CPU only), from its config."""
-    import ray.data
-
-    return {
-        "batch_size": stage.batch_size,
-        "compute": ray.data.TaskPoolStrategy(size=stage.concurrency),
-        "num_cpus": stage.num_cpus,
-    }
-
-
 def to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
     """Scored numpy batch -> Arrow with the embedding as list<float16> (null on error rows)."""
     emb = np.asarray(batch["embedding"], dtype=np.float16)
@@ -191,19 +168,19 @@ def run_unit(config: Config, files: list[str], source: str, unit_dir: str, model
                 "image_column": ic.image_column if ic.input_format == "parquet" else "image",
                 "path_column": ic.path_column if ic.input_format == "parquet" else "path",
             },
-            **_task_pool(ic.decode),
+            **task_pool(ic.decode),
         )
         .map_batches(
             ClipImageEmbedder,
             fn_constructor_kwargs={"model": config.model.model_dump(), "threads": ic.embed.threads},
             batch_format="numpy",
-            **_actor_pool(ic.embed),
+            **actor_pool(ic.embed),
         )
         .map_batches(
             AestheticScorer,
             fn_constructor_kwargs={"scorers": scorers, "embed_dim": model.embed_dim},
             batch_format="numpy",
-            **_actor_pool(ic.score),
+            **actor_pool(ic.score),
         )
         .map_batches(to_arrow, batch_format="numpy", batch_size=None, num_cpus=ic.decode.num_cpus)
     )

@@ -117,7 +117,10 @@ class ChatCompletions(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         ChatCompletions.seen_auth.append(self.headers.get("Authorization"))
         query = body["messages"][-1]["content"].rsplit("Query: ", 1)[-1]
-        if "fail" in query:
+        if "fail" in query:  # a server error: retried, then the row falls back
+            self.send_response(503)
+            payload = {"error": {"message": "overloaded", "type": "server_error"}}
+        elif "reject" in query:  # a client error: no retry, the row falls back
             self.send_response(400)
             payload = {"error": {"message": "bad request", "type": "invalid_request_error"}}
         else:
@@ -157,6 +160,7 @@ def test_http_backend_against_a_local_openai_compatible_server(
     long_query = "a red star " + "with many more words " * 8
     queries.write_text(
         "a red star\na blue ring\nplease fail\nmake it empty\nmake it long\na red star\n\n"
+        + "please reject\n"
         + long_query
         + "\n"
     )
@@ -168,24 +172,25 @@ def test_http_backend_against_a_local_openai_compatible_server(
             "build_preferences.rewrite.variant=detail",
             f"build_preferences.rewrite.http.url=http://127.0.0.1:{server.server_port}/v1/chat/completions",
             "build_preferences.rewrite.http.api_key_env=TEST_LLM_KEY",
-            "build_preferences.rewrite.http.max_retries=0",
+            "build_preferences.rewrite.http.max_retries=1",
         )
     finally:
         server.shutdown()
     rewrites = {r["query"]: r for r in read("rewrites").to_pylist()}
     assert rewrites["a red star"]["rewritten"] == "a red star, golden hour"
     assert rewrites["a red star"]["fallback"] is None
-    assert (
-        rewrites["please fail"]["rewritten"] == "please fail"
-        and "llm error" in rewrites["please fail"]["fallback"]
-    )
+    assert rewrites["please fail"]["rewritten"] == "please fail"
+    assert "HTTP 503" in rewrites["please fail"]["fallback"]
+    assert "after 2 attempts" in rewrites["please fail"]["fallback"]
+    assert rewrites["please reject"]["rewritten"] == "please reject"
+    assert "bad request" in rewrites["please reject"]["fallback"]
     assert rewrites["make it empty"]["fallback"] == "empty completion"
     assert "over 400 characters" in rewrites["make it long"]["fallback"]
-    assert manifest["rewrite"]["fallbacks"] == 3
+    assert manifest["rewrite"]["fallbacks"] == 4
     assert set(ChatCompletions.seen_auth) == {"Bearer sk-test"}
     errors = {e["error"] for e in read("errors").to_pylist()}
     assert errors == {"duplicate of line0000001", "empty or whitespace query"}
-    assert manifest["counts"] == {"rows_in": 8, "rows_out": 6, "rows_error": 2}
+    assert manifest["counts"] == {"rows_in": 9, "rows_out": 7, "rows_error": 2}
     # Over the text tower's context (micro-clip: 16 tokens): truncated as CLIP does, recorded.
     assert rewrites[long_query.strip()]["truncated"] and not rewrites["a red star"]["truncated"]
     assert manifest["rewrite"]["truncated"] == 1
