@@ -1,0 +1,77 @@
+"""Losses for the fine-tune: retrieval DPO and the CLIP contrastive loss (PAPER.md, Finding 2).
+
+The model is treated as a policy over images given the query, pi(x|q) proportional to
+exp(s(q, x) / tau) with s the cosine similarity. The normaliser is shared by the chosen and the
+rejected image, so it cancels in the log-ratio, and with a frozen reference model:
+
+    delta = beta / tau * [(s(q, x_w) - s_ref(q, x_w)) - (s(q, x_l) - s_ref(q, x_l))]
+
+This is TRL's sigmoid DPO with log pi = s / tau. The total is L_dpo + lambda * L_contrastive.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def retrieval_dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    *,
+    beta: float,
+    temperature: float | torch.Tensor,
+    label_smoothing: float = 0.0,
+    ipo: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO on cosine similarities (one value per pair in each tensor).
+
+    Args:
+        policy_chosen, policy_rejected: s_theta(q, x_w), s_theta(q, x_l).
+        ref_chosen, ref_rejected: the frozen reference model's similarities (precomputed).
+        beta: DPO strength.
+        temperature: tau (a float, or 1 / the model's logit scale).
+        label_smoothing: eps of conservative DPO (sigmoid only).
+        ipo: use the IPO objective instead of sigmoid DPO.
+    Returns:
+        (mean loss, metrics: reward margin, accuracy = share of pairs with a positive margin,
+        chosen and rejected rewards).
+    """
+    # Log-ratio of policy to reference for each image; log pi = s / tau (normaliser cancels).
+    chosen_logratio = (policy_chosen - ref_chosen) / temperature
+    rejected_logratio = (policy_rejected - ref_rejected) / temperature
+    logits = chosen_logratio - rejected_logratio
+    if ipo:
+        # IPO (Azar et al. 2023), as TRL states it: (logits - 1 / (2 beta))^2.
+        losses = (logits - 1.0 / (2.0 * beta)) ** 2
+    else:
+        # delta = beta / tau * [...]; L = -(1 - eps) log sig(delta) - eps log sig(-delta).
+        delta = beta * logits
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(delta) - label_smoothing * F.logsigmoid(
+            -delta
+        )
+    chosen_reward = beta * chosen_logratio.detach()
+    rejected_reward = beta * rejected_logratio.detach()
+    margin = chosen_reward - rejected_reward
+    return losses.mean(), {
+        "reward_margin": margin.mean(),
+        "dpo_accuracy": (margin > 0).float().mean(),
+        "chosen_reward": chosen_reward.mean(),
+        "rejected_reward": rejected_reward.mean(),
+    }
+
+
+def clip_contrastive_loss(
+    image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE of CLIP (Radford et al. 2021) over a batch of matching pairs.
+
+    Embeddings are L2-normalised here; row i of each is a matching image-caption pair.
+    """
+    image = F.normalize(image_embeddings, dim=-1)
+    text = F.normalize(text_embeddings, dim=-1)
+    logits = logit_scale * image @ text.T
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
