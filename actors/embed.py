@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors import require_batch_columns
-from align.config import ModelConfig
+from actors import load_clip_for_actor, require_batch_columns
 
 REQUIRED = {
     "pixels": "uint8 (N, S, S, 3) at the model's image size, from the decode stage",
@@ -19,15 +18,7 @@ class ClipImageEmbedder:
     def __init__(self, model: dict, threads: int | None = None):
         import torch
 
-        from align.models import build_clip
-
-        if threads:
-            torch.set_num_threads(threads)
-        cfg = ModelConfig.model_validate(model)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device == "cuda" and cfg.precision == "fp32":
-            cfg = cfg.model_copy(update={"precision": "fp16"})
-        self.clip = build_clip(cfg, device=self.device)
+        self.clip, self.device = load_clip_for_actor(model, threads, fp16_on_gpu=True)
         self.dtype = next(self.clip.model.parameters()).dtype
         self.mean = torch.tensor(self.clip.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.clip.std, device=self.device).view(1, 3, 1, 1)

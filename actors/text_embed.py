@@ -7,22 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors import require_batch_columns
-from align.config import ModelConfig
+from actors import load_clip_for_actor, require_batch_columns
 
 REQUIRED = {"query": "the original query", "rewritten": "the rewritten query"}
 
 
 class ClipTextEmbedder:
     def __init__(self, model: dict, threads: int | None = None):
-        import torch
-
-        from align.models import build_clip
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.clip = build_clip(ModelConfig.model_validate(model), device=self.device)
+        self.clip, self.device = load_clip_for_actor(model, threads)
 
     def _too_long(self, texts) -> np.ndarray:
         encode = getattr(self.clip.tokenizer, "encode", None)

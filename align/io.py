@@ -52,6 +52,22 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return sorted(out)
 
 
+def empty_dir(uri: str) -> None:
+    """Create `uri` as a folder, or empty it: a job's output is replaced, never appended to."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path, recursive=True)
+    fs.delete_dir_contents(path)
+
+
+def delete_files_except(uri: str, suffix: str, keep: set[str]) -> None:
+    """Delete the files below `uri` ending in `suffix` whose names are not in `keep` (shards a
+    previous, larger run left behind)."""
+    for stale in list_files(uri, suffix):
+        if stale.rsplit("/", 1)[-1] not in keep:
+            fs, path = filesystem(stale)
+            fs.delete_file(path)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write atomically where the filesystem allows: to a temporary name, then move."""
     fs, path = filesystem(uri)

@@ -147,11 +147,18 @@ def rewrite(config: Config, ds):
     return build_llm_rewriter(rw)(ds)
 
 
-def explode(table: pa.Table, columns: list[str], repeat: list[str]) -> pa.Table:
-    """One row per element of the list columns, with the `repeat` columns copied down."""
-    parents = pc.list_parent_indices(table[columns[0]])
+def explode(
+    table: pa.Table, columns: list[str], repeat: list[str], position: str | None = None
+) -> pa.Table:
+    """One row per element of the list columns, with the `repeat` columns copied down and, if
+    `position` names a column, each element's position within its list."""
+    lists = table[columns[0]].combine_chunks()
+    parents = pc.list_parent_indices(lists)
     out = {c: table[c].take(parents) for c in repeat}
     out.update({c: pc.list_flatten(table[c]) for c in columns})
+    if position:
+        starts = lists.offsets.to_numpy()[parents.to_numpy()]
+        out[position] = pa.array(np.arange(len(parents)) - starts, pa.int32())
     return pa.table(out)
 
 
@@ -165,23 +172,21 @@ def pairs_table(batch: pa.Table) -> pa.Table:
 
 
 def candidates_table(batch: pa.Table) -> pa.Table:
-    t = explode(batch, ["candidate_ids", "candidate_semantic", "candidate_aesthetic"], ["query_id"])
-    # Rank = position within the query's list (retrieval order for the rewritten query).
-    lists = batch["candidate_ids"].combine_chunks()
-    parents = pc.list_parent_indices(lists).to_numpy()
-    rank = np.arange(t.num_rows) - lists.offsets.to_numpy()[parents]
-    return conform(
-        pa.table(
-            {
-                "query_id": t["query_id"],
-                "image_id": t["candidate_ids"],
-                "rank": pa.array(rank, pa.int32()),
-                "semantic": t["candidate_semantic"],
-                "aesthetic": t["candidate_aesthetic"],
-            }
-        ),
-        CANDIDATES,
+    # rank: position in the retrieval order for the rewritten query.
+    t = explode(
+        batch,
+        ["candidate_ids", "candidate_semantic", "candidate_aesthetic"],
+        ["query_id"],
+        position="rank",
     )
+    t = t.rename_columns(
+        {
+            "candidate_ids": "image_id",
+            "candidate_semantic": "semantic",
+            "candidate_aesthetic": "aesthetic",
+        }
+    )
+    return conform(t, CANDIDATES)
 
 
 def build_preferences(config: Config) -> dict:
@@ -209,9 +214,7 @@ def build_preferences(config: Config) -> dict:
 
     init_ray(config.ray)
     for sub in OUTPUTS:  # a re-run replaces, never appends
-        fs, path = io.filesystem(f"{out}/{sub}")
-        fs.create_dir(path, recursive=True)
-        fs.delete_dir_contents(path)
+        io.empty_dir(f"{out}/{sub}")
 
     with manifest.stage("rewrite_embed_retrieve"):
         # Blocks of one embed batch each, so the stages stream and run in parallel.

@@ -80,9 +80,8 @@ def _tar_samples(row: dict) -> list[dict]:
                 continue
             key, _, ext = member.name.rpartition(".")
             sample = samples.setdefault(key, {"image_id": key, "image": None})
-            data = tar.extractfile(member).read()
-            if f".{ext.lower()}" in IMAGE_EXTENSIONS:
-                sample["image"] = data
+            if f".{ext.lower()}" in IMAGE_EXTENSIONS:  # captions and metadata are not read
+                sample["image"] = tar.extractfile(member).read()
     # A sample with a caption or metadata but no image is an input row too: it becomes an error.
     return [{"image_id": s["image_id"], "image": s["image"] or b""} for s in samples.values()]
 
@@ -185,9 +184,7 @@ def run_unit(config: Config, files: list[str], source: str, unit_dir: str, model
         .map_batches(to_arrow, batch_format="numpy", batch_size=None, num_cpus=ic.decode.num_cpus)
     )
     # A unit folder without its marker is a leftover of a killed run: start it over.
-    fs, path = io.filesystem(unit_dir)
-    fs.create_dir(path, recursive=True)
-    fs.delete_dir_contents(path)
+    io.empty_dir(unit_dir)
     ds.write_parquet(unit_dir)
     score_columns = [SCORER_COLUMN_PREFIX + n for n in scorers]
     staged = io.read_parquet(unit_dir, columns=["status", *score_columns])
@@ -348,11 +345,9 @@ def index_corpus(config: Config) -> dict:
     with manifest.stage("combine"):
         stats = aesthetics.stats_from_moments([m["score_moments"] for m in markers])
         weights = {n: s.weight for n, s in ic.scorers.items()}
+        parts = {f"part-{i:05d}.parquet" for i in range(len(units))}
         for sub in ("scored", "errors"):
-            for stale in io.list_files(f"{out}/{sub}", ".parquet"):
-                if int(stale.rsplit("-", 1)[-1].split(".")[0]) >= len(units):
-                    fs, path = io.filesystem(stale)
-                    fs.delete_file(path)
+            io.delete_files_except(f"{out}/{sub}", ".parquet", parts)
         task = ray.remote(num_cpus=1)(finalise_unit)
         ray.get([task.remote(d, out, i, weights, stats) for i, d in enumerate(unit_dirs)])
 

@@ -44,11 +44,9 @@ def make_world(config: Config) -> dict:
     n_shards = world.num_shards(config.world)
 
     # A re-run with fewer images must not leave shards of the old run behind.
-    expected = {f"shard-{i:05d}.parquet" for i in range(n_shards)}
-    for stale in io.list_files(images_dir, ".parquet"):
-        if stale.rsplit("/", 1)[-1] not in expected:
-            fs, path = io.filesystem(stale)
-            fs.delete_file(path)
+    io.delete_files_except(
+        images_dir, ".parquet", {f"shard-{i:05d}.parquet" for i in range(n_shards)}
+    )
 
     log.info("rendering %d images in %d shards", config.world.num_images, n_shards)
     render = ray.remote(num_cpus=1)(_render_and_write)
