@@ -49,3 +49,21 @@ def decode_batch(
         except ImageDecodeError as e:
             status[i], error[i] = "error", str(e)
     return {"image_id": batch["image_id"], "pixels": pixels, "status": status, "error": error}
+
+
+def decode_columns(
+    batch: dict[str, np.ndarray], *, columns: dict[str, str], image_size: int, max_pixels: int
+) -> dict[str, np.ndarray]:
+    """Decode each bytes column in `columns` (bytes column -> pixels column) and drop the bytes.
+
+    For streams whose images were checked before (the fine-tune's): a failure here means the
+    data changed under the job, so it raises instead of marking the row.
+    """
+    require_batch_columns(batch, {c: "encoded image bytes" for c in columns}, "decode")
+    out = {k: v for k, v in batch.items() if k not in columns}
+    for source, target in columns.items():
+        pixels = np.zeros((len(batch[source]), image_size, image_size, 3), dtype=np.uint8)
+        for i, data in enumerate(batch[source]):  # PIL decodes one image at a time
+            pixels[i] = decode_image(data, image_size, max_pixels)
+        out[target] = pixels
+    return out

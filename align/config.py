@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -218,6 +218,117 @@ class BuildPreferencesConfig(Section):
     retrieve: PoolConfig = PoolConfig(batch_size=64)
 
 
+class DpoConfig(Section):
+    """Retrieval DPO (PAPER.md, Finding 2; align.losses.retrieval_dpo_loss)."""
+
+    beta: float = Field(0.1, gt=0)
+    temperature: Literal["logit_scale"] | float = Field(
+        "logit_scale",
+        description="tau of pi(x|q) ~ exp(s/tau): 'logit_scale' uses 1 / the model's learned "
+        "logit scale (detached), a number fixes it.",
+    )
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="eps of conservative DPO.")
+    ipo: bool = Field(False, description="IPO instead of sigmoid DPO.")
+    reference: Literal["precomputed", "recompute"] = Field(
+        "precomputed",
+        description="precomputed: the pairs' stored reference similarities (no reference "
+        "forward pass); recompute: a frozen copy of the initial model on every worker.",
+    )
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive_temperature(cls, v):
+        if not isinstance(v, str) and v <= 0:
+            raise ValueError("must be > 0 or 'logit_scale'")
+        return v
+
+
+class OptimConfig(Section):
+    """AdamW with linear warm-up then cosine (or constant) learning rate."""
+
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0: no clipping).")
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: int = Field(2, ge=0, le=3)
+    bf16: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU (DeepSpeed's CPU accelerator)."
+    )
+
+
+class TrainScalingConfig(Section):
+    """Ray Train's ScalingConfig: one training worker per GPU, or CPU workers."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(
+        1.0,
+        gt=0,
+        description="Reserved per worker; leave room for the Ray Data ingest tasks beside them.",
+    )
+    threads: int | None = Field(None, ge=1, description="torch threads per worker (None: Ray's).")
+
+
+class JoinConfig(Section):
+    """Ray Data's hash join that attaches image bytes to the pairs."""
+
+    num_partitions: int = Field(2, ge=1)
+    num_cpus: float = Field(0.1, gt=0, description="Per join aggregator actor.")
+
+
+class FinetuneConfig(Section):
+    """The finetune job: Ray Train + DeepSpeed (or DDP), retrieval DPO + contrastive."""
+
+    objective: Literal["dpo", "contrastive"] = Field(
+        "dpo",
+        description="dpo: L_dpo + contrastive_weight * L_contrastive (alignment); contrastive: "
+        "CLIP InfoNCE on image-caption pairs alone (pretraining the demo's base model).",
+    )
+    pairs: str = Field("{output_dir}/build_preferences/pairs", description="Pairs shards.")
+    images: str = Field(
+        "{output_dir}/world/images", description="Image shards holding the pairs' image bytes."
+    )
+    captions: str = Field(
+        "{output_dir}/world/images", description="Image-caption shards for the contrastive term."
+    )
+    output: str = Field("{output_dir}/finetune", description="Run storage, export, metrics.")
+    contrastive_weight: float = Field(
+        0.5, ge=0, description="lambda of L_dpo + lambda * L_contrastive (0: no caption stream)."
+    )
+    pairs_per_batch: int = Field(64, ge=1, description="Per worker and step.")
+    captions_per_batch: int = Field(64, ge=2, description="Per worker and step.")
+    max_steps: int = Field(100, ge=1, description="Optimiser steps; the streams repeat as needed.")
+    backend: Literal["deepspeed", "ddp"] = "deepspeed"
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    scaling: TrainScalingConfig = TrainScalingConfig()
+    dpo: DpoConfig = DpoConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(
+        2, ge=-1, description="Worker-group restarts from the last checkpoint (-1: no limit)."
+    )
+    max_bad_steps: int = Field(
+        3, ge=1, description="Consecutive non-finite-loss steps (skipped) before the run stops."
+    )
+    decode: PoolConfig = PoolConfig(batch_size=128, concurrency=2, num_cpus=0.25)
+    pair_images: Literal["auto", "broadcast", "join"] = Field(
+        "auto",
+        description="How pairs get their image bytes: broadcast (every decode actor holds the "
+        "pairs' images), join (Ray Data hash join), auto (broadcast up to broadcast_max_mb).",
+    )
+    broadcast_max_mb: int = Field(2048, ge=0)
+    join: JoinConfig = JoinConfig()
+    shuffle_buffer: int = Field(1024, ge=0, description="Local shuffle buffer, rows per worker.")
+    seed: int = 0
+
+
 class Config(Section):
     """Root config shared by every job; each job reads the sections it needs."""
 
@@ -227,6 +338,32 @@ class Config(Section):
     model: ModelConfig = ModelConfig()
     index_corpus: IndexCorpusConfig = IndexCorpusConfig()
     build_preferences: BuildPreferencesConfig = BuildPreferencesConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    pretrain: FinetuneConfig = Field(
+        default_factory=lambda: FinetuneConfig(
+            objective="contrastive",
+            output="{output_dir}/pretrain",
+            max_steps=300,
+            captions_per_batch=128,
+            optim=OptimConfig(lr=1e-3, warmup_steps=10),
+        ),
+        description="The pretrain job (and the demo's first training step): CLIP InfoNCE on "
+        "image-caption pairs from model.pretrained (None: random init); same keys as finetune.",
+    )
+
+    @model_validator(mode="after")
+    def _pretrain_is_contrastive(self):
+        if self.pretrain.objective != "contrastive":
+            raise ValueError("pretrain.objective must be 'contrastive' (dpo is the finetune job)")
+        return self
+
+    @model_validator(mode="after")
+    def _expand_model_path(self):
+        # A checkpoint path may live under output_dir (the demo's pretrained base model).
+        pretrained = self.model.pretrained
+        if pretrained and "{output_dir}" in pretrained:
+            self.model.pretrained = self.expand(pretrained)
+        return self
 
     def expand(self, path: str) -> str:
         """Expand `{output_dir}` in a configured path; local paths become absolute."""
@@ -299,6 +436,8 @@ def _format_validation_error(err: ValidationError) -> str:
         path = [str(p) for p in e["loc"]]
         if e["type"] == "extra_forbidden":
             problems.append(_unknown_key_message(path))
+        elif not path:  # a check across sections; its message names the keys
+            problems.append(e["msg"].removeprefix("Value error, "))
         else:
             got = e.get("input")
             got_text = f" (got {got!r})" if not isinstance(got, dict) else ""

@@ -158,6 +158,11 @@ PAIRS = Contract(
         Column("rejected_aesthetic", pa.float32(), "aesthetic score of the rejected image"),
         Column("chosen_cell", pa.list_(pa.int16()), "(row, col) of chosen in the u x v grid"),
         Column("rejected_cell", pa.list_(pa.int16()), "(row, col) of rejected in the grid"),
+        Column(
+            "reference_model",
+            pa.string(),
+            "model whose similarities the *_ref_sim columns are (align.models.model_id)",
+        ),
     ),
 )
 

@@ -59,6 +59,13 @@ def empty_dir(uri: str) -> None:
     fs.delete_dir_contents(path)
 
 
+def delete_file(uri: str) -> None:
+    """Delete one file if it exists."""
+    if exists(uri):
+        fs, path = filesystem(uri)
+        fs.delete_file(path)
+
+
 def delete_files_except(uri: str, suffix: str, keep: set[str]) -> None:
     """Delete the files below `uri` ending in `suffix` whose names are not in `keep` (shards a
     previous, larger run left behind)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-JOBS = ("make_world", "index_corpus", "build_preferences", "demo")
+JOBS = ("make_world", "pretrain", "index_corpus", "build_preferences", "finetune", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from align.contracts import CANDIDATES, ERRORS, PAIRS, QUERIES, REWRITES, confor
 from align.index import INDEX_MANIFEST
 from align.log import get_logger
 from align.manifest import JobManifest
-from align.models import ModelLoadError, check_model
+from align.models import ModelLoadError, check_model, model_id
 from align.runtime import init_ray
 from pipelines.common import actor_pool, run_job
 
@@ -162,12 +162,14 @@ def explode(
     return pa.table(out)
 
 
-def pairs_table(batch: pa.Table) -> pa.Table:
+def pairs_table(batch: pa.Table, reference_model: str) -> pa.Table:
     t = explode(
         batch,
         [c for c in PAIRS.names if c.startswith(("chosen", "rejected"))],
         ["query_id", "query"],
     )
+    # Dictionary-encoded in Parquet: one string per row costs next to nothing on disk.
+    t = t.append_column("reference_model", pa.array([reference_model] * t.num_rows, pa.string()))
     return conform(t, PAIRS)
 
 
@@ -263,7 +265,11 @@ def build_preferences(config: Config) -> dict:
         )
         rewrites.write_parquet(f"{out}/rewrites")
         # Skipped queries have empty pair lists, so exploding needs no filter.
-        results.map_batches(pairs_table, batch_format="pyarrow").write_parquet(f"{out}/pairs")
+        results.map_batches(
+            pairs_table,
+            fn_kwargs={"reference_model": model_id(config.model)},
+            batch_format="pyarrow",
+        ).write_parquet(f"{out}/pairs")
         results.map_batches(candidates_table, batch_format="pyarrow").write_parquet(
             f"{out}/candidates"
         )

@@ -15,9 +15,17 @@ from align.aesthetics import ScorerError
 from align.config import Config, ConfigError, PoolConfig, load_config
 from align.contracts import ContractError
 from align.models import ModelLoadError
+from align.training import NonFiniteLoss
 
 # Errors that mean "your input is wrong", reported in one line.
-USER_ERRORS = (ConfigError, ContractError, ModelLoadError, ScorerError, FileNotFoundError)
+USER_ERRORS = (
+    ConfigError,
+    ContractError,
+    ModelLoadError,
+    ScorerError,
+    NonFiniteLoss,
+    FileNotFoundError,
+)
 
 
 def parse_args(job: str, argv: list[str] | None) -> Config:

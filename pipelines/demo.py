@@ -3,8 +3,9 @@
     python -m pipelines.demo --config configs/demo.yaml [key=value ...]     (or: make demo)
 
 Runs the jobs in order, in one embedded Ray session, each writing under `output_dir` as it would
-alone. The loop grows with the jobs: today it makes the world, indexes and scores the corpus and
-builds preference pairs; pretraining, finetune and evaluate join it as they land.
+alone: make the world, pretrain the base model on its captions (CLIP InfoNCE), index and score the
+corpus with that model, build preference pairs, fine-tune with retrieval DPO. Evaluate joins it
+when it lands.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from align.config import Config
 from align.log import get_logger
 from pipelines.build_preferences import build_preferences
 from pipelines.common import run_job
+from pipelines.finetune import finetune
 from pipelines.index_corpus import index_corpus
 from pipelines.make_world import make_world, world_dir
+from pipelines.pretrain import pretrain
 
 log = get_logger("demo")
 
@@ -37,11 +40,36 @@ def summarise_world(config: Config) -> str:
     )
 
 
+def summarise_training(job: str, manifest: dict) -> str:
+    final, speed = manifest["final"] or {}, manifest["throughput"]
+    terms = ", ".join(
+        f"{k} {final[k]:.3f}"
+        for k in ("contrastive_loss", "dpo_loss", "dpo_accuracy", "reward_margin")
+        if final.get(k) is not None
+    )
+    rate = ", ".join(
+        f"{v:.0f} {k.removesuffix('_per_s')}/s"
+        for k, v in speed.items()
+        if k.endswith("_per_s") and v
+    )
+    return (
+        f"{job}: {manifest['steps']} steps ({manifest['backend']}), {manifest['skipped_steps']} "
+        f"skipped; last step: {terms}; {rate}; model {manifest['export']}"
+    )
+
+
 def demo(config: Config) -> None:
-    log.info("step 1/3: make_world")
+    log.info("step 1/5: make_world")
     make_world(config)
     print(summarise_world(config))
-    log.info("step 2/3: index_corpus")
+    log.info("step 2/5: pretrain the base model on the world's captions")
+    manifest = pretrain(config)
+    print(summarise_training("pretrain", manifest))
+    # Every later job uses the pretrained base model; it is also the DPO reference.
+    config = config.model_copy(
+        update={"model": config.model.model_copy(update={"pretrained": manifest["export"]})}
+    )
+    log.info("step 3/5: index_corpus")
     manifest = index_corpus(config)
     counts, index = manifest["counts"], manifest["index"]
     print(
@@ -49,13 +77,15 @@ def demo(config: Config) -> None:
         f"{manifest['images_per_second']} images/s; {index['spec']['type']} index, "
         f"recall@10 {index['recall_at_10']:.3f}"
     )
-    log.info("step 3/3: build_preferences")
+    log.info("step 4/5: build_preferences")
     manifest = build_preferences(config)
     print(
         f"build_preferences: {manifest['counts']['rows_out']} queries -> {manifest['pairs']} pairs "
         f"({manifest['rewrite']['backend']}/{manifest['rewrite']['variant']} rewriting, "
         f"{manifest['rewrite']['fallbacks']} fallbacks), {manifest['counts']['rows_error']} errors"
     )
+    log.info("step 5/5: finetune (retrieval DPO + lambda * contrastive)")
+    print(summarise_training("finetune", finetune(config)))
 
 
 def main(argv: list[str] | None = None) -> int:

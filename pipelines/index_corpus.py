@@ -192,6 +192,7 @@ def run_unit(config: Config, files: list[str], source: str, unit_dir: str, model
     expected = count_input_rows(ic, files)
     marker = {
         "files": files,
+        "inputs": unit_inputs(config, files),
         "rows_in": expected if expected is not None else staged.num_rows,
         "rows_ok": ok,
         "rows_error": staged.num_rows - ok,
@@ -204,12 +205,29 @@ def run_unit(config: Config, files: list[str], source: str, unit_dir: str, model
     return marker
 
 
-def unit_done(unit_dir: str, files: list[str]) -> dict | None:
+def unit_inputs(config: Config, files: list[str]) -> dict:
+    """What a unit's output depends on besides its file names: the weights, the scorers and the
+    input files' sizes. A resumed run redoes a unit when any of them changed (a re-rendered
+    world, a retrained base model at the same path)."""
+    from align.models import weights_fingerprint
+
+    sizes = None  # a folder unit lists thousands of images: not worth a stat each
+    if config.index_corpus.input_format != "folder":
+        sizes = [io.filesystem(f)[0].get_file_info(io.filesystem(f)[1]).size for f in files]
+    return {
+        "weights": weights_fingerprint(config.model),
+        "scorers": {n: s.model_dump() for n, s in config.index_corpus.scorers.items()},
+        "sizes": sizes,
+    }
+
+
+def unit_done(unit_dir: str, files: list[str], config: Config) -> dict | None:
     marker = f"{unit_dir}/{DONE_MARKER}"
     if not io.exists(marker):
         return None
     done = io.read_json(marker)
-    return done if done["files"] == files else None
+    same = done["files"] == files and done.get("inputs") == unit_inputs(config, files)
+    return done if same else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +351,7 @@ def index_corpus(config: Config) -> dict:
     with manifest.stage("embed_and_score"):
         for i, files in enumerate(units):
             unit_dir = f"{out}/_staging/unit-{i:05d}"
-            marker = unit_done(unit_dir, files)
+            marker = unit_done(unit_dir, files, config)
             if marker is None:
                 log.info("unit %d/%d: %d file(s)", i + 1, len(units), len(files))
                 marker = run_unit(config, files, source, unit_dir, model)

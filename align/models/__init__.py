@@ -140,3 +140,36 @@ def build_clip(cfg: ModelConfig, device: str = "cpu") -> Clip:
         mean=tuple(getattr(vision, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
         std=tuple(getattr(vision, "image_std", None) or open_clip.OPENAI_DATASET_STD),
     )
+
+
+def model_id(cfg: ModelConfig) -> str:
+    """The identity recorded with every similarity a model produced (e.g. in the pairs shards),
+    so a later job can refuse data made by another model: 'name' for the project's seeded random
+    init, else 'name:pretrained' (a tag or a checkpoint path)."""
+    return f"{cfg.name}:{cfg.pretrained}" if cfg.pretrained else cfg.name
+
+
+def weights_fingerprint(cfg: ModelConfig) -> dict:
+    """What identifies the weights a job used: the model id and, for a local checkpoint file, its
+    size and modification time, so that a checkpoint rewritten at the same path (the demo's
+    pretrained base model, after a run with another seed) is not mistaken for the old one."""
+    fingerprint = {"model": model_id(cfg)}
+    if cfg.pretrained and _is_path(cfg.pretrained) and Path(cfg.pretrained).is_file():
+        stat = Path(cfg.pretrained).stat()
+        fingerprint["checkpoint"] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return fingerprint
+
+
+def export_checkpoint(model, path: str) -> None:
+    """Write a checkpoint that `open_clip.create_model(name, pretrained=path)` loads: the plain
+    state dict (no DeepSpeed/DDP wrapper prefixes), written atomically to a local path or URI."""
+    import io as _io
+
+    import torch
+
+    from align import io
+
+    state = {k.removeprefix("module."): v.detach().cpu() for k, v in model.state_dict().items()}
+    buffer = _io.BytesIO()
+    torch.save({"state_dict": state}, buffer)
+    io.write_bytes(path, buffer.getvalue())

@@ -11,13 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from align.config import ModelConfig, load_config
+from align.config import load_config
 from align.contracts import PAIRS, REWRITES
 from align.models import ModelLoadError, build_clip
 from align.pairing import pair_count
 from pipelines.build_preferences import build_preferences
-from pipelines.index_corpus import index_corpus
-from pipelines.make_world import make_world
+from tests.helpers import indexed_world as make_indexed_world
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -27,20 +26,7 @@ pytestmark = pytest.mark.integration
 def indexed_world(ray_session, tmp_path_factory):
     """A small world indexed with a fixed micro-clip checkpoint (the reference model)."""
     root = tmp_path_factory.mktemp("bp")
-    ckpt = root / "micro.pt"
-    torch.save(build_clip(ModelConfig(name="micro-clip")).model.state_dict(), ckpt)
-    overrides = [
-        f"output_dir={root}",
-        "world.num_images=800",
-        "world.shard_size=400",
-        "model.name=micro-clip",
-        f"model.pretrained={ckpt}",
-        "index_corpus.index.recall_queries=20",
-    ]
-    config = load_config(REPO / "configs/demo.yaml", overrides)
-    make_world(config)
-    index_corpus(config)
-    return root, overrides
+    return root, make_indexed_world(root, 800)
 
 
 def run(indexed_world, *extra):

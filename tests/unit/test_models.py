@@ -60,3 +60,23 @@ def test_random_init_is_the_same_in_every_process(ray_session):
 
     here = build_clip(ModelConfig(name="micro-clip")).model.token_embedding.weight[:2]
     assert torch.equal(ray_session.get(first_weights.remote()), here)
+
+
+def test_exported_checkpoint_loads_with_open_clip_and_keeps_the_weights(tmp_path):
+    import open_clip
+
+    from align.models import export_checkpoint
+
+    model = build_clip(ModelConfig(name="micro-clip")).model
+    with torch.no_grad():
+        model.logit_scale.fill_(3.0)
+
+    class Wrapper(torch.nn.Module):  # keys gain "module.", as under DDP or DeepSpeed
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    export_checkpoint(Wrapper(model), str(tmp_path / "m.pt"))
+    loaded = open_clip.create_model("micro-clip", pretrained=str(tmp_path / "m.pt"))
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -1,0 +1,222 @@
+"""The fine-tune's step, without Ray: inputs to tensors, one forward, the loss terms, the
+learning-rate schedule, the DeepSpeed config, and the metrics plot.
+
+One step is one forward of the model over every image and text of the step: the chosen and the
+rejected images and the queries of the pair batch (retrieval DPO), and the images and captions of
+the caption batch (CLIP InfoNCE). total = L_dpo + lambda * L_contrastive (PAPER.md, Finding 2).
+pipelines/finetune_worker.py runs it inside Ray Train workers; tests run it directly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from align.config import FinetuneConfig, OptimConfig
+from align.losses import clip_contrastive_loss, retrieval_dpo_loss
+
+# Metrics every step reports (averaged over workers); the JSONL rows and the plot use them.
+STEP_METRICS = (
+    "loss",
+    "dpo_loss",
+    "contrastive_loss",
+    "dpo_accuracy",
+    "reward_margin",
+    "chosen_reward",
+    "rejected_reward",
+    "ref_sim_gap",
+    "logit_scale",
+)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss was NaN or inf for `max_bad_steps` consecutive steps: the run cannot go on."""
+
+
+@dataclass
+class StepInputs:
+    """Tensors of one step on one worker; either part may be absent (None).
+
+    queries/captions are token ids; *_images are normalised float images (N, 3, S, S);
+    chosen_ref/rejected_ref are the stored reference similarities of the pairs.
+    """
+
+    queries: torch.Tensor | None = None
+    chosen_images: torch.Tensor | None = None
+    rejected_images: torch.Tensor | None = None
+    chosen_ref: torch.Tensor | None = None
+    rejected_ref: torch.Tensor | None = None
+    caption_images: torch.Tensor | None = None
+    captions: torch.Tensor | None = None
+
+    @property
+    def num_pairs(self) -> int:
+        return 0 if self.queries is None else len(self.queries)
+
+    @property
+    def num_captions(self) -> int:
+        return 0 if self.captions is None else len(self.captions)
+
+
+def pixels_to_tensor(pixels: np.ndarray, mean, std, device, dtype=torch.float32) -> torch.Tensor:
+    """uint8 (N, S, S, 3) from the decode stage -> normalised (N, 3, S, S), as index_corpus's
+    embedder does it, so the model sees the pixels the reference similarities were made from."""
+    x = torch.as_tensor(np.array(pixels, dtype=np.uint8), device=device)  # Ray's are read-only
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return ((x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std).to(dtype)
+
+
+def clip_forward(model, images: torch.Tensor | None, texts: torch.Tensor | None):
+    """(image features, text features, logit scale) from open_clip's forward. Called on the
+    wrapped model (DeepSpeed engine, DDP) so that their forward hooks run; features come out
+    L2-normalised and the logit scale exponentiated."""
+    out = model(image=images, text=texts)
+    if isinstance(out, dict):
+        return out["image_features"], out["text_features"], out["logit_scale"]
+    return out[0], out[1], out[2]
+
+
+def step_losses(
+    model,
+    inputs: StepInputs,
+    cfg: FinetuneConfig,
+    reference_model=None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The step's total loss and its metrics (detached scalars).
+
+    Args:
+        model: the policy (possibly wrapped), called once on every image and text of the step.
+        inputs: the step's pairs and/or captions.
+        cfg: the finetune config (objective, lambda, DPO settings).
+        reference_model: the frozen reference model when cfg.dpo.reference == 'recompute'.
+    Returns:
+        (total loss, metrics): total = L_dpo + lambda * L_contrastive for objective 'dpo',
+        L_contrastive for 'contrastive'.
+    """
+    p, c = inputs.num_pairs, inputs.num_captions
+    images = [t for t in (inputs.chosen_images, inputs.rejected_images) if p] + (
+        [inputs.caption_images] if c else []
+    )
+    texts = ([inputs.queries] if p else []) + ([inputs.captions] if c else [])
+    image_features, text_features, logit_scale = clip_forward(
+        model, torch.cat(images), torch.cat(texts)
+    )
+    zero = image_features.new_zeros(())
+    metrics = {"logit_scale": logit_scale.detach().float()}
+    total = zero
+    if c:
+        contrastive = clip_contrastive_loss(image_features[2 * p :], text_features[p:], logit_scale)
+        metrics["contrastive_loss"] = contrastive.detach()
+        weight = 1.0 if cfg.objective == "contrastive" else cfg.contrastive_weight
+        total = total + weight * contrastive
+    if p:
+        query = text_features[:p].float()
+        policy_chosen = (query * image_features[:p].float()).sum(-1)
+        policy_rejected = (query * image_features[p : 2 * p].float()).sum(-1)
+        ref_chosen, ref_rejected = inputs.chosen_ref, inputs.rejected_ref
+        if reference_model is not None:
+            with torch.no_grad():
+                r_img, r_txt, _ = clip_forward(
+                    reference_model,
+                    torch.cat([inputs.chosen_images, inputs.rejected_images]),
+                    inputs.queries,
+                )
+            ref_chosen = (r_txt.float() * r_img[:p].float()).sum(-1)
+            ref_rejected = (r_txt.float() * r_img[p:].float()).sum(-1)
+            if inputs.chosen_ref is not None:
+                # How far the stored similarities are from the reference model's own: ~1e-3
+                # (float16 index embeddings) when the pairs were made by this model.
+                gap = torch.cat(
+                    [ref_chosen - inputs.chosen_ref, ref_rejected - inputs.rejected_ref]
+                )
+                metrics["ref_sim_gap"] = gap.abs().mean().detach()
+        temperature = (
+            1.0 / logit_scale.detach().float()
+            if cfg.dpo.temperature == "logit_scale"
+            else cfg.dpo.temperature
+        )
+        dpo, dpo_metrics = retrieval_dpo_loss(
+            policy_chosen,
+            policy_rejected,
+            ref_chosen.float(),
+            ref_rejected.float(),
+            beta=cfg.dpo.beta,
+            temperature=temperature,
+            label_smoothing=cfg.dpo.label_smoothing,
+            ipo=cfg.dpo.ipo,
+        )
+        metrics["dpo_loss"] = dpo.detach()
+        metrics.update(dpo_metrics)
+        total = total + dpo
+    metrics["loss"] = total.detach()
+    return total, metrics
+
+
+def lr_multiplier(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Linear warm-up over warmup_steps, then constant or cosine decay to 0 at max_steps."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    span = max(1, max_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(cfg: FinetuneConfig, micro_batch: int, bf16: bool) -> dict:
+    """DeepSpeed's config from ours; the optimiser and schedule are passed in as objects."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        # torch's AdamW as the client optimiser: no compiled DeepSpeed optimiser op needed.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 1 << 30,
+    }
+
+
+def metrics_jsonl(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+
+
+def read_metrics_jsonl(data: bytes) -> list[dict]:
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+def plot_metrics(records: list[dict], title: str) -> bytes:
+    """PNG of the loss terms, DPO accuracy and reward margin, and learning rate against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("loss", ("loss", "dpo_loss", "contrastive_loss")),
+        ("DPO", ("dpo_accuracy", "reward_margin")),
+        ("learning rate", ("lr",)),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for ax, (name, keys) in zip(axes, panels, strict=True):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, label=key)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()

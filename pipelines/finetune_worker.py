@@ -1,0 +1,351 @@
+"""The training loop each Ray Train worker runs (pipelines/finetune.py starts them).
+
+Per step: the next pair batch and caption batch from this worker's Ray Data shards, one forward
+(align.training.step_losses), a check that the loss is finite on every worker (one all-reduce that
+also averages the metrics), then backward and step through DeepSpeed or DDP. Every
+`checkpoint_every` steps the engine state, the optimiser and the metrics so far go into a Ray Train
+checkpoint; a restarted worker group, or a second run with the same output, resumes from the
+latest one. Rank 0 writes the metrics JSONL and the exported open_clip checkpoint at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+
+import numpy as np
+
+from align.config import Config
+from align.training import STEP_METRICS, StepInputs, pixels_to_tensor
+
+STATE_FILE = "trainer_state.json"
+DDP_FILE = "ddp_state.pt"
+ENGINE_TAG = "engine"
+SUMMARY_FILE = "train_summary.json"
+
+
+def endless_batches(shard, batch_size: int, shuffle_buffer: int, seed: int) -> Iterator[dict]:
+    """Full batches from a Ray Data shard, epoch after epoch (each epoch re-runs the stream).
+    Every worker's shard holds the same number of rows, so the workers step in lockstep."""
+    epoch = 0
+    while True:
+        produced = 0
+        for batch in shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=shuffle_buffer or None,
+            local_shuffle_seed=seed + epoch if shuffle_buffer else None,
+        ):
+            produced += 1
+            yield batch
+        if not produced:
+            raise RuntimeError(f"a data shard produced no full batch of {batch_size} rows")
+        epoch += 1
+
+
+class Trainer:
+    """One worker's model, optimiser, streams and state; `run()` trains to max_steps."""
+
+    def __init__(self, config: Config):
+        import ray.train
+        import torch
+
+        self.config, self.cfg = config, config.finetune
+        cfg = self.cfg
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        if cfg.scaling.threads:
+            torch.set_num_threads(cfg.scaling.threads)
+        self.use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
+        if not self.use_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+        self.device = ray.train.torch.get_device() if self.use_gpu else torch.device("cpu")
+        self.bf16 = cfg.deepspeed.bf16 == "on" or (cfg.deepspeed.bf16 == "auto" and self.use_gpu)
+        self.dtype = torch.bfloat16 if self.bf16 else torch.float32
+        torch.manual_seed(cfg.seed)
+        self._build_model()
+        self.uses_pairs = cfg.objective == "dpo"
+        self.uses_captions = cfg.objective == "contrastive" or cfg.contrastive_weight > 0
+        self.state = {"step": 0, "skipped_steps": 0, "bad_in_a_row": 0, "resumed_from": []}
+        self.records: list[dict] = []
+
+    def _build_model(self) -> None:
+        import ray.train.torch
+        import torch
+
+        from align.models import build_clip
+        from align.training import deepspeed_config, lr_multiplier
+
+        cfg = self.cfg
+        self.clip = build_clip(self.config.model, device=str(self.device))
+        model = self.clip.model.float().train()
+        # The frozen reference is the model before fine-tuning: the same initial weights.
+        self.reference = None
+        if cfg.objective == "dpo" and cfg.dpo.reference == "recompute":
+            self.reference = build_clip(self.config.model, device=str(self.device)).model
+            self.reference.to(self.dtype).eval().requires_grad_(False)
+        # No weight decay on gains, biases, embeddings and the logit scale (as CLIP trains).
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+        rest = [
+            p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)
+        ]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.optim.weight_decay},
+                {"params": rest, "weight_decay": 0.0},
+            ],
+            lr=cfg.optim.lr,
+            betas=cfg.optim.betas,
+            eps=cfg.optim.eps,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_multiplier(s, cfg.optim, cfg.max_steps)
+        )
+        if cfg.backend == "deepspeed":
+            import deepspeed
+
+            micro = cfg.pairs_per_batch if cfg.objective == "dpo" else cfg.captions_per_batch
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model,
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+                config=deepspeed_config(cfg, micro, self.bf16),
+            )
+            self.model, self.module = self.engine, self.engine.module
+        else:
+            self.engine, self.optimizer, self.scheduler = None, optimizer, scheduler
+            self.model = ray.train.torch.prepare_model(model)
+            self.module = model
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def _streams(self):
+        import ray.train
+
+        cfg = self.cfg
+        pairs = captions = None
+        if self.uses_pairs:
+            pairs = endless_batches(
+                ray.train.get_dataset_shard("pairs"),
+                cfg.pairs_per_batch,
+                cfg.shuffle_buffer,
+                cfg.seed + self.rank,
+            )
+        if self.uses_captions:
+            captions = endless_batches(
+                ray.train.get_dataset_shard("captions"),
+                cfg.captions_per_batch,
+                cfg.shuffle_buffer,
+                cfg.seed + 1000 + self.rank,
+            )
+        return pairs, captions
+
+    def _inputs(self, pair_batch: dict | None, caption_batch: dict | None) -> StepInputs:
+        import torch
+
+        clip, device, dtype = self.clip, self.device, self.dtype
+
+        def images(pixels: np.ndarray) -> torch.Tensor:
+            return pixels_to_tensor(pixels, clip.mean, clip.std, device, dtype)
+
+        def tokens(texts: np.ndarray) -> torch.Tensor:
+            return clip.tokenizer([str(t) for t in texts]).to(device)
+
+        inputs = StepInputs()
+        if pair_batch is not None:
+            inputs.queries = tokens(pair_batch["query"])
+            inputs.chosen_images = images(pair_batch["chosen_pixels"])
+            inputs.rejected_images = images(pair_batch["rejected_pixels"])
+            inputs.chosen_ref = torch.tensor(pair_batch["chosen_ref_sim"], device=device)
+            inputs.rejected_ref = torch.tensor(pair_batch["rejected_ref_sim"], device=device)
+        if caption_batch is not None:
+            inputs.captions = tokens(caption_batch["caption"])
+            inputs.caption_images = images(caption_batch["pixels"])
+        return inputs
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        import ray.train
+        import torch
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as d:
+            with open(os.path.join(d, STATE_FILE)) as f:
+                saved = json.load(f)
+            if self.engine is not None:
+                self.engine.load_checkpoint(d, tag=ENGINE_TAG)
+            else:
+                state = torch.load(os.path.join(d, DDP_FILE), map_location=self.device)
+                self.module.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+        self.state = saved["state"]
+        self.records = saved["records"]
+        self.state["resumed_from"].append(self.state["step"])
+
+    def save(self, report: dict) -> None:
+        import ray.train
+        import torch
+
+        with tempfile.TemporaryDirectory() as d:
+            if self.engine is not None:
+                self.engine.save_checkpoint(d, tag=ENGINE_TAG)  # each rank writes its ZeRO shard
+            elif self.rank == 0:
+                torch.save(
+                    {
+                        "model": self.module.state_dict(),
+                        "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                    },
+                    os.path.join(d, DDP_FILE),
+                )
+            if self.rank == 0:
+                with open(os.path.join(d, STATE_FILE), "w") as f:
+                    json.dump({"state": self.state, "records": self.records}, f)
+            # Ray Train merges the ranks' files into one checkpoint directory.
+            has_files = self.engine is not None or self.rank == 0
+            ray.train.report(
+                report, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None
+            )
+
+    def finish(self, stopped: str | None = None) -> None:
+        """Rank 0 writes the open_clip export (unless stopped), the metrics and the run's
+        summary, which the driver reads (Ray Train keeps only checkpointed reports). ZeRO-3
+        gathers the partitioned weights on every rank first."""
+        from align import io
+        from align.models import export_checkpoint
+        from align.training import metrics_jsonl
+
+        out = self.config.expand(self.cfg.output).rstrip("/")
+        if stopped is None:
+            gather = nullcontext()
+            if self.engine is not None and self.cfg.deepspeed.zero_stage == 3:
+                import deepspeed
+
+                gather = deepspeed.zero.GatheredParameters(list(self.module.parameters()))
+            with gather:
+                if self.rank == 0:
+                    export_checkpoint(self.module, f"{out}/model.pt")
+        if self.rank == 0:
+            io.write_bytes(f"{out}/metrics.jsonl", metrics_jsonl(self.records))
+            io.write_json(f"{out}/{SUMMARY_FILE}", {**self._summary(), "stopped": stopped})
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _all_reduce_metrics(self, metrics: dict, finite: bool) -> tuple[dict, bool]:
+        """Average the metrics over workers and learn whether any worker's loss was not
+        finite, in one all-reduce; every worker then takes the same branch."""
+        import torch
+        import torch.distributed as dist
+
+        values = [float(metrics[k]) if k in metrics else float("nan") for k in STEP_METRICS]
+        vector = torch.tensor([*values, 0.0 if finite else 1.0], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            vector = vector.to(self.device)
+            dist.all_reduce(vector)
+            vector = vector.cpu()
+        mean = (vector[:-1] / self.world).tolist()
+        averaged = {k: (None if v != v else v) for k, v in zip(STEP_METRICS, mean, strict=True)}
+        return averaged, bool(vector[-1] == 0)
+
+    def run(self) -> None:
+        import torch
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.restore()
+        pairs, captions = self._streams()
+        progress = tqdm(
+            total=cfg.max_steps, initial=self.state["step"], disable=self.rank != 0, desc="train"
+        )
+        while self.state["step"] < cfg.max_steps:
+            step = self.state["step"]
+            started = time.perf_counter()
+            inputs = self._inputs(
+                next(pairs) if pairs else None, next(captions) if captions else None
+            )
+            loss, metrics = self._forward(inputs)
+            averaged, all_finite = self._all_reduce_metrics(metrics, bool(torch.isfinite(loss)))
+            if all_finite:
+                self.state["bad_in_a_row"] = 0
+                if self.engine is not None:
+                    self.engine.backward(loss)
+                    with torch.no_grad():  # DeepSpeed's gloo all-gather fails under autograd
+                        self.engine.step()
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.optim.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(
+                            self.module.parameters(), cfg.optim.grad_clip
+                        )
+                    self.optimizer.step()
+                    self.scheduler.step()
+            else:
+                # Skip the step on every worker: no backward, no update.
+                self.state["skipped_steps"] += 1
+                self.state["bad_in_a_row"] += 1
+            self.state["step"] = step + 1
+            self.records.append(
+                {
+                    "step": step + 1,
+                    **averaged,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "skipped": not all_finite,
+                    "pairs": inputs.num_pairs * self.world,
+                    "captions": inputs.num_captions * self.world,
+                    "time_s": time.perf_counter() - started,
+                    "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20
+                    if self.use_gpu
+                    else None,
+                }
+            )
+            progress.update(1)
+            if self.state["bad_in_a_row"] >= cfg.max_bad_steps:
+                self.finish(
+                    stopped=f"loss was NaN or inf for {cfg.max_bad_steps} consecutive steps "
+                    f"(steps {step + 2 - cfg.max_bad_steps}..{step + 1}); "
+                    f"lower finetune.optim.lr or check the inputs"
+                )
+                return
+            if (
+                self.state["step"] % cfg.checkpoint_every == 0
+                or self.state["step"] == cfg.max_steps
+            ):
+                self.save(self._summary())
+        progress.close()
+        self.finish()
+
+    def _forward(self, inputs: StepInputs):
+        import torch
+
+        from align.training import step_losses
+
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.engine is None and self.bf16
+            else nullcontext()
+        )
+        with autocast:
+            return step_losses(self.model, inputs, self.cfg, self.reference)
+
+    def _summary(self) -> dict:
+        return {
+            "step": self.state["step"],
+            "skipped_steps": self.state["skipped_steps"],
+            "resumed_from": list(self.state["resumed_from"]),
+            "loss": self.records[-1]["loss"] if self.records else None,
+        }
+
+
+def train_loop_per_worker(payload: dict) -> None:
+    """Ray Train entry point: payload = {"config": the job's config as a dict}."""
+    Trainer(Config.model_validate(payload["config"])).run()

@@ -1,0 +1,215 @@
+"""finetune end to end: real Ray Train (2 CPU workers), real DeepSpeed ZeRO-2 and DDP on gloo,
+real Ray Data streams (hash join, decode), real open_clip models, real checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from align.config import ModelConfig, load_config
+from align.contracts import ContractError
+from align.models import ModelLoadError, build_clip, register_model_configs
+from align.training import NonFiniteLoss
+from pipelines.build_preferences import build_preferences
+from pipelines.finetune import finetune
+from tests.helpers import indexed_world
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+# Two CPU workers at 0.5 CPU each leave the other CPU to the Ray Data ingest beside them.
+TRAIN = [
+    "finetune.scaling.num_workers=2",
+    "finetune.scaling.cpus_per_worker=0.5",
+    "finetune.scaling.threads=1",
+    "finetune.pairs_per_batch=16",
+    "finetune.captions_per_batch=16",
+    "finetune.optim.lr=1e-3",
+    "finetune.optim.warmup_steps=0",
+]
+
+
+@pytest.fixture(scope="module")
+def preferences(ray_session, tmp_path_factory):
+    """A small world, indexed and paired with a fixed micro-clip checkpoint (the reference)."""
+    root = tmp_path_factory.mktemp("ft")
+    grid = ["build_preferences.grid.u=2", "build_preferences.grid.v=2"]
+    overrides = indexed_world(root, 600, *grid, *TRAIN)
+    build_preferences(load_config(REPO / "configs/demo.yaml", overrides))
+    return root, overrides
+
+
+def run(preferences, *extra):
+    root, overrides = preferences
+    config = load_config(REPO / "configs/demo.yaml", [*overrides, *extra])
+    return config, finetune(config)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_deepspeed_trains_exports_and_a_second_run_resumes(preferences):
+    root, _ = preferences
+    out = root / "ft_ds"
+    _, manifest = run(preferences, f"finetune.output={out}", "finetune.max_steps=4",
+                      "finetune.checkpoint_every=2")  # fmt: skip
+    pairs = pq.read_table(root / "build_preferences" / "pairs")
+    assert manifest["counts"]["rows_in"] == pairs.num_rows + 600  # pairs + caption rows
+    assert manifest["counts"]["rows_error"] == 0 and manifest["steps"] == 4
+    first = records(out)
+    assert [r["step"] for r in first] == [1, 2, 3, 4]
+    assert all(r["pairs"] == 32 and r["captions"] == 32 and not r["skipped"] for r in first)
+    assert {"dpo_loss", "contrastive_loss", "dpo_accuracy", "reward_margin", "lr"} <= set(first[0])
+    assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The export is an ordinary open_clip checkpoint, and training moved the weights.
+    import open_clip
+
+    register_model_configs()
+    exported = open_clip.create_model("micro-clip", pretrained=str(out / "model.pt"))
+    initial = build_clip(ModelConfig(name="micro-clip", pretrained=str(root / "micro.pt"))).model
+    moved = [
+        (a - b).abs().max().item()
+        for a, b in zip(exported.state_dict().values(), initial.state_dict().values(), strict=True)
+    ]
+    assert max(moved) > 1e-4
+
+    # Same output, more steps: resumes at step 4 rather than starting over.
+    _, manifest = run(preferences, f"finetune.output={out}", "finetune.max_steps=6",
+                      "finetune.checkpoint_every=2")  # fmt: skip
+    assert manifest["resumed_from"] == [4] and manifest["steps"] == 6
+    second = records(out)
+    assert [r["step"] for r in second] == [1, 2, 3, 4, 5, 6]
+    assert second[:4] == first
+
+
+def test_ddp_recomputed_reference_matches_the_stored_one_and_bad_images_are_error_rows(
+    preferences,
+):
+    root, _ = preferences
+    # A copy of the images table with one image the pairs use broken.
+    pairs = pq.read_table(root / "build_preferences" / "pairs")
+    broken_id = pairs["chosen_id"][0].as_py()
+    images = root / "images_broken"
+    images.mkdir()
+    for shard in sorted((root / "world" / "images").glob("*.parquet")):
+        table = pq.read_table(shard)
+        data = [b"not an image" if i == broken_id else d
+                for i, d in zip(table["image_id"].to_pylist(), table["image"].to_pylist(), strict=True)]  # fmt: skip
+        table = table.set_column(
+            table.schema.get_field_index("image"), "image", pa.array(data, pa.binary())
+        )
+        pq.write_table(table, images / shard.name)
+    affected = sum(
+        1 for c, r in zip(pairs["chosen_id"].to_pylist(), pairs["rejected_id"].to_pylist(), strict=True)
+        if broken_id in (c, r)
+    )  # fmt: skip
+
+    out = root / "ft_ddp"
+    _, manifest = run(preferences, f"finetune.output={out}", "finetune.backend=ddp",
+                      "finetune.dpo.reference=recompute", f"finetune.images={images}",
+                      "finetune.pair_images=join",
+                      "finetune.max_steps=2")  # fmt: skip
+    counts = manifest["counts"]
+    assert counts["rows_error"] == affected and counts["rows_out"] == counts["rows_in"] - affected
+    errors = pq.read_table(out / "errors").to_pylist()
+    assert {e["stage"] for e in errors} == {"check_pairs"}
+    assert all(e["error"].startswith(f"image {broken_id}: ") for e in errors)
+
+    step0 = records(out)[0]
+    # The policy starts as the reference: recomputed similarities give DPO loss log 2, and the
+    # stored ones (float16 index embeddings) differ from them by about 1e-3 at most.
+    assert step0["dpo_loss"] == pytest.approx(np.log(2), abs=1e-6)
+    assert step0["ref_sim_gap"] < 5e-3
+    stored = records(root / "ft_ds")[0] if (root / "ft_ds").exists() else None
+    if stored:  # the precomputed-reference run of the test above, same model, same step
+        assert stored["dpo_loss"] == pytest.approx(step0["dpo_loss"], abs=1e-3)
+
+
+def test_non_finite_loss_skips_steps_then_stops_with_a_clear_message(preferences):
+    root, _ = preferences
+    out = root / "ft_nan"
+    with pytest.raises(NonFiniteLoss, match=r"NaN or inf for 2 consecutive steps"):
+        run(preferences, f"finetune.output={out}", "finetune.optim.lr=1e30",
+            "finetune.optim.grad_clip=0", "finetune.max_bad_steps=2", "finetune.max_steps=20",
+            "finetune.contrastive_weight=0")  # fmt: skip
+    steps = records(out)
+    assert [r["skipped"] for r in steps][-2:] == [True, True]
+    assert len(steps) < 20 and (out / "metrics.png").exists()
+
+
+def test_pairs_missing_a_column_or_from_another_model_fail_before_training(preferences, tmp_path):
+    root, _ = preferences
+    pairs = pq.read_table(root / "build_preferences" / "pairs")
+    (tmp_path / "no_ref").mkdir()
+    pq.write_table(pairs.drop_columns(["chosen_ref_sim"]), tmp_path / "no_ref" / "p.parquet")
+    with pytest.raises(ContractError, match="'chosen_ref_sim'.*build_preferences"):
+        run(preferences, f"finetune.pairs={tmp_path / 'no_ref'}", f"finetune.output={tmp_path}/o")
+    with pytest.raises(ModelLoadError, match="pairs .* made with reference model"):
+        run(preferences, "model.pretrained=null", f"finetune.output={tmp_path}/o")
+    assert not (tmp_path / "o" / "ray").exists()
+
+
+def test_cli_missing_pairs_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.finetune", "--config", "configs/demo.yaml",
+         f"output_dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"finetune: error: pairs (run build_preferences first) not found: "
+        f"{tmp_path}/build_preferences/pairs"
+    ]
+
+
+def _train_workers(pid: int) -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes(preferences):
+    root, overrides = preferences
+    out = root / "ft_kill"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.finetune", "--config", "configs/demo.yaml",
+         *overrides, "ray.num_cpus=2", f"finetune.output={out}",
+         "finetune.objective=contrastive", "finetune.max_steps=80",
+         "finetune.checkpoint_every=5", "finetune.max_failures=2"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )  # fmt: skip
+    killed = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        # Ray Train has registered a checkpoint (not merely started writing one).
+        if (out / "ray" / "run" / "checkpoint_manager_snapshot.json").exists():
+            workers = _train_workers(proc.pid)
+            if workers:
+                killed = workers[-1].pid
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    _, stderr = proc.communicate(timeout=400)
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert proc.returncode == 0, stderr[-3000:]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["steps"] == 80
+    assert len(manifest["resumed_from"]) == 1 and manifest["resumed_from"][0] % 5 == 0
+    assert [r["step"] for r in records(out)] == list(range(1, 81))

@@ -1,0 +1,189 @@
+"""The fine-tune's step on a real (micro) open_clip model, the schedule, the plot, and the row
+checks that decide which pairs are trained on."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from align.config import ConfigError, FinetuneConfig, ModelConfig, OptimConfig, load_config
+from align.losses import clip_contrastive_loss
+from align.models import build_clip
+from align.training import (
+    StepInputs,
+    clip_forward,
+    lr_multiplier,
+    metrics_jsonl,
+    pixels_to_tensor,
+    plot_metrics,
+    read_metrics_jsonl,
+    step_losses,
+)
+from pipelines.finetune import pair_errors, usable_pairs
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return build_clip(ModelConfig(name="micro-clip"))
+
+
+def _inputs(clip, pairs=6, captions=5, seed=0):
+    rng = np.random.default_rng(seed)
+    pixels = lambda n: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)  # noqa: E731
+    image = lambda n: pixels_to_tensor(pixels(n), clip.mean, clip.std, "cpu")  # noqa: E731
+    words = ["red circle", "blue square", "green star", "yellow heart", "pink moon", "grey cross"]
+    return StepInputs(
+        queries=clip.tokenizer(words[:pairs]),
+        chosen_images=image(pairs),
+        rejected_images=image(pairs),
+        caption_images=image(captions),
+        captions=clip.tokenizer([f"a photo of a {w}" for w in words[:captions]]),
+    )
+
+
+def _reference_sims(clip, inputs):
+    with torch.no_grad():
+        img, txt, _ = clip_forward(
+            clip.model, torch.cat([inputs.chosen_images, inputs.rejected_images]), inputs.queries
+        )
+    p = inputs.num_pairs
+    return (txt * img[:p]).sum(-1), (txt * img[p:]).sum(-1)
+
+
+def test_step_zero_precomputed_and_recomputed_references_give_log_two(clip):
+    inputs = _inputs(clip)
+    inputs.chosen_ref, inputs.rejected_ref = _reference_sims(clip, inputs)
+    cfg = FinetuneConfig(contrastive_weight=0.0)
+    pre, pre_metrics = step_losses(clip.model, inputs, cfg)
+    re, re_metrics = step_losses(clip.model, inputs, cfg, reference_model=clip.model)
+    # The policy is the reference at step 0: every log-ratio is 0, the loss is log 2.
+    assert pre.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert re.item() == pytest.approx(pre.item(), abs=1e-6)
+    assert re_metrics["ref_sim_gap"].item() < 1e-6 and "ref_sim_gap" not in pre_metrics
+
+
+def test_total_is_dpo_plus_lambda_contrastive(clip):
+    inputs = _inputs(clip)
+    chosen, rejected = _reference_sims(clip, inputs)
+    # A reference that liked the rejected images more: the policy's log-ratio favours chosen.
+    inputs.chosen_ref, inputs.rejected_ref = chosen - 0.05, rejected + 0.05
+    cfg = FinetuneConfig(contrastive_weight=0.3, dpo={"beta": 0.5, "temperature": 0.1})
+    total, metrics = step_losses(clip.model, inputs, cfg)
+    p = inputs.num_pairs
+    img, txt, scale = clip_forward(
+        clip.model,
+        torch.cat([inputs.chosen_images, inputs.rejected_images, inputs.caption_images]),
+        torch.cat([inputs.queries, inputs.captions]),
+    )
+    contrastive = clip_contrastive_loss(img[2 * p :], txt[p:], scale)
+    delta = 0.5 / 0.1 * 0.1  # beta / tau * [(+0.05) - (-0.05)]
+    dpo = -torch.nn.functional.logsigmoid(torch.tensor(delta))
+    assert metrics["dpo_loss"].item() == pytest.approx(dpo.item(), abs=1e-5)
+    assert metrics["contrastive_loss"].item() == pytest.approx(contrastive.item(), abs=1e-5)
+    assert total.item() == pytest.approx(dpo.item() + 0.3 * contrastive.item(), abs=1e-5)
+    assert metrics["dpo_accuracy"].item() == 1.0 and metrics["reward_margin"].item() > 0
+
+
+def test_contrastive_objective_ignores_pairs_and_learns(clip):
+    model = build_clip(ModelConfig(name="micro-clip")).model.train()
+    inputs = _inputs(clip, pairs=0, captions=5)
+    inputs.queries = inputs.chosen_images = inputs.rejected_images = None
+    cfg = FinetuneConfig(objective="contrastive")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss, metrics = step_losses(model, inputs, cfg)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert "dpo_loss" not in metrics
+    assert losses[-1] < losses[0] - 0.5  # five captions memorised: InfoNCE falls
+
+
+def test_logit_scale_temperature_is_detached_for_dpo(clip):
+    model = build_clip(ModelConfig(name="micro-clip")).model
+    inputs = _inputs(clip, captions=0)
+    inputs.caption_images = inputs.captions = None
+    chosen, rejected = _reference_sims(clip, inputs)
+    inputs.chosen_ref, inputs.rejected_ref = chosen - 0.05, rejected
+    loss, _ = step_losses(model, inputs, FinetuneConfig(contrastive_weight=0.0))
+    loss.backward()
+    # DPO must not learn to sharpen the temperature; only the contrastive loss trains it.
+    assert model.logit_scale.grad is None or model.logit_scale.grad.abs().item() == 0
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    optim = OptimConfig(warmup_steps=4, schedule="cosine")
+    values = [lr_multiplier(s, optim, 20) for s in range(21)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert values[4] == pytest.approx(1.0) and values[12] == pytest.approx(0.5)
+    assert values[20] == pytest.approx(0.0, abs=1e-12)
+    assert lr_multiplier(10, OptimConfig(warmup_steps=0, schedule="constant"), 20) == 1.0
+
+
+def test_metrics_round_trip_and_plot_with_missing_terms():
+    records = [
+        {"step": s, "loss": 1.0 / s, "dpo_loss": None, "contrastive_loss": 1.0 / s, "lr": 1e-4}
+        for s in range(1, 6)
+    ]
+    assert read_metrics_jsonl(metrics_jsonl(records)) == records
+    png = plot_metrics(records, "contrastive")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_dpo_temperature_must_be_positive_or_the_logit_scale():
+    with pytest.raises(ConfigError, match="finetune.dpo.temperature"):
+        load_config(None, ["finetune.dpo.temperature=0"])
+    assert load_config(None, ["finetune.dpo.temperature=0.07"]).finetune.dpo.temperature == 0.07
+
+
+def test_usable_pairs_and_the_reason_for_each_rejected_one():
+    pairs = pa.table(
+        {
+            "query_id": ["q1", "q1", "q2", "q3", "q4"],
+            "query": ["red circle", "red circle", "blue star", "  ", "pink moon"],
+            "chosen_id": ["a", "b", "c", "d", "e"],
+            "rejected_id": ["x", "y", "bad", "z", "w"],
+            "chosen_ref_sim": pa.array([0.3, float("nan"), 0.2, 0.1, 0.1], pa.float32()),
+            "rejected_ref_sim": pa.array([0.2, 0.1, 0.1, 0.0, None], pa.float32()),
+        }
+    )
+    keep = usable_pairs(pairs, pa.array(["bad"]))
+    assert keep.to_pylist() == [True, False, False, False, False]
+    errors = {e["row_id"]: e["error"] for e in pair_errors(pairs, keep, {"bad": "cannot decode"})}
+    assert errors == {
+        "q1:b>y": "non-finite reference similarity (chosen nan, rejected 0.1)",
+        "q2:c>bad": "image bad: cannot decode",
+        "q3:d>z": "empty query",
+        "q4:e>w": "non-finite reference similarity (chosen 0.1, rejected missing)",
+    }
+
+
+def test_pretrain_section_must_stay_contrastive():
+    with pytest.raises(ConfigError, match="pretrain.objective must be 'contrastive'"):
+        load_config(None, ["pretrain.objective=dpo"])
+
+
+def test_a_second_run_resumes_only_when_its_inputs_are_unchanged(tmp_path):
+    from pipelines.finetune import start_over_if_inputs_changed
+
+    ckpt = tmp_path / "base.pt"
+    ckpt.write_bytes(b"weights v1")
+    overrides = [
+        f"output_dir={tmp_path}",
+        f"model.pretrained={ckpt}",
+        "finetune.objective=contrastive",
+    ]
+    out = str(tmp_path / "finetune")
+    (tmp_path / "finetune" / "ray" / "run").mkdir(parents=True)
+    marker = tmp_path / "finetune" / "ray" / "run" / "checkpoint_manager_snapshot.json"
+    marker.write_text("{}")
+    start_over_if_inputs_changed(load_config(None, overrides), out)
+    start_over_if_inputs_changed(load_config(None, [*overrides, "finetune.max_steps=500"]), out)
+    assert marker.exists()  # same inputs, more steps: resume
+    ckpt.write_bytes(b"weights v2, retrained at the same path")
+    start_over_if_inputs_changed(load_config(None, overrides), out)
+    assert not marker.exists()  # another base model: the old checkpoints must not be resumed
