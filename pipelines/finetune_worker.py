@@ -84,6 +84,12 @@ class Trainer:
         cfg = self.cfg
         self.clip = build_clip(self.config.model, device=str(self.device))
         model = self.clip.model.float().train()
+        if cfg.objective == "dpo" and cfg.contrastive_weight == 0:
+            # Only InfoNCE trains the temperature (DPO uses it detached): with no contrastive
+            # term it gets no gradient, and DDP refuses parameters that never get one.
+            model.logit_scale.requires_grad_(False)
+        if getattr(model, "logit_bias", None) is not None:
+            model.logit_bias.requires_grad_(False)  # SigLIP's bias: no loss here uses it
         # The frozen reference is the model before fine-tuning: the same initial weights.
         self.reference = None
         if cfg.objective == "dpo" and cfg.dpo.reference == "recompute":

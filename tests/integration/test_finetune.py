@@ -118,7 +118,7 @@ def test_ddp_recomputed_reference_matches_the_stored_one_and_bad_images_are_erro
     out = root / "ft_ddp"
     _, manifest = run(preferences, f"finetune.output={out}", "finetune.backend=ddp",
                       "finetune.dpo.reference=recompute", f"finetune.images={images}",
-                      "finetune.pair_images=join",
+                      "finetune.pair_images=join", "finetune.contrastive_weight=0",
                       "finetune.max_steps=2")  # fmt: skip
     counts = manifest["counts"]
     assert counts["rows_error"] == affected and counts["rows_out"] == counts["rows_in"] - affected
