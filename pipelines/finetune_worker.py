@@ -96,10 +96,9 @@ class Trainer:
             self.reference = build_clip(self.config.model, device=str(self.device)).model
             self.reference.to(self.dtype).eval().requires_grad_(False)
         # No weight decay on gains, biases, embeddings and the logit scale (as CLIP trains).
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-        rest = [
-            p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)
-        ]
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in trained if p.ndim >= 2 and "embedding" not in n]
+        rest = [p for n, p in trained if not (p.ndim >= 2 and "embedding" not in n)]
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": cfg.optim.weight_decay},
