@@ -2,7 +2,8 @@
 
     python -m pipelines.finetune --config configs/demo.yaml [key=value ...]
 
-objective dpo (alignment):       pairs shards -> checks -> + image bytes (hash join) -> decode
+objective dpo (alignment):       pairs shards -> checks -> + image bytes (broadcast or hash
+                                 join) -> decode
                                  caption shards -> checks -> decode          (lambda > 0)
 objective contrastive (pretrain): caption shards -> checks -> decode
   -> TorchTrainer (DeepSpeed ZeRO or DDP) with the streams as Ray Train datasets
@@ -64,7 +65,7 @@ def output_dir(config: Config) -> str:
 
 def _dataset(uri: str, what: str) -> pads.Dataset:
     io.require_exists(uri, what)
-    fs, path = io.filesystem(uri)
+    fs, _ = io.filesystem(uri)
     files = io.list_files(uri, ".parquet") if not io.is_file(uri) else [uri]
     if not files:
         raise FileNotFoundError(f"no Parquet files in {uri} ({what})")
