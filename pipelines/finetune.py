@@ -97,7 +97,9 @@ def read_pairs(config: Config) -> pa.Table:
     return table.drop_columns(["reference_model"])
 
 
-def check_images(config: Config, uri: str, ids: pa.Array | None, keep_bytes: bool = False):
+def check_images(
+    config: Config, sizes: dict, uri: str, ids: pa.Array | None, keep_bytes: bool = False
+):
     """Decode-check images (all of them, or those in `ids`) in Ray Data.
 
     Returns:
@@ -111,7 +113,6 @@ def check_images(config: Config, uri: str, ids: pa.Array | None, keep_bytes: boo
     from actors.decode import decode_batch
 
     cfg = config.finetune
-    facts = check_model(config.model)
     dataset = _dataset(uri, "images")
     require_columns(IMAGES, dataset.schema.names, "finetune.read_images", ["image_id", "image"])
     columns = ["image_id", "image"] + (["caption"] if "caption" in dataset.schema.names else [])
@@ -120,9 +121,7 @@ def check_images(config: Config, uri: str, ids: pa.Array | None, keep_bytes: boo
         ds = ds.filter(expr=col("image_id").is_in(ids.to_pylist()))  # pushed down to the read
 
     def checked(batch: dict) -> dict:
-        decoded = decode_batch(
-            batch, image_size=facts.image_size, max_pixels=config.index_corpus.max_image_pixels
-        )
+        decoded = decode_batch(batch, **sizes)
         captions = batch.get("caption")
         has_caption = (
             np.array([bool(c and str(c).strip()) for c in captions])
@@ -244,7 +243,7 @@ def parquet_files_stream(files: list[str], columns: list[str], num_cpus: float):
     return paths.map_batches(read, batch_size=1, batch_format="numpy", num_cpus=num_cpus)
 
 
-def pair_stream(config: Config, pairs: pa.Table, keep_ids: pa.Array, image_blocks):
+def pair_stream(config: Config, sizes: dict, pairs: pa.Table, keep_ids: pa.Array, image_blocks):
     """The usable pairs (already read by the driver) with both images attached and decoded in
     the data pipeline: from broadcast blocks of the checked images when given, else by two hash
     joins with the images table."""
@@ -254,8 +253,6 @@ def pair_stream(config: Config, pairs: pa.Table, keep_ids: pa.Array, image_block
     from actors.pair_images import PairImageDecoder
 
     cfg = config.finetune
-    facts = check_model(config.model)
-    sizes = {"image_size": facts.image_size, "max_pixels": config.index_corpus.max_image_pixels}
     step = max(cfg.decode.batch_size, 1)
     ds = ray.data.from_arrow([pairs.slice(i, step) for i in range(0, pairs.num_rows, step)])
     if image_blocks is not None:
@@ -288,12 +285,11 @@ def pair_stream(config: Config, pairs: pa.Table, keep_ids: pa.Array, image_block
     ).select_columns(TRAIN_PAIR_COLUMNS)
 
 
-def caption_stream(config: Config, bad_images: pa.Array):
+def caption_stream(config: Config, sizes: dict, bad_images: pa.Array):
     """Image-caption rows with a caption and a good image, decoded in the data pipeline."""
     from actors.decode import decode_columns
 
     cfg = config.finetune
-    facts = check_model(config.model)
     files = io.list_files(config.expand(cfg.captions), ".parquet")
     ds = parquet_files_stream(files, ["image_id", "image", "caption"], cfg.decode.num_cpus)
 
@@ -306,11 +302,7 @@ def caption_stream(config: Config, bad_images: pa.Array):
 
     return ds.map_batches(usable, batch_format="pyarrow").map_batches(
         decode_columns,
-        fn_kwargs={
-            "columns": {"image": "pixels"},
-            "image_size": facts.image_size,
-            "max_pixels": config.index_corpus.max_image_pixels,
-        },
+        fn_kwargs={"columns": {"image": "pixels"}, **sizes},
         batch_format="numpy",
         **task_pool(cfg.decode),
     )
@@ -338,7 +330,7 @@ class Stream:
     errors: list[dict]
 
 
-def prepare_pairs(config: Config, pairs: pa.Table) -> Stream:
+def prepare_pairs(config: Config, sizes: dict, pairs: pa.Table) -> Stream:
     """Check the pairs' images (present, decodable) and rows; the stream of usable pairs."""
     cfg = config.finetune
     wanted = pc.unique(
@@ -347,7 +339,7 @@ def prepare_pairs(config: Config, pairs: pa.Table) -> Stream:
         )
     )
     checks, blocks = check_images(
-        config, config.expand(cfg.images), wanted, keep_bytes=cfg.pair_images != "join"
+        config, sizes, config.expand(cfg.images), wanted, keep_bytes=cfg.pair_images != "join"
     )
     image_mb = pc.sum(checks["nbytes"]).as_py() / 2**20 if checks.num_rows else 0.0
     broadcast = cfg.pair_images == "broadcast" or (
@@ -364,14 +356,16 @@ def prepare_pairs(config: Config, pairs: pa.Table) -> Stream:
     usable = int(pc.sum(keep).as_py() or 0)
     _require_rows(usable, cfg.pairs_per_batch, "pairs_per_batch", cfg.scaling.num_workers, "pairs")
     keep_ids = pc.filter(wanted, pc.invert(pc.is_in(wanted, bad_images)))
-    dataset = pair_stream(config, pairs.filter(keep), keep_ids, blocks if broadcast else None)
+    dataset = pair_stream(
+        config, sizes, pairs.filter(keep), keep_ids, blocks if broadcast else None
+    )
     return Stream(dataset, pairs.num_rows, usable, pair_errors(pairs, keep, problems))
 
 
-def prepare_captions(config: Config) -> Stream:
+def prepare_captions(config: Config, sizes: dict) -> Stream:
     """Check every caption row (a caption, a decodable image); the stream of usable ones."""
     cfg = config.finetune
-    checked, _ = check_images(config, config.expand(cfg.captions), None)
+    checked, _ = check_images(config, sizes, config.expand(cfg.captions), None)
     problems = image_problems(checked, None)
     no_caption = pc.filter(checked["image_id"], pc.invert(checked["has_caption"]))
     for image_id in no_caption.to_pylist():
@@ -381,7 +375,7 @@ def prepare_captions(config: Config) -> Stream:
         usable, cfg.captions_per_batch, "captions_per_batch", cfg.scaling.num_workers, "captions"
     )
     errors = [{"row_id": i, "stage": "check_captions", "error": e} for i, e in problems.items()]
-    dataset = caption_stream(config, pa.array(sorted(problems), pa.string()))
+    dataset = caption_stream(config, sizes, pa.array(sorted(problems), pa.string()))
     return Stream(dataset, checked.num_rows, usable, errors)
 
 
@@ -395,15 +389,19 @@ def finetune(config: Config) -> dict:
     cfg = config.finetune
     out = output_dir(config)
     manifest = JobManifest("finetune", config)
-    check_model(config.model)
+    # Images are decoded at the model's input size; checked once, used by every stage.
+    sizes = {
+        "image_size": check_model(config.model).image_size,
+        "max_pixels": config.index_corpus.max_image_pixels,
+    }
     streams: dict[str, Stream] = {}
     with manifest.stage("check_inputs"):
         pairs = read_pairs(config) if cfg.objective == "dpo" else None  # before Ray starts
         init_ray(config.ray)
         if pairs is not None:
-            streams["pairs"] = prepare_pairs(config, pairs)
+            streams["pairs"] = prepare_pairs(config, sizes, pairs)
         if cfg.objective == "contrastive" or cfg.contrastive_weight > 0:
-            streams["captions"] = prepare_captions(config)
+            streams["captions"] = prepare_captions(config, sizes)
     errors = [e for s in streams.values() for e in s.errors]
     rows_in = sum(s.rows_in for s in streams.values())
     rows_out = sum(s.rows_out for s in streams.values())
