@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from actors import load_clip_for_actor, require_batch_columns
+from align.images import pixels_to_tensor
 
 REQUIRED = {
     "pixels": "uint8 (N, S, S, 3) at the model's image size, from the decode stage",
@@ -16,12 +17,8 @@ class ClipImageEmbedder:
     """Loads the CLIP model once per actor; float16 on GPU, float32 compute on CPU."""
 
     def __init__(self, model: dict, threads: int | None = None):
-        import torch
-
         self.clip, self.device = load_clip_for_actor(model, threads, fp16_on_gpu=True)
         self.dtype = next(self.clip.model.parameters()).dtype
-        self.mean = torch.tensor(self.clip.mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.clip.std, device=self.device).view(1, 3, 1, 1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -31,9 +28,10 @@ class ClipImageEmbedder:
         out = np.zeros((len(ok), self.clip.embed_dim), dtype=np.float16)
         if ok.any():
             with torch.inference_mode():
-                x = torch.from_numpy(batch["pixels"][ok]).to(self.device)
-                x = (x.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
-                emb = self.clip.model.encode_image(x.to(self.dtype))
+                x = pixels_to_tensor(
+                    batch["pixels"][ok], self.clip.mean, self.clip.std, self.device, self.dtype
+                )
+                emb = self.clip.model.encode_image(x)
                 emb = torch.nn.functional.normalize(emb.float(), dim=-1)
                 out[ok] = emb.half().cpu().numpy()
         return {**batch, "embedding": out}

@@ -318,6 +318,17 @@ class FinetuneConfig(Section):
         3, ge=1, description="Consecutive non-finite-loss steps (skipped) before the run stops."
     )
     decode: PoolConfig = PoolConfig(batch_size=128, concurrency=2, num_cpus=0.25)
+
+    @property
+    def uses_pairs(self) -> bool:
+        """The pairs stream feeds the DPO term."""
+        return self.objective == "dpo"
+
+    @property
+    def uses_captions(self) -> bool:
+        """The caption stream feeds InfoNCE: the whole loss, or DPO's regulariser when lambda > 0."""
+        return self.objective == "contrastive" or self.contrastive_weight > 0
+
     pair_images: Literal["auto", "broadcast", "join"] = Field(
         "auto",
         description="How pairs get their image bytes: broadcast (every decode actor holds the "

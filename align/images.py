@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, not by the decode tasks
+    import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -71,3 +75,18 @@ def decode_image(data: bytes | None, size: int, max_pixels: int) -> np.ndarray:
     img = _to_rgb(img)
     img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.uint8)
+
+
+def pixels_to_tensor(pixels: np.ndarray, mean, std, device, dtype=None) -> torch.Tensor:
+    """uint8 (N, S, S, 3) from a decode stage -> CLIP-normalised float (N, 3, S, S). The one
+    conversion index_corpus's embedder and the fine-tune share, so training sees exactly the
+    pixels the stored embeddings and reference similarities were made from."""
+    import torch
+
+    pixels = np.asarray(pixels, dtype=np.uint8)
+    if not pixels.flags.writeable:  # Ray hands out read-only arrays; torch wants writable ones
+        pixels = pixels.copy()
+    x = torch.as_tensor(pixels, device=device)
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return ((x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std).to(dtype or torch.float32)

@@ -14,7 +14,6 @@ import json
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from align.config import FinetuneConfig, OptimConfig
@@ -61,15 +60,6 @@ class StepInputs:
     @property
     def num_captions(self) -> int:
         return 0 if self.captions is None else len(self.captions)
-
-
-def pixels_to_tensor(pixels: np.ndarray, mean, std, device, dtype=torch.float32) -> torch.Tensor:
-    """uint8 (N, S, S, 3) from the decode stage -> normalised (N, 3, S, S), as index_corpus's
-    embedder does it, so the model sees the pixels the reference similarities were made from."""
-    x = torch.as_tensor(np.array(pixels, dtype=np.uint8), device=device)  # Ray's are read-only
-    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    return ((x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std).to(dtype)
 
 
 def clip_forward(model, images: torch.Tensor | None, texts: torch.Tensor | None):

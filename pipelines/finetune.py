@@ -124,7 +124,7 @@ def check_images(
         decoded = decode_batch(batch, **sizes)
         captions = batch.get("caption")
         has_caption = (
-            np.array([bool(c and str(c).strip()) for c in captions])
+            has_text(pa.array(captions, pa.string())).to_numpy(zero_copy_only=False)
             if captions is not None
             else np.zeros(len(batch["image_id"]), dtype=bool)
         )
@@ -175,6 +175,13 @@ def pair_row_ids(pairs: pa.Table) -> list[str]:
     ]
 
 
+def has_text(texts) -> pa.Array:
+    """Boolean per row: a string with more than whitespace (null is False). The one rule for
+    empty queries and captions, in the checks and in the streams."""
+    trimmed = pc.utf8_length(pc.utf8_trim_whitespace(texts))
+    return pc.fill_null(pc.greater(trimmed, 0), False)
+
+
 def usable_pairs(pairs: pa.Table, bad_images: pa.Array) -> pa.Array:
     """Boolean mask of the pairs that can be trained on: both images good, both reference
     similarities finite, a non-empty query. The driver's accounting and the training stream's
@@ -183,8 +190,7 @@ def usable_pairs(pairs: pa.Table, bad_images: pa.Array) -> pa.Array:
     images_ok = pc.invert(
         pc.or_(pc.is_in(pairs["chosen_id"], bad_images), pc.is_in(pairs["rejected_id"], bad_images))
     )
-    has_query = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(pairs["query"])), 0)
-    return pc.fill_null(pc.and_(pc.and_(finite, images_ok), has_query), False)
+    return pc.fill_null(pc.and_(pc.and_(finite, images_ok), has_text(pairs["query"])), False)
 
 
 def pair_errors(pairs: pa.Table, keep: pa.Array, image_errors: dict[str, str]) -> list[dict]:
@@ -294,10 +300,7 @@ def caption_stream(config: Config, sizes: dict, bad_images: pa.Array):
     ds = parquet_files_stream(files, ["image_id", "image", "caption"], cfg.decode.num_cpus)
 
     def usable(t: pa.Table) -> pa.Table:
-        has_caption = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(t["caption"])), 0)
-        keep = pc.and_(
-            pc.fill_null(has_caption, False), pc.invert(pc.is_in(t["image_id"], bad_images))
-        )
+        keep = pc.and_(has_text(t["caption"]), pc.invert(pc.is_in(t["image_id"], bad_images)))
         return t.filter(keep).select(["image", "caption"])
 
     return ds.map_batches(usable, batch_format="pyarrow").map_batches(
@@ -396,11 +399,11 @@ def finetune(config: Config) -> dict:
     }
     streams: dict[str, Stream] = {}
     with manifest.stage("check_inputs"):
-        pairs = read_pairs(config) if cfg.objective == "dpo" else None  # before Ray starts
+        pairs = read_pairs(config) if cfg.uses_pairs else None  # before Ray starts
         init_ray(config.ray)
         if pairs is not None:
             streams["pairs"] = prepare_pairs(config, sizes, pairs)
-        if cfg.objective == "contrastive" or cfg.contrastive_weight > 0:
+        if cfg.uses_captions:
             streams["captions"] = prepare_captions(config, sizes)
     errors = [e for s in streams.values() for e in s.errors]
     rows_in = sum(s.rows_in for s in streams.values())
@@ -491,7 +494,7 @@ def run_inputs(config: Config) -> dict:
         "backend": cfg.backend,
         "zero_stage": cfg.deepspeed.zero_stage,
         "num_workers": cfg.scaling.num_workers,
-        "pairs": sizes(config.expand(cfg.pairs)) if cfg.objective == "dpo" else [],
+        "pairs": sizes(config.expand(cfg.pairs)) if cfg.uses_pairs else [],
         "captions": sizes(config.expand(cfg.captions)),
     }
 

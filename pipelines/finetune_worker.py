@@ -20,7 +20,8 @@ from contextlib import nullcontext
 import numpy as np
 
 from align.config import Config
-from align.training import STEP_METRICS, StepInputs, pixels_to_tensor
+from align.images import pixels_to_tensor
+from align.training import STEP_METRICS, StepInputs
 
 STATE_FILE = "trainer_state.json"
 DDP_FILE = "ddp_state.pt"
@@ -69,8 +70,6 @@ class Trainer:
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         torch.manual_seed(cfg.seed)
         self._build_model()
-        self.uses_pairs = cfg.objective == "dpo"
-        self.uses_captions = cfg.objective == "contrastive" or cfg.contrastive_weight > 0
         self.state = {"step": 0, "skipped_steps": 0, "bad_in_a_row": 0, "resumed_from": []}
         self.records: list[dict] = []
 
@@ -84,7 +83,7 @@ class Trainer:
         cfg = self.cfg
         self.clip = build_clip(self.config.model, device=str(self.device))
         model = self.clip.model.float().train()
-        if cfg.objective == "dpo" and cfg.contrastive_weight == 0:
+        if not cfg.uses_captions:
             # Only InfoNCE trains the temperature (DPO uses it detached): with no contrastive
             # term it gets no gradient, and DDP refuses parameters that never get one.
             model.logit_scale.requires_grad_(False)
@@ -92,7 +91,7 @@ class Trainer:
             model.logit_bias.requires_grad_(False)  # SigLIP's bias: no loss here uses it
         # The frozen reference is the model before fine-tuning: the same initial weights.
         self.reference = None
-        if cfg.objective == "dpo" and cfg.dpo.reference == "recompute":
+        if cfg.uses_pairs and cfg.dpo.reference == "recompute":
             self.reference = build_clip(self.config.model, device=str(self.device)).model
             self.reference.to(self.dtype).eval().requires_grad_(False)
         # No weight decay on gains, biases, embeddings and the logit scale (as CLIP trains).
@@ -114,7 +113,7 @@ class Trainer:
         if cfg.backend == "deepspeed":
             import deepspeed
 
-            micro = cfg.pairs_per_batch if cfg.objective == "dpo" else cfg.captions_per_batch
+            micro = cfg.pairs_per_batch if cfg.uses_pairs else cfg.captions_per_batch
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model,
                 optimizer=optimizer,
@@ -134,14 +133,14 @@ class Trainer:
 
         cfg = self.cfg
         pairs = captions = None
-        if self.uses_pairs:
+        if cfg.uses_pairs:
             pairs = endless_batches(
                 ray.train.get_dataset_shard("pairs"),
                 cfg.pairs_per_batch,
                 cfg.shuffle_buffer,
                 cfg.seed + self.rank,
             )
-        if self.uses_captions:
+        if cfg.uses_captions:
             captions = endless_batches(
                 ray.train.get_dataset_shard("captions"),
                 cfg.captions_per_batch,

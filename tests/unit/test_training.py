@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from align.config import ConfigError, FinetuneConfig, ModelConfig, OptimConfig, load_config
+from align.images import pixels_to_tensor
 from align.losses import clip_contrastive_loss
 from align.models import build_clip
 from align.training import (
@@ -16,7 +17,6 @@ from align.training import (
     clip_forward,
     lr_multiplier,
     metrics_jsonl,
-    pixels_to_tensor,
     plot_metrics,
     read_metrics_jsonl,
     step_losses,
