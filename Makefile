@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/demo.yaml
 ARGS ?=
 
-.PHONY: demo test lint unit integration world env clean
+.PHONY: demo test lint unit integration world env browser clean
 
 env: $(STAMP)
 
@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml
 	    "torchvision==$$(sed -n 's/.*"torchvision==\([^"]*\)".*/\1/p' pyproject.toml)"
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -c "import torchvision, open_clip, ray, faiss, deepspeed; print('environment ok: torch', __import__('torch').__version__)"
-	@if command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then \
-	    echo "installing chromium for the browser tests"; \
-	    (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
-	    || echo "chromium not installed: browser tests will be skipped"; fi
 	touch $@
+
+# Debian's chromium, for the tests that render report.html (and the search page) headless.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	    echo "installing chromium for the browser tests"; \
+	    apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
 demo: $(STAMP)
 	$(PY) -m pipelines.demo --config $(CONFIG) $(ARGS)
@@ -42,10 +44,10 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest tests/unit $(ARGS)
 
-integration: $(STAMP)
+integration: $(STAMP) browser
 	$(PY) -m pytest tests/integration $(ARGS)
 
-test: lint
+test: lint browser
 	$(PY) -m pytest tests $(ARGS)
 
 clean:

@@ -1,6 +1,7 @@
-"""Text embedding stage (actor pool): original and rewritten queries -> L2-normalised embeddings.
+"""Text embedding stage (actor pool): text columns (by default the original and the rewritten
+query) -> L2-normalised embeddings, `{column}_embedding` for each.
 
-Queries longer than the text tower's context are truncated as CLIP does; `truncated` records it.
+Texts longer than the text tower's context are truncated as CLIP does; `truncated` records it.
 """
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ import numpy as np
 
 from actors import load_clip_for_actor, require_batch_columns
 
-REQUIRED = {"query": "the original query", "rewritten": "the rewritten query"}
+QUERY_COLUMNS = ("query", "rewritten")
 
 
 class ClipTextEmbedder:
-    def __init__(self, model: dict, threads: int | None = None):
+    def __init__(
+        self, model: dict, threads: int | None = None, columns: tuple[str, ...] = QUERY_COLUMNS
+    ):
         self.clip, self.device = load_clip_for_actor(model, threads)
+        self.columns = tuple(columns)
 
     def _too_long(self, texts) -> np.ndarray:
         encode = getattr(self.clip.tokenizer, "encode", None)
@@ -32,10 +36,7 @@ class ClipTextEmbedder:
             return torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        require_batch_columns(batch, REQUIRED, "text_embed")
-        return {
-            **batch,
-            "query_embedding": self._embed(batch["query"]),
-            "rewritten_embedding": self._embed(batch["rewritten"]),
-            "truncated": self._too_long(batch["query"]) | self._too_long(batch["rewritten"]),
-        }
+        require_batch_columns(batch, {c: "text to embed" for c in self.columns}, "text_embed")
+        out = {**batch, **{f"{c}_embedding": self._embed(batch[c]) for c in self.columns}}
+        out["truncated"] = np.logical_or.reduce([self._too_long(batch[c]) for c in self.columns])
+        return out

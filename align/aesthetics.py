@@ -5,6 +5,9 @@ A scorer maps a batch to one float32 score per image, from pixels or from CLIP i
 - `lowlevel`: classical pixel measures, no weights (see `lowlevel_measures`).
 - `laion_mlp`: the LAION improved-aesthetic-predictor head on L2-normalised CLIP image embeddings
   (OpenAI ViT-L/14, 768 wide for the released checkpoints).
+- `rated_cnn`: a small CNN on pixels trained on people's ratings by the train_scorer job (the
+  synthetic world's `ratings.parquet`, or AVA-style ratings of your own): a learned aesthetic
+  model that sees composition and colour, which the pixel measures do not.
 
 The combined score is `sum_i w_i * z_i / sum_i w_i`, each scorer z-scored with its mean and
 standard deviation over the whole corpus (`combine`).
@@ -19,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-SCORERS = ("lowlevel", "laion_mlp")
+SCORERS = ("lowlevel", "laion_mlp", "rated_cnn")
 
 
 class ScorerError(ValueError):
@@ -107,6 +110,23 @@ def lowlevel_score(pixels: np.ndarray) -> np.ndarray:
 # The LAION improved aesthetic predictor head.
 
 
+def _load_weights(checkpoint: str, scorer: str, missing_hint: str = ""):
+    """torch.load with weights_only (tensors and plain values only, never code).
+
+    Raises:
+        ScorerError: naming the scorer, for a missing file or one that is not a checkpoint.
+    """
+    import torch
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ScorerError(f"{scorer} checkpoint not found: {checkpoint}{missing_hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a file that is not a checkpoint
+        raise ScorerError(f"{scorer} checkpoint {checkpoint} cannot be read: {e}") from None
+
+
 def _laion_head(input_size: int):
     import torch.nn as nn
 
@@ -138,15 +158,7 @@ def load_laion_head(checkpoint: str, embed_dim: int):
     Raises:
         ScorerError: missing file, not a state dict of this head, or a width mismatch.
     """
-    import torch
-
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise ScorerError(f"laion_mlp checkpoint not found: {checkpoint}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a file that is not a checkpoint
-        raise ScorerError(f"laion_mlp checkpoint {checkpoint} cannot be read: {e}") from None
+    state = _load_weights(checkpoint, "laion_mlp")
     if not isinstance(state, dict) or "layers.0.weight" not in state:
         raise ScorerError(f"laion_mlp checkpoint {checkpoint} is not a LAION aesthetic head")
     width = int(state["layers.0.weight"].shape[1])
@@ -158,6 +170,79 @@ def load_laion_head(checkpoint: str, embed_dim: int):
     head = _laion_head(width)
     head.load_state_dict(state)
     return head.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# rated_cnn: a small CNN trained on ratings (pipelines/train_scorer.py)
+
+RATED_CNN_FORMAT = "aesthetic-align rated_cnn v1"
+
+
+def rated_cnn(image_size: int, width: int = 64):
+    """Four conv blocks (each halving the side) and an MLP to one score. Input: (N, 3, S, S)
+    floats in [0, 1], S = image_size (a multiple of 16)."""
+    import torch.nn as nn
+
+    if image_size % 16:
+        raise ScorerError(f"rated_cnn needs an image size divisible by 16, not {image_size}")
+
+    def block(i, o):
+        return nn.Sequential(
+            nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2)
+        )
+
+    return nn.Sequential(
+        block(3, width // 2),
+        block(width // 2, width),
+        block(width, width),
+        block(width, width),
+        nn.Flatten(),
+        nn.Linear(width * (image_size // 16) ** 2, 64),
+        nn.ReLU(),
+        nn.Linear(64, 1),
+    )
+
+
+def pixels_to_unit(pixels: np.ndarray, image_size: int):
+    """uint8 (N, H, W, 3) -> float (N, 3, S, S) in [0, 1], resized (antialiased) when H != S."""
+    import torch
+
+    pixels = np.require(pixels, requirements=["C", "W"])  # torch wants writable memory
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        x = torch.nn.functional.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", antialias=True
+        )
+    return x
+
+
+def save_rated_cnn(net, image_size: int, path: str) -> None:
+    import io as _io
+
+    import torch
+
+    from align import io
+
+    buffer = _io.BytesIO()
+    torch.save(
+        {"format": RATED_CNN_FORMAT, "image_size": image_size, "state_dict": net.state_dict()},
+        buffer,
+    )
+    io.write_bytes(path, buffer.getvalue())
+
+
+def load_rated_cnn(checkpoint: str):
+    """(network in eval mode, its image size), loaded with weights_only.
+
+    Raises:
+        ScorerError: missing file, or not a checkpoint written by train_scorer.
+    """
+    saved = _load_weights(checkpoint, "rated_cnn", missing_hint=" (run train_scorer)")
+    if not isinstance(saved, dict) or saved.get("format") != RATED_CNN_FORMAT:
+        raise ScorerError(f"{checkpoint} is not a rated_cnn checkpoint (written by train_scorer)")
+    net = rated_cnn(int(saved["image_size"]))
+    net.load_state_dict(saved["state_dict"])
+    return net.eval(), int(saved["image_size"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +279,18 @@ def build_scorer(name: str, checkpoint: str | None, embed_dim: int) -> Scorer:
                 return head(x).squeeze(-1).numpy().astype(np.float32)
 
         return Scorer(name, "embedding", score)
+    if name == "rated_cnn":
+        if not checkpoint:
+            raise ScorerError("scorer rated_cnn needs a checkpoint path (train_scorer's model.pt)")
+        net, size = load_rated_cnn(checkpoint)
+
+        def score_pixels(pixels: np.ndarray) -> np.ndarray:
+            import torch
+
+            with torch.no_grad():
+                return net(pixels_to_unit(pixels, size)).squeeze(-1).numpy().astype(np.float32)
+
+        return Scorer(name, "pixels", score_pixels)
     raise ScorerError(f"unknown aesthetic scorer {name!r}; known: {', '.join(SCORERS)}")
 
 

@@ -45,6 +45,19 @@ class WorldConfig(Section):
         0.3, ge=0.0, le=1.0, description="Share of captions that carry truthful quality words."
     )
     heldout_query_share: float = Field(0.25, gt=0.0, lt=1.0)
+    heldout_images: int = Field(
+        1000,
+        ge=0,
+        description="Image-caption pairs outside the corpus, never trained on: the gallery and "
+        "captions of evaluate's recall@k.",
+    )
+    rated_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="Share of corpus images people rated (ratings.parquet)."
+    )
+    rating_noise: float = Field(0.05, ge=0.0, description="Std of a rating around the truth.")
+    hpir_items_per_query: int = Field(
+        8, ge=0, description="HPIR items (row A vs row B) per held-out query."
+    )
     low_level_weight: float = Field(
         0.5,
         ge=0.0,
@@ -186,7 +199,9 @@ class RewriteConfig(Section):
         description="LLM prompt per variant, with a {query} slot (align/rewrite.py has the "
         "defaults: the paper's <detail>, <k list>, <kw dict>, repeat, <reorg>).",
     )
-    variant: Literal["original", "repeat", "k_list", "kw_dict", "detail", "reorg"] = "k_list"
+    variant: Literal["original", "repeat", "k_list", "k_phrase", "kw_dict", "detail", "reorg"] = (
+        "k_list"
+    )
     keywords: int = Field(5, ge=1, description="Keywords (k_list) or aspects (kw_dict) added.")
     max_chars: int = Field(400, ge=1, description="Longer completions fall back to the query.")
     http: HttpRewriteConfig = HttpRewriteConfig()
@@ -340,6 +355,128 @@ class FinetuneConfig(Section):
     seed: int = 0
 
 
+class TrainScorerConfig(Section):
+    """The train_scorer job: the rated_cnn aesthetic scorer, learned from people's ratings."""
+
+    ratings: str = Field("{output_dir}/world/ratings.parquet", description="The ratings contract.")
+    images: str = Field("{output_dir}/world/images", description="Images contract (bytes).")
+    output: str = Field("{output_dir}/aesthetic_scorer", description="model.pt, metrics.json.")
+    image_size: int = Field(32, ge=16, description="Input side; a multiple of 16.")
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(2e-3, gt=0, description="Peak of a one-cycle schedule (AdamW).")
+    weight_decay: float = Field(1e-4, ge=0)
+    validation_share: float = Field(0.1, gt=0, lt=1, description="Ratings held out to score it.")
+    num_cpus: float = Field(2, gt=0, description="CPUs of the training task (its torch threads).")
+    num_gpus: float = Field(0, ge=0)
+    decode: PoolConfig = PoolConfig(batch_size=256, concurrency=2, num_cpus=0.25)
+    seed: int = 0
+
+
+class EvalSystemConfig(Section):
+    """One system evaluate compares: a model, with or without query rewriting."""
+
+    model: str | None = Field(None, description="open_clip model name (None: model.name).")
+    pretrained: str | None = Field(
+        None,
+        description="Checkpoint path or open_clip tag; '{output_dir}' expands (None: "
+        "model.pretrained).",
+    )
+    rewrite: bool = Field(False, description="Search with the rewritten query (evaluate.rewrite).")
+    index_corpus_dir: str | None = Field(
+        None,
+        description="An index_corpus output built with this model, searched as it is (for large "
+        "corpora). None: evaluate embeds evaluate.corpus with the model and searches exactly.",
+    )
+
+
+def _default_judge_prompt() -> str:
+    from align.evaluation import RANKER_PROMPT
+
+    return RANKER_PROMPT
+
+
+class HttpJudgeConfig(HttpRewriteConfig):
+    """A vision-capable OpenAI-compatible endpoint; images go as data URLs."""
+
+    max_tokens: int = Field(16, ge=1)
+
+
+class VllmJudgeConfig(VllmRewriteConfig):
+    """A vision LLM on vLLM through ray.data.llm (GPU workers)."""
+
+    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    engine_kwargs: dict = Field(
+        default_factory=lambda: {"max_model_len": 8192, "limit_mm_per_prompt": {"image": 10}}
+    )
+    max_tokens: int = Field(16, ge=1)
+
+
+class JudgeConfig(Section):
+    """The LMM judge: system A's top-k row against system B's, per query, with the <ranker>
+    prompt, asked twice with the rows swapped (a win only when both calls agree)."""
+
+    backend: Literal["oracle", "http", "vllm", "none"] = Field(
+        "oracle", description="oracle: the synthetic world's ground truth; none: no judge."
+    )
+    compare: list[tuple[str, str]] = Field(
+        default_factory=lambda: [("aligned", "base"), ("base+rewrite", "base")],
+        description="(A, B) system pairs; systems not configured are skipped with a warning.",
+    )
+    prompt: str = Field(default_factory=_default_judge_prompt)
+    oracle_margin: float = Field(
+        0.02, ge=0, description="Rows closer than this in oracle quality are similar."
+    )
+    image_size: int = Field(224, ge=16, description="Longest side of images sent to an LLM.")
+    http: HttpJudgeConfig = HttpJudgeConfig()
+    vllm: VllmJudgeConfig = VllmJudgeConfig()
+
+
+class EvaluateConfig(Section):
+    """The evaluate job: named systems compared on retrieval, aesthetics, HPIR and a judge."""
+
+    output: str = Field("{output_dir}/evaluate", description="metrics.json, report.html, ...")
+    systems: dict[str, EvalSystemConfig] = Field(
+        default_factory=lambda: {
+            "base": EvalSystemConfig(),
+            "base+rewrite": EvalSystemConfig(rewrite=True),
+            "aligned": EvalSystemConfig(pretrained="{output_dir}/finetune/model.pt"),
+        }
+    )
+    queries: str = Field("{output_dir}/world/queries.parquet", description="The query set.")
+    split: str | None = Field("heldout", description="Keep queries of this split.")
+    corpus: str = Field(
+        "{output_dir}/world/images",
+        description="Parquet with image_id and image bytes (the images contract): what systems "
+        "without an index_corpus_dir search, and the images the judge and report show.",
+    )
+    scores: str = Field(
+        "{output_dir}/index_corpus",
+        description="index_corpus output whose scorers give aesthetic@k (fixed for every system).",
+    )
+    captions: str | None = Field(
+        "{output_dir}/world/heldout_images",
+        description="Held-out image-caption pairs (images contract) for recall@k (None: skip).",
+    )
+    ground_truth: str | None = Field(
+        "{output_dir}/world/ground_truth.parquet",
+        description="The synthetic world's ground truth: true_aesthetic@k, true_precision@k and "
+        "the oracle judge (None for a real corpus).",
+    )
+    hpir: str | None = Field(
+        "{output_dir}/world/hpir.parquet", description="HPIR file (the hpir contract; None: skip)."
+    )
+    k: int = Field(5, ge=1, description="Top-k for aesthetic@k, true_*@k and the judge's rows.")
+    recall_ks: tuple[int, ...] = (1, 5, 10)
+    rewrite: RewriteConfig = RewriteConfig()
+    judge: JudgeConfig = JudgeConfig()
+    decode: PoolConfig = PoolConfig(batch_size=128, concurrency=2, num_cpus=0.25)
+    embed: PoolConfig = PoolConfig(batch_size=256, num_cpus=0.5)
+    report_queries: int = Field(
+        12, ge=0, description="Queries shown as image grids in report.html."
+    )
+
+
 class Config(Section):
     """Root config shared by every job; each job reads the sections it needs."""
 
@@ -350,6 +487,8 @@ class Config(Section):
     index_corpus: IndexCorpusConfig = IndexCorpusConfig()
     build_preferences: BuildPreferencesConfig = BuildPreferencesConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    train_scorer: TrainScorerConfig = TrainScorerConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     pretrain: FinetuneConfig = Field(
         default_factory=lambda: FinetuneConfig(
             objective="contrastive",
@@ -370,10 +509,13 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _expand_model_path(self):
-        # A checkpoint path may live under output_dir (the demo's pretrained base model).
+        # A checkpoint may live under output_dir (the demo's pretrained base model, its scorer).
         pretrained = self.model.pretrained
         if pretrained and "{output_dir}" in pretrained:
             self.model.pretrained = self.expand(pretrained)
+        for scorer in self.index_corpus.scorers.values():
+            if scorer.checkpoint and "{output_dir}" in scorer.checkpoint:
+                scorer.checkpoint = self.expand(scorer.checkpoint)
         return self
 
     def expand(self, path: str) -> str:

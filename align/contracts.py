@@ -176,6 +176,45 @@ ERRORS = Contract(
     ),
 )
 
+RATINGS = Contract(
+    "ratings",
+    "make_world (or an AVA-style ratings file): what train_scorer learns from",
+    (
+        Column("image_id", pa.string(), "id in the images table"),
+        Column("rating", pa.float32(), "mean aesthetic rating by people, 0..1 (1 = best)"),
+    ),
+)
+
+HPIR_DIMENSIONS = ("accuracy", "aesthetic", "diversity")
+HPIR = Contract(
+    "hpir",
+    "make_world (from ground truth) or people's judgements collected for the HPIR protocol",
+    (
+        Column("item_id", pa.string(), "stable unique id of the comparison"),
+        Column("query", pa.string(), "the query both rows answer"),
+        Column("row_a", pa.list_(pa.string()), "image ids of row A, in rank order"),
+        Column("row_b", pa.list_(pa.string()), "image ids of row B, in rank order"),
+        *(
+            column
+            for dim in HPIR_DIMENSIONS
+            for column in (
+                Column(
+                    f"{dim}_preferred",
+                    pa.string(),
+                    f"'a' or 'b': the row people preferred for {dim} (null: no preference)",
+                    nullable=True,
+                ),
+                Column(
+                    f"{dim}_confidence",
+                    pa.float32(),
+                    "share of people who preferred that row, 0.5..1 (null: no preference)",
+                    nullable=True,
+                ),
+            )
+        ),
+    ),
+)
+
 ALL_CONTRACTS = (
     IMAGES,
     GROUND_TRUTH,
@@ -185,6 +224,8 @@ ALL_CONTRACTS = (
     REWRITES,
     CANDIDATES,
     PAIRS,
+    RATINGS,
+    HPIR,
     ERRORS,
 )
 

@@ -77,6 +77,17 @@ def decode_image(data: bytes | None, size: int, max_pixels: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def jpeg_thumbnail(data: bytes | None, size: int, max_pixels: int, quality: int = 90) -> bytes:
+    """A square JPEG thumbnail (CLIP's resize and centre crop) for a judge or a report page.
+
+    Raises:
+        ImageDecodeError: as decode_image.
+    """
+    out = io.BytesIO()
+    Image.fromarray(decode_image(data, size, max_pixels)).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
 def pixels_to_tensor(pixels: np.ndarray, mean, std, device, dtype=None) -> torch.Tensor:
     """uint8 (N, S, S, 3) from a decode stage -> CLIP-normalised float (N, 3, S, S). The one
     conversion index_corpus's embedder and the fine-tune share, so training sees exactly the

@@ -114,3 +114,37 @@ def read_parquet(uri: str, columns: list[str] | None = None):
     """Read one Parquet file or every Parquet file below a folder into one Arrow table."""
     fs, path = filesystem(uri)
     return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def parquet_files(source: str) -> list[str]:
+    """A Parquet file, or the Parquet files under a folder (FileNotFoundError if none)."""
+    files = [source] if is_file(source) else list_files(source, ".parquet")
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {source}")
+    return files
+
+
+def read_image_table(source: str, ids, columns: list[str]):
+    """Rows of an images-contract table, all or those whose image_id is in `ids`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from align.contracts import IMAGES, require_columns
+
+    files = parquet_files(source)
+    fs, _ = filesystem(files[0])
+    paths = [filesystem(f)[1] for f in files]
+    dataset = pads.dataset(paths, format="parquet", filesystem=fs)
+    require_columns(IMAGES, dataset.schema.names, f"read {source}", needed=columns)
+    where = pc.field("image_id").isin(pa.array(list(ids), pa.string())) if ids is not None else None
+    return dataset.to_table(columns=columns, filter=where)
+
+
+def align_rows(ids, table):
+    """Row of `table` for each id (-1 where it has none): joins by image_id without a loop."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rows = pc.index_in(pa.array(ids, pa.string()), value_set=table["image_id"].combine_chunks())
+    return rows.fill_null(-1).to_numpy(zero_copy_only=False)

@@ -193,8 +193,11 @@ def plot_metrics(records: list[dict], title: str) -> bytes:
         ("DPO", ("dpo_accuracy", "reward_margin")),
         ("learning rate", ("lr",)),
     )
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
-    for ax, (name, keys) in zip(axes, panels, strict=True):
+    # Only panels with data (a contrastive run has no DPO terms).
+    panels = [p for p in panels if any(r.get(k) is not None for r in records for k in p[1])]
+    panels = panels or [("loss", ("loss",))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (name, keys) in zip(axes[0], panels, strict=True):
         for key in keys:
             points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
             if points:

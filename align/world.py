@@ -13,7 +13,9 @@ each drawn uniformly in [0, 1] (1 = best), control how it is rendered:
 The hidden true aesthetic is `w * low_level + (1 - w) * high_level` (w = world.low_level_weight),
 so it depends on both. Captions name the content; a share of them also carry truthful quality
 words ("a blurry, dark photo of a red star"), as web alt text sometimes does. Queries name content
-only and are split into train and held-out.
+only and are split into train and held-out. Beside the corpus the world provides what evaluation
+and a learned aesthetic scorer need: held-out image-caption pairs (recall@k), an HPIR file and
+people's ratings of a share of the corpus, all from the ground truth (`make_hpir`, `make_ratings`).
 
 Everything is a pure function of (world.seed, shard index): the same seed gives the same bytes.
 """
@@ -26,10 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageFilter
 
 from align.config import WorldConfig
-from align.contracts import GROUND_TRUTH, IMAGES, QUERIES
+from align.contracts import GROUND_TRUTH, HPIR, HPIR_DIMENSIONS, IMAGES, QUERIES, RATINGS
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 # Hue in degrees for each colour name.
@@ -273,21 +276,33 @@ def caption_for(scene: Scene, true_aesthetic: float, rng: np.random.Generator, w
     return f"a {chosen} photo of {content}", chosen
 
 
-def render_shard(world: WorldConfig, shard: int) -> tuple[pa.Table, pa.Table]:
-    """Render shard `shard` of the world: (images table, ground-truth table).
+# Held-out image-caption pairs come from their own random stream and id prefix, so they never
+# coincide with corpus images and the corpus does not change when their number does.
+_HELDOUT_STREAM = 2_000_003
 
-    A pure function of (world config, shard): same inputs, same bytes.
+
+def render_shard(
+    world: WorldConfig, shard: int, heldout: bool = False
+) -> tuple[pa.Table, pa.Table]:
+    """Render shard `shard` of the world's corpus (or of its held-out image-caption pairs):
+    (images table, ground-truth table).
+
+    A pure function of (world config, shard, heldout): same inputs, same bytes.
     """
+    total = world.heldout_images if heldout else world.num_images
     start = shard * world.shard_size
-    n = min(world.shard_size, world.num_images - start)
+    n = min(world.shard_size, total - start)
     if n <= 0:
-        raise ValueError(f"shard {shard} is past the end of a world of {world.num_images} images")
-    rng = np.random.default_rng([world.seed, shard])
+        raise ValueError(f"shard {shard} is past the end of a set of {total} images")
+    rng = np.random.default_rng(
+        [world.seed, _HELDOUT_STREAM, shard] if heldout else [world.seed, shard]
+    )
+    prefix = f"w{world.seed}-h" if heldout else f"w{world.seed}-"
     scenes = sample_scenes(rng, n)
     with_quality = rng.random(n) < world.caption_quality_share
     ids, images, captions, gt_rows = [], [], [], []
     for i, scene in enumerate(scenes):
-        image_id = f"w{world.seed}-{start + i:07d}"
+        image_id = f"{prefix}{start + i:07d}"
         low, high, true = aesthetic_parts(scene, world.low_level_weight)
         caption, words = caption_for(scene, true, rng, bool(with_quality[i]))
         ids.append(image_id)
@@ -313,8 +328,8 @@ def render_shard(world: WorldConfig, shard: int) -> tuple[pa.Table, pa.Table]:
     return images_table, gt_table
 
 
-def num_shards(world: WorldConfig) -> int:
-    return -(-world.num_images // world.shard_size)
+def num_shards(world: WorldConfig, heldout: bool = False) -> int:
+    return -(-(world.heldout_images if heldout else world.num_images) // world.shard_size)
 
 
 def make_queries(world: WorldConfig) -> pa.Table:
@@ -339,4 +354,119 @@ def make_queries(world: WorldConfig) -> pa.Table:
             "background": [b for _, _, b in rows],
         },
         schema=QUERIES.schema,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Ground-truth relevance and the HPIR file
+
+
+def relevant(
+    query_colour: np.ndarray,
+    query_shape: np.ndarray,
+    query_background: np.ndarray,
+    image_colour: np.ndarray,
+    image_shape: np.ndarray,
+    image_background: np.ndarray,
+) -> np.ndarray:
+    """Does each image show what its query asks for: colour and shape, and the background when
+    the query names one (None matches any)? Object arrays, broadcast against each other: (Q, 1)
+    query facts with (1, N) images give (Q, N); with (Q, k) retrieved images, (Q, k)."""
+    no_background = np.vectorize(lambda b: b is None, otypes=[bool])(query_background)
+    return (
+        (query_colour == image_colour)
+        & (query_shape == image_shape)
+        & (no_background | (query_background == image_background))
+    )
+
+
+# Simulated raters: the share preferring the better row is a logistic function of the difference
+# (in the attribute's own unit); below HPIR_MIN_SHARE people are split and there is no preference.
+_HPIR_SCALE = {"accuracy": 0.1, "aesthetic": 0.03, "diversity": 0.5}
+HPIR_MIN_SHARE = 0.6
+
+
+def _row_facts(gt: dict[str, np.ndarray], rows: np.ndarray, rel: np.ndarray) -> dict[str, float]:
+    """Ground-truth accuracy (share relevant), aesthetic (mean true aesthetic) and diversity
+    (distinct contents) of one row of corpus rows."""
+    contents = {(gt["shape"][r], gt["colour"][r], gt["background"][r]) for r in rows}
+    return {
+        "accuracy": float(rel[rows].mean()),
+        "aesthetic": float(gt["true_aesthetic"][rows].mean()),
+        "diversity": float(len(contents)),
+    }
+
+
+def make_hpir(
+    world: WorldConfig, ground_truth: pa.Table, queries: pa.Table, row_size: int = 5
+) -> pa.Table:
+    """An HPIR file (the `hpir` contract) for the held-out queries, from the ground truth.
+
+    Per query, half the items contrast aesthetics (both rows relevant, drawn at random) and half
+    contrast accuracy (rows with different numbers of relevant images). Every item carries all
+    three dimensions; simulated raters prefer the better row with a share that grows with the
+    difference, and have no preference when it is small.
+    """
+    gt = {
+        c: ground_truth[c].to_numpy(zero_copy_only=False)
+        for c in ("image_id", "shape", "colour", "background", "true_aesthetic")
+    }
+    held = queries.filter(pc.equal(queries["split"], "heldout"))
+    asked = [
+        held[c].to_numpy(zero_copy_only=False)[:, None] for c in ("colour", "shape", "background")
+    ]
+    rel = relevant(*asked, *(gt[c][None, :] for c in ("colour", "shape", "background")))
+    rng = np.random.default_rng([world.seed, 3_000_017])
+    rows = {c.name: [] for c in HPIR.columns}
+    for q, (query_id, query) in enumerate(
+        zip(held["query_id"].to_pylist(), held["query"].to_pylist(), strict=True)
+    ):
+        good, bad = np.flatnonzero(rel[q]), np.flatnonzero(~rel[q])
+        if len(good) < 2 * row_size:
+            continue
+        for item in range(world.hpir_items_per_query):
+            if item % 2 == 0:  # aesthetic contrast: two rows of relevant images
+                pick = rng.choice(good, 2 * row_size, replace=False)
+                row_a, row_b = pick[:row_size], pick[row_size:]
+            else:  # accuracy contrast: m and n relevant images, the rest irrelevant
+                m, n = rng.choice(row_size + 1, 2, replace=False)
+                row_a = np.concatenate(
+                    [
+                        rng.choice(good, m, replace=False),
+                        rng.choice(bad, row_size - m, replace=False),
+                    ]
+                )
+                row_b = np.concatenate(
+                    [
+                        rng.choice(good, n, replace=False),
+                        rng.choice(bad, row_size - n, replace=False),
+                    ]
+                )
+                row_a, row_b = rng.permutation(row_a), rng.permutation(row_b)
+            fa, fb = _row_facts(gt, row_a, rel[q]), _row_facts(gt, row_b, rel[q])
+            rows["item_id"].append(f"{query_id}-{item}")
+            rows["query"].append(query)
+            rows["row_a"].append(gt["image_id"][row_a].tolist())
+            rows["row_b"].append(gt["image_id"][row_b].tolist())
+            for dim in HPIR_DIMENSIONS:
+                diff = fa[dim] - fb[dim]
+                share = 1.0 / (1.0 + np.exp(-abs(diff) / _HPIR_SCALE[dim]))
+                decided = share >= HPIR_MIN_SHARE
+                rows[f"{dim}_preferred"].append(("a" if diff > 0 else "b") if decided else None)
+                rows[f"{dim}_confidence"].append(float(share) if decided else None)
+    return pa.table(rows, schema=HPIR.schema)
+
+
+def make_ratings(world: WorldConfig, ground_truth: pa.Table) -> pa.Table:
+    """People's ratings of a random share of the corpus (the `ratings` contract), as an AVA-style
+    dataset would hold them: the true aesthetic plus rater noise, clipped to [0, 1]. A learned
+    aesthetic scorer trains on these (pipelines/train_scorer.py); nothing else reads them."""
+    rng = np.random.default_rng([world.seed, 4_000_037])
+    n = ground_truth.num_rows
+    rated = np.flatnonzero(rng.random(n) < world.rated_share)
+    true = ground_truth["true_aesthetic"].to_numpy()[rated]
+    rating = np.clip(true + rng.normal(0.0, world.rating_noise, len(rated)), 0.0, 1.0)
+    return pa.table(
+        {"image_id": ground_truth["image_id"].take(pa.array(rated)), "rating": rating},
+        schema=RATINGS.schema,
     )

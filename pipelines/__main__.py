@@ -5,7 +5,15 @@ from __future__ import annotations
 import importlib
 import sys
 
-JOBS = ("make_world", "pretrain", "index_corpus", "build_preferences", "finetune", "demo")
+JOBS = (
+    "make_world",
+    "pretrain",
+    "index_corpus",
+    "build_preferences",
+    "finetune",
+    "evaluate",
+    "demo",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from align import io
-from align.config import Config
+from align.config import Config, RewriteConfig
 from align.contracts import CANDIDATES, ERRORS, PAIRS, QUERIES, REWRITES, conform, require_columns
 from align.index import INDEX_MANIFEST
 from align.log import get_logger
@@ -133,10 +133,10 @@ def check_index(config: Config, index_corpus_dir: str) -> dict:
 # The pipeline
 
 
-def rewrite(config: Config, ds):
+def rewrite(rw: RewriteConfig, ds):
+    """The rewrite stage for a Dataset of (query_id, query): adds `rewritten` and `fallback`."""
     from actors.rewrite import build_llm_rewriter, keyword_rewrite_batch
 
-    rw = config.build_preferences.rewrite
     if rw.backend == "keywords":
         return ds.map_batches(
             keyword_rewrite_batch,
@@ -222,7 +222,7 @@ def build_preferences(config: Config) -> dict:
         # Blocks of one embed batch each, so the stages stream and run in parallel.
         step = bp.embed.batch_size
         blocks = [queries.slice(i, step) for i in range(0, queries.num_rows, step)] or [queries]
-        ds = rewrite(config, ray.data.from_arrow(blocks))
+        ds = rewrite(bp.rewrite, ray.data.from_arrow(blocks))
         ds = ds.map_batches(
             ClipTextEmbedder,
             fn_constructor_kwargs={"model": config.model.model_dump(), "threads": bp.embed.threads},

@@ -3,9 +3,11 @@
     python -m pipelines.demo --config configs/demo.yaml [key=value ...]     (or: make demo)
 
 Runs the jobs in order, in one embedded Ray session, each writing under `output_dir` as it would
-alone: make the world, pretrain the base model on its captions (CLIP InfoNCE), index and score the
-corpus with that model, build preference pairs, fine-tune with retrieval DPO. Evaluate joins it
-when it lands.
+alone: make the world, train the learned aesthetic scorer on its ratings, pretrain the base model
+on its captions (CLIP InfoNCE), index and score the corpus with that model (pixel measures and the
+learned scorer), build preference pairs, fine-tune with retrieval DPO (+ InfoNCE), and
+evaluate `base`, `base+rewrite` and `aligned` on the held-out queries; it prints the table and
+writes `evaluate/report.html`.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import sys
 import numpy as np
 
 from align import io
-from align.config import Config
+from align.config import Config, ScorerConfig
 from align.log import get_logger
 from pipelines.build_preferences import build_preferences
 from pipelines.common import run_job
+from pipelines.evaluate import evaluate
 from pipelines.finetune import finetune
 from pipelines.index_corpus import index_corpus
 from pipelines.make_world import make_world, world_dir
 from pipelines.pretrain import pretrain
+from pipelines.train_scorer import train_scorer
 
 log = get_logger("demo")
 
@@ -59,17 +63,32 @@ def summarise_training(job: str, manifest: dict) -> str:
 
 
 def demo(config: Config) -> None:
-    log.info("step 1/5: make_world")
+    log.info("step 1/7: make_world")
     make_world(config)
     print(summarise_world(config))
-    log.info("step 2/5: pretrain the base model on the world's captions")
+    log.info("step 2/7: train_scorer (the learned aesthetic scorer, from the world's ratings)")
+    manifest = train_scorer(config)
+    m = manifest["metrics"]
+    print(
+        f"train_scorer: rated_cnn on {m['train_ratings']} ratings, validation Pearson "
+        f"{m['validation_pearson']:.3f} (Spearman {m['validation_spearman']:.3f}), {m['seconds']:.0f} s"
+    )
+    # index_corpus scores with it beside the pixel measures (demo.yaml gives its weight).
+    scorers = dict(config.index_corpus.scorers)
+    scorers["rated_cnn"] = scorers.get("rated_cnn", ScorerConfig()).model_copy(
+        update={"checkpoint": manifest["export"]}
+    )
+    log.info("step 3/7: pretrain the base model on the world's captions")
     manifest = pretrain(config)
     print(summarise_training("pretrain", manifest))
     # Every later job uses the pretrained base model; it is also the DPO reference.
     config = config.model_copy(
-        update={"model": config.model.model_copy(update={"pretrained": manifest["export"]})}
+        update={
+            "model": config.model.model_copy(update={"pretrained": manifest["export"]}),
+            "index_corpus": config.index_corpus.model_copy(update={"scorers": scorers}),
+        }
     )
-    log.info("step 3/5: index_corpus")
+    log.info("step 4/7: index_corpus")
     manifest = index_corpus(config)
     counts, index = manifest["counts"], manifest["index"]
     print(
@@ -77,15 +96,18 @@ def demo(config: Config) -> None:
         f"{manifest['images_per_second']} images/s; {index['spec']['type']} index, "
         f"recall@10 {index['recall_at_10']:.3f}"
     )
-    log.info("step 4/5: build_preferences")
+    log.info("step 5/7: build_preferences")
     manifest = build_preferences(config)
     print(
         f"build_preferences: {manifest['counts']['rows_out']} queries -> {manifest['pairs']} pairs "
         f"({manifest['rewrite']['backend']}/{manifest['rewrite']['variant']} rewriting, "
         f"{manifest['rewrite']['fallbacks']} fallbacks), {manifest['counts']['rows_error']} errors"
     )
-    log.info("step 5/5: finetune (retrieval DPO + lambda * contrastive)")
+    log.info("step 6/7: finetune (retrieval DPO + lambda * contrastive)")
     print(summarise_training("finetune", finetune(config)))
+    log.info("step 7/7: evaluate base, base+rewrite and aligned on the held-out queries")
+    result = evaluate(config)
+    print(f"report: {result['output']}/report.html")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,13 @@
 
     python -m pipelines.make_world --config configs/demo.yaml [world.seed=3 ...]
 
-Writes under `{output_dir}/world/`: `images/shard-*.parquet` (the images contract: encoded JPEG
-bytes and captions), `ground_truth.parquet`, `queries.parquet` and `_manifest.json`. Shards are
-rendered in parallel, one Ray task each, and are a pure function of (world config, shard index).
+Writes under `{output_dir}/world/`: `images/shard-*.parquet` (the corpus, the images contract:
+encoded JPEG bytes and captions), `heldout_images/shard-*.parquet` (image-caption pairs outside the
+corpus, never trained on: evaluate's recall@k), `ground_truth.parquet` (of the corpus),
+`queries.parquet`, `hpir.parquet` (the HPIR protocol's file, from the ground truth),
+`ratings.parquet` (people's ratings of a share of the corpus, for train_scorer) and
+`_manifest.json`. Shards are rendered in parallel, one Ray task each, and are a pure function of
+(world config, shard index).
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ def world_dir(config: Config) -> str:
     return config.path("world")
 
 
-def _render_and_write(cfg: WorldConfig, shard: int, images_dir: str) -> pa.Table:
+def _render_and_write(cfg: WorldConfig, shard: int, images_dir: str, heldout: bool) -> pa.Table:
     """Ray task: render one shard, write its images, return its ground truth (small)."""
-    images, ground_truth = world.render_shard(cfg, shard)
+    images, ground_truth = world.render_shard(cfg, shard, heldout)
     io.write_parquet(images, f"{images_dir}/shard-{shard:05d}.parquet")
     return ground_truth
 
@@ -38,29 +42,42 @@ def make_world(config: Config) -> dict:
     import ray
 
     out = world_dir(config)
-    images_dir = f"{out}/images"
     manifest = JobManifest("make_world", config)
     init_ray(config.ray)
-    n_shards = world.num_shards(config.world)
-
-    # A re-run with fewer images must not leave shards of the old run behind.
-    io.delete_files_except(
-        images_dir, ".parquet", {f"shard-{i:05d}.parquet" for i in range(n_shards)}
-    )
-
-    log.info("rendering %d images in %d shards", config.world.num_images, n_shards)
     render = ray.remote(num_cpus=1)(_render_and_write)
+    refs = {}
+    for heldout, images_dir in ((False, f"{out}/images"), (True, f"{out}/heldout_images")):
+        n_shards = world.num_shards(config.world, heldout)
+        # A re-run with fewer images must not leave shards of the old run behind.
+        io.delete_files_except(
+            images_dir, ".parquet", {f"shard-{i:05d}.parquet" for i in range(n_shards)}
+        )
+        refs[heldout] = [
+            render.remote(config.world, i, images_dir, heldout) for i in range(n_shards)
+        ]
+    log.info(
+        "rendering %d corpus and %d held-out images",
+        config.world.num_images,
+        config.world.heldout_images,
+    )
     with manifest.stage("render"):
-        refs = [render.remote(config.world, i, images_dir) for i in range(n_shards)]
-        ground_truth = pa.concat_tables(ray.get(refs))
+        ground_truth = pa.concat_tables(ray.get(refs[False]))
+        ray.get(refs[True])
     with manifest.stage("write"):
         io.write_parquet(ground_truth, f"{out}/ground_truth.parquet")
         queries = world.make_queries(config.world)
         io.write_parquet(queries, f"{out}/queries.parquet")
+        hpir = world.make_hpir(config.world, ground_truth, queries)
+        io.write_parquet(hpir, f"{out}/hpir.parquet")
+        ratings = world.make_ratings(config.world, ground_truth)
+        io.write_parquet(ratings, f"{out}/ratings.parquet")
     splits = queries.column("split").to_pylist()
     manifest.extra["world"] = {
-        "shards": n_shards,
+        "shards": len(refs[False]),
         "images": ground_truth.num_rows,
+        "heldout_images": config.world.heldout_images,
+        "hpir_items": hpir.num_rows,
+        "rated_images": ratings.num_rows,
         "queries": {s: splits.count(s) for s in ("train", "heldout")},
         "captions_with_quality_words": sum(
             1 for w in ground_truth["quality_words"].to_pylist() if w

@@ -100,3 +100,44 @@ def test_combine_is_the_weighted_mean_of_z_scores():
     np.testing.assert_allclose(out, (za + 3 * zb) / 4, rtol=1e-6)
     with pytest.raises(ScorerError, match="sum to zero"):
         combine(cols, {"a": 0.0, "b": 0.0}, stats)
+
+
+def test_rated_cnn_round_trip_and_resize(tmp_path):
+    import torch
+
+    from align.aesthetics import pixels_to_unit, rated_cnn, save_rated_cnn
+
+    torch.manual_seed(0)
+    net = rated_cnn(32).eval()
+    path = tmp_path / "cnn.pt"
+    save_rated_cnn(net, 32, str(path))
+    scorer = build_scorer("rated_cnn", str(path), 64)
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    scores = scorer(pixels, None)
+    assert scores.shape == (6,) and scores.dtype == np.float32
+    # Pixels at another size are resized to the network's input, as pixels_to_unit does.
+    with torch.no_grad():
+        expected = net(pixels_to_unit(pixels, 32)).squeeze(1).numpy()
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    assert len(set(scores.round(6).tolist())) > 1
+
+
+def test_rated_cnn_refuses_other_checkpoints(tmp_path, laion_checkpoint):
+    with pytest.raises(ScorerError, match="needs a checkpoint"):
+        build_scorer("rated_cnn", None, 64)
+    with pytest.raises(ScorerError, match="run train_scorer"):
+        build_scorer("rated_cnn", str(tmp_path / "none.pt"), 64)
+    with pytest.raises(ScorerError, match="not a rated_cnn checkpoint"):
+        build_scorer("rated_cnn", laion_checkpoint, 64)
+
+
+def test_world_ratings_are_noisy_truth_for_a_share_of_images():
+    cfg = WorldConfig(seed=2, num_images=2000, shard_size=2000, rated_share=0.3)
+    _, gt = world.render_shard(cfg, 0)
+    ratings = world.make_ratings(cfg, gt)
+    assert ratings.equals(world.make_ratings(cfg, gt))
+    assert 0.25 < ratings.num_rows / 2000 < 0.35
+    true = dict(zip(gt["image_id"].to_pylist(), gt["true_aesthetic"].to_pylist(), strict=True))
+    t = np.array([true[i] for i in ratings["image_id"].to_pylist()])
+    r = ratings["rating"].to_numpy()
+    assert 0.02 < np.std(r - t) < 0.08 and np.corrcoef(r, t)[0, 1] > 0.9

@@ -1,0 +1,168 @@
+"""What the LLM stages share (query rewriting, the LMM judge): one ray.data.llm processor for
+chat messages, sent to any OpenAI-compatible endpoint (`http`) or to vLLM on GPU workers
+(`vllm`), and an HTTP session whose failures become error answers rather than a failed job.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+RETRYABLE_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+class _ErrorAnswer:
+    """Stands in for an HTTP response after the last retry failed: an OpenAI-style error body,
+    which postprocess turns into a fallback for that row alone."""
+
+    status, reason = 200, "OK"
+
+    def __init__(self, message: str):
+        self._body = {"error": {"message": message, "type": "request_failed"}}
+
+    async def json(self) -> dict:
+        return self._body
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> bool:
+        return False
+
+
+class _TolerantPost:
+    """Awaitable in place of `session.post(...)`: retries 408/429/5xx and network errors with
+    exponential backoff, then answers with an `_ErrorAnswer` instead of raising."""
+
+    def __init__(self, session, url: str, kwargs: dict, retries: int, wait_s: float):
+        self.session, self.url, self.kwargs = session, url, kwargs
+        self.retries, self.wait_s = retries, wait_s
+
+    def __await__(self):
+        return self._send().__await__()
+
+    async def _send(self):
+        import asyncio
+
+        import aiohttp
+
+        problem = "no attempt made"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(self.wait_s * 2 ** (attempt - 1))
+            try:
+                response = await self.session.post(self.url, **self.kwargs)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                problem = f"{type(e).__name__}: {e}"
+                continue
+            if response.status not in RETRYABLE_STATUS:
+                return response
+            problem = f"HTTP {response.status} {response.reason}"
+            response.release()
+        return _ErrorAnswer(f"{problem} (after {self.retries + 1} attempts)")
+
+
+class TolerantSession:
+    """aiohttp session for ray.data.llm's HTTP stage whose failed requests become error answers:
+    Ray 2.60's HTTP stage raises (and fails the job) once its own retries run out."""
+
+    def __init__(self, retries: int, wait_s: float):
+        self.retries, self.wait_s = retries, wait_s
+
+    async def __aenter__(self):
+        import aiohttp
+
+        self._session = aiohttp.ClientSession()
+        await self._session.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc):
+        return await self._session.__aexit__(*exc)
+
+    def post(self, url: str, **kwargs) -> _TolerantPost:
+        return _TolerantPost(self._session, url, kwargs, self.retries, self.wait_s)
+
+
+def completion(row: dict, backend: str) -> tuple[str | None, str | None]:
+    """(completion text, error) of one answered row, for either backend."""
+    if backend == "http":
+        response = row.get("http_response") or {}
+        choices = response.get("choices") or [{}]
+        text = (choices[0].get("message") or {}).get("content")
+        return text, row.get("__inference_error__") or response.get("error")
+    return row.get("generated_text"), row.get("__inference_error__")
+
+
+def build_chat_processor(
+    backend: str,
+    http,
+    vllm,
+    messages: Callable[[dict], list[dict]],
+    carry: tuple[str, ...],
+    postprocess: Callable[[dict], dict],
+    multimodal: bool = False,
+):
+    """A ray.data.llm processor (Dataset -> Dataset): `messages(row)` to the model, the `carry`
+    columns passed through to `postprocess(row)`.
+
+    Args:
+        backend: "http" (config `http`: url, model, api_key_env, batch_size, concurrency,
+            max_retries, max_tokens, temperature) or "vllm" (config `vllm`: model,
+            engine_kwargs, batch_size, concurrency, max_tokens, temperature).
+        multimodal: messages carry images (vLLM's multimodal stage prepares them).
+    """
+    from ray.data.llm import build_processor
+
+    if backend == "http":
+        from ray.data.llm import HttpRequestProcessorConfig
+
+        headers = {}
+        if http.api_key_env and os.environ.get(http.api_key_env):
+            headers["Authorization"] = f"Bearer {os.environ[http.api_key_env]}"
+        config = HttpRequestProcessorConfig(
+            url=http.url,
+            headers=headers,
+            batch_size=http.batch_size,
+            concurrency=http.concurrency,
+            # Retries happen in TolerantSession, which answers a final failure with an error
+            # body: postprocess then handles that row alone, and the job goes on.
+            max_retries=0,
+            session_factory=functools.partial(TolerantSession, http.max_retries, 0.5),
+        )
+
+        def preprocess(row: dict) -> dict:
+            return {
+                **{c: row[c] for c in carry},
+                "payload": {
+                    "model": http.model,
+                    "messages": messages(row),
+                    "max_tokens": http.max_tokens,
+                    "temperature": http.temperature,
+                },
+            }
+
+        return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    if backend != "vllm":
+        raise ValueError(f"backend {backend!r} does not call an LLM (http or vllm)")
+
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    extra = {"prepare_multimodal_stage": {"enabled": True}} if multimodal else {}
+    config = vLLMEngineProcessorConfig(
+        model_source=vllm.model,
+        engine_kwargs=vllm.engine_kwargs,
+        batch_size=vllm.batch_size,
+        concurrency=vllm.concurrency,
+        should_continue_on_error=True,
+        **extra,
+    )
+
+    def vllm_preprocess(row: dict) -> dict:
+        return {
+            **{c: row[c] for c in carry},
+            "messages": messages(row),
+            "sampling_params": {"temperature": vllm.temperature, "max_tokens": vllm.max_tokens},
+        }
+
+    return build_processor(config, preprocess=vllm_preprocess, postprocess=postprocess)
