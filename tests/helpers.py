@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,3 +34,21 @@ def indexed_world(root: Path, num_images: int, *extra: str) -> list[str]:
     make_world(config)
     index_corpus(config)
     return overrides
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """Base of the tests' OpenAI-compatible endpoints: a JSON request in, a JSON reply out."""
+
+    def read_json(self) -> dict:
+        return json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+
+    def reply(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass

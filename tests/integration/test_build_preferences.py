@@ -1,9 +1,8 @@
 """build_preferences end to end: real Ray Data, real open_clip, real FAISS, a real HTTP server
 speaking the OpenAI chat-completions wire format for the http backend."""
 
-import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from align.contracts import PAIRS, REWRITES
 from align.models import ModelLoadError, build_clip
 from align.pairing import pair_count
 from pipelines.build_preferences import build_preferences
+from tests.helpers import JsonHandler
 from tests.helpers import indexed_world as make_indexed_world
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,46 +94,38 @@ def test_mismatched_index_fails_fast_naming_both_models(indexed_world):
         run(indexed_world, "model.name=tiny-clip", "model.pretrained=null")
 
 
-class ChatCompletions(BaseHTTPRequestHandler):
+class ChatCompletions(JsonHandler):
     """An OpenAI-compatible /v1/chat/completions: rewrites by rule, fails on request."""
 
     seen_auth: list = []
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         ChatCompletions.seen_auth.append(self.headers.get("Authorization"))
         query = body["messages"][-1]["content"].rsplit("Query: ", 1)[-1]
         if "fail" in query:  # a server error: retried, then the row falls back
-            self.send_response(503)
-            payload = {"error": {"message": "overloaded", "type": "server_error"}}
+            self.reply(503, {"error": {"message": "overloaded", "type": "server_error"}})
         elif "reject" in query:  # a client error: no retry, the row falls back
-            self.send_response(400)
-            payload = {"error": {"message": "bad request", "type": "invalid_request_error"}}
+            self.reply(400, {"error": {"message": "bad request", "type": "invalid_request_error"}})
         else:
             content = {"empty": "", "long": "x" * 2000}.get(
                 query.split()[-1], f"{query}, golden hour"
             )
-            self.send_response(200)
-            payload = {
-                "id": "chatcmpl-1",
-                "object": "chat.completion",
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content},
-                        "finish_reason": "stop",
-                    }
-                ],
-            }
-        data = json.dumps(payload).encode()
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+            self.reply(
+                200,
+                {
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion",
+                    "model": body["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": content},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                },
+            )
 
 
 def test_http_backend_against_a_local_openai_compatible_server(

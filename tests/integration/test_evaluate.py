@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from align.contracts import ERRORS
 from align.images import decode_image, pixels_to_tensor
 from align.models import ModelLoadError, build_clip
 from pipelines.evaluate import evaluate
+from tests.helpers import JsonHandler
 from tests.helpers import indexed_world as make_indexed_world
 
 REPO = Path(__file__).resolve().parents[2]
@@ -196,14 +197,13 @@ def test_report_renders_in_headless_chromium(oracle_run):
         assert f">{name}<" in dom
 
 
-class _BrightnessJudge(BaseHTTPRequestHandler):
+class _BrightnessJudge(JsonHandler):
     """An OpenAI-compatible vision endpoint that prefers the brighter row."""
 
     calls: list = []
 
     def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        content = body["messages"][0]["content"]
+        content = self.read_json()["messages"][0]["content"]
         urls = [c["image_url"]["url"] for c in content if c["type"] == "image_url"]
         brightness = [
             np.asarray(Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1])))).mean()
@@ -212,15 +212,7 @@ class _BrightnessJudge(BaseHTTPRequestHandler):
         half = len(urls) // 2
         type(self).calls.append((content[0]["text"], urls))
         answer = "Row 1" if np.mean(brightness[:half]) > np.mean(brightness[half:]) else "row 2"
-        data = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.reply(200, {"choices": [{"message": {"content": answer}}]})
 
 
 def test_http_judge_sends_both_orders_and_counts_verdicts(world):
