@@ -539,7 +539,16 @@ def evaluate(config: Config) -> dict:
         from pipelines.report import write_report
 
         write_report(
-            config, out, metrics, texts, tops, galleries[systems[0].model_key], scores, gt, systems
+            config,
+            out,
+            metrics,
+            texts,
+            tops,
+            galleries[systems[0].model_key],
+            scores,
+            gt,
+            facts,
+            systems,
         )
     io.empty_dir(f"{out}/errors")
     if errors:

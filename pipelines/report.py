@@ -97,9 +97,10 @@ def score_distribution_png(tops: dict[str, np.ndarray], values: dict[str, np.nda
 
 
 def write_report(
-    config: Config, out: str, metrics, texts, tops, gallery, scores, gt, systems
+    config: Config, out: str, metrics, texts, tops, gallery, scores, gt, facts, systems
 ) -> None:
-    """Write `report.html` and `report_files/` under `out` (replacing an earlier report)."""
+    """Write `report.html` and `report_files/` under `out` (replacing an earlier report).
+    `facts`: the ground truth of what each query asks for (None off the synthetic world)."""
 
     ev = config.evaluate
     files = f"{out}/report_files"
@@ -175,18 +176,13 @@ def write_report(
             log.warning("report: image %s: %s", gallery.ids[row], e)
             continue
         io.write_bytes(f"{files}/img/{_thumb_name(gallery.ids[row])}", thumb)
-    facts = None
-    if gt is not None:
-        from pipelines.evaluate import query_facts
-
-        facts = query_facts(config, [texts[q] for q in shown])
     sections.append("<h2>Top results per query</h2>")
-    for i, q in enumerate(shown):
+    for q in shown:
         sections.append(f"<h3>{html.escape(texts[q])}</h3>")
         for name, top in tops.items():
             figures = []
             relevant = (
-                gt.relevance({c: facts[c][i : i + 1] for c in facts}, top[q : q + 1])[0]
+                gt.relevance({c: facts[c][q : q + 1] for c in facts}, top[q : q + 1])[0]
                 if gt is not None
                 else None
             )
