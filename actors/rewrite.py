@@ -41,7 +41,7 @@ def keyword_rewrite_batch(batch: dict[str, np.ndarray], *, variant: str, keyword
     }
 
 
-def _messages(query: str, cfg: RewriteConfig) -> list[dict]:
+def rewrite_messages(query: str, cfg: RewriteConfig) -> list[dict]:
     return [
         {"role": "system", "content": cfg.system_prompt},
         {"role": "user", "content": cfg.prompt_templates[cfg.variant].format(query=query)},
@@ -70,7 +70,7 @@ def build_llm_rewriter(cfg: RewriteConfig):
         cfg.backend,
         cfg.http,
         cfg.vllm,
-        messages=lambda row: _messages(row["query"], cfg),
+        messages=lambda row: rewrite_messages(row["query"], cfg),
         carry=("query_id", "query"),
         postprocess=postprocess,
     )

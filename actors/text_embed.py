@@ -27,7 +27,8 @@ class ClipTextEmbedder:
         # +2: start and end tokens.
         return np.array([len(encode(t)) + 2 > self.clip.context_length for t in texts])
 
-    def _embed(self, texts) -> np.ndarray:
+    def embed(self, texts) -> np.ndarray:
+        """L2-normalised float32 embeddings (n, d) of a sequence of texts."""
         import torch
 
         with torch.inference_mode():
@@ -37,6 +38,6 @@ class ClipTextEmbedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         require_batch_columns(batch, {c: "text to embed" for c in self.columns}, "text_embed")
-        out = {**batch, **{f"{c}_embedding": self._embed(batch[c]) for c in self.columns}}
+        out = {**batch, **{f"{c}_embedding": self.embed(batch[c]) for c in self.columns}}
         out["truncated"] = np.logical_or.reduce([self._too_long(batch[c]) for c in self.columns])
         return out

@@ -130,6 +130,10 @@ class IndexCorpusConfig(Section):
         "{output_dir}/world/images", description="Path or URI; {output_dir} expands."
     )
     input_format: Literal["parquet", "folder", "webdataset"] = "parquet"
+    output: str = Field(
+        "{output_dir}/index_corpus",
+        description="Scored shards, index, errors, manifest; one folder per model indexed.",
+    )
     id_column: str = "image_id"
     image_column: str | None = Field("image", description="Parquet column of image bytes.")
     path_column: str | None = Field(None, description="Parquet column of image paths (instead).")

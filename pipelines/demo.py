@@ -5,7 +5,8 @@
 Runs the jobs in order, in one embedded Ray session, each writing under `output_dir` as it would
 alone: make the world, train the learned aesthetic scorer on its ratings, pretrain the base model
 on its captions (CLIP InfoNCE), index and score the corpus with that model (pixel measures and the
-learned scorer), build preference pairs, fine-tune with retrieval DPO (+ InfoNCE), and
+learned scorer), build preference pairs, fine-tune with retrieval DPO (+ InfoNCE), index the
+corpus again with the aligned model (what `configs/serve.yaml` serves beside the base model), and
 evaluate `base`, `base+rewrite` and `aligned` on the held-out queries; it prints the table and
 writes `evaluate/report.html`.
 """
@@ -29,6 +30,7 @@ from pipelines.pretrain import pretrain
 from pipelines.train_scorer import train_scorer
 
 log = get_logger("demo")
+ALIGNED_INDEX = "{output_dir}/index_corpus_aligned"
 
 
 def summarise_world(config: Config) -> str:
@@ -63,10 +65,10 @@ def summarise_training(job: str, manifest: dict) -> str:
 
 
 def demo(config: Config) -> None:
-    log.info("step 1/7: make_world")
+    log.info("step 1/8: make_world")
     make_world(config)
     print(summarise_world(config))
-    log.info("step 2/7: train_scorer (the learned aesthetic scorer, from the world's ratings)")
+    log.info("step 2/8: train_scorer (the learned aesthetic scorer, from the world's ratings)")
     manifest = train_scorer(config)
     m = manifest["metrics"]
     print(
@@ -78,7 +80,7 @@ def demo(config: Config) -> None:
     scorers["rated_cnn"] = scorers.get("rated_cnn", ScorerConfig()).model_copy(
         update={"checkpoint": manifest["export"]}
     )
-    log.info("step 3/7: pretrain the base model on the world's captions")
+    log.info("step 3/8: pretrain the base model on the world's captions")
     manifest = pretrain(config)
     print(summarise_training("pretrain", manifest))
     # Every later job uses the pretrained base model; it is also the DPO reference.
@@ -88,7 +90,7 @@ def demo(config: Config) -> None:
             "index_corpus": config.index_corpus.model_copy(update={"scorers": scorers}),
         }
     )
-    log.info("step 4/7: index_corpus")
+    log.info("step 4/8: index_corpus")
     manifest = index_corpus(config)
     counts, index = manifest["counts"], manifest["index"]
     print(
@@ -96,16 +98,30 @@ def demo(config: Config) -> None:
         f"{manifest['images_per_second']} images/s; {index['spec']['type']} index, "
         f"recall@10 {index['recall_at_10']:.3f}"
     )
-    log.info("step 5/7: build_preferences")
+    log.info("step 5/8: build_preferences")
     manifest = build_preferences(config)
     print(
         f"build_preferences: {manifest['counts']['rows_out']} queries -> {manifest['pairs']} pairs "
         f"({manifest['rewrite']['backend']}/{manifest['rewrite']['variant']} rewriting, "
         f"{manifest['rewrite']['fallbacks']} fallbacks), {manifest['counts']['rows_error']} errors"
     )
-    log.info("step 6/7: finetune (retrieval DPO + lambda * contrastive)")
-    print(summarise_training("finetune", finetune(config)))
-    log.info("step 7/7: evaluate base, base+rewrite and aligned on the held-out queries")
+    log.info("step 6/8: finetune (retrieval DPO + lambda * contrastive)")
+    manifest = finetune(config)
+    print(summarise_training("finetune", manifest))
+    # Fine-tuning moves both towers, so the aligned model searches its own embeddings of the
+    # corpus: the index configs/serve.yaml serves beside the base model's.
+    log.info("step 7/8: index_corpus with the aligned model (for serving)")
+    aligned = config.model_copy(
+        update={
+            "model": config.model.model_copy(update={"pretrained": manifest["export"]}),
+            "index_corpus": config.index_corpus.model_copy(
+                update={"output": ALIGNED_INDEX, "scorers": scorers}
+            ),
+        }
+    )
+    manifest = index_corpus(aligned)
+    print(f"index_corpus (aligned model): {manifest['counts']['rows_out']} scored")
+    log.info("step 8/8: evaluate base, base+rewrite and aligned on the held-out queries")
     result = evaluate(config)
     print(f"report: {result['output']}/report.html")
 

@@ -46,7 +46,7 @@ DONE_MARKER = "_SUCCESS.json"
 
 
 def output_dir(config: Config) -> str:
-    return config.path("index_corpus")
+    return config.expand(config.index_corpus.output)
 
 
 # ---------------------------------------------------------------------------------------------

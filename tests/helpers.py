@@ -52,3 +52,105 @@ class JsonHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+class HeadlessChromium:
+    """A headless Chromium driven over the DevTools protocol (aiohttp websocket): navigate, run
+    JavaScript, type, press keys, take screenshots, as a user's browser would.
+
+        async with HeadlessChromium(tmp_path) as page:
+            await page.navigate(url)
+            await page.evaluate("document.title")
+    """
+
+    def __init__(self, profile_dir: Path):
+        self.profile_dir = profile_dir
+        self._next_id = 0
+
+    async def __aenter__(self):
+        import asyncio
+        import shutil
+        import socket
+        import subprocess
+
+        import aiohttp
+
+        binary = shutil.which("chromium") or shutil.which("chromium-browser")
+        assert binary, "chromium not found: `make test` installs it (apt-get install chromium)"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.process = subprocess.Popen(
+            [
+                binary, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,900",
+                f"--remote-debugging-port={port}", f"--user-data-dir={self.profile_dir}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.session = aiohttp.ClientSession()
+        for _ in range(100):
+            try:
+                async with self.session.get(f"http://127.0.0.1:{port}/json/list") as r:
+                    pages = [t for t in await r.json() if t["type"] == "page"]
+                if pages:
+                    break
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+        else:
+            raise RuntimeError("chromium's DevTools endpoint did not come up")
+        self.ws = await self.session.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0)
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.ws.close()
+        await self.session.close()
+        self.process.kill()
+        self.process.wait()
+
+    async def send(self, method: str, **params) -> dict:
+        self._next_id += 1
+        await self.ws.send_json({"id": self._next_id, "method": method, "params": params})
+        while True:
+            message = await self.ws.receive_json(timeout=60)
+            if message.get("id") == self._next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    async def evaluate(self, expression: str):
+        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+    async def navigate(self, url: str) -> None:
+        await self.send("Page.navigate", url=url)
+        await self.wait_for("document.readyState === 'complete'")
+
+    async def wait_for(self, expression: str, timeout_s: float = 30.0) -> None:
+        import asyncio
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while not await self.evaluate(expression):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not true after {timeout_s} s: {expression}")
+            await asyncio.sleep(0.1)
+
+    async def type_text(self, text: str) -> None:
+        await self.send("Input.insertText", text=text)
+
+    async def press_enter(self) -> None:
+        for kind in ("keyDown", "keyUp"):
+            await self.send(
+                "Input.dispatchKeyEvent",
+                type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13, text="\r",
+            )  # fmt: skip
+
+    async def screenshot(self, path: Path) -> bytes:
+        import base64
+
+        data = base64.b64decode((await self.send("Page.captureScreenshot", format="png"))["data"])
+        path.write_bytes(data)
+        return data

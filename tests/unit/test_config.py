@@ -16,10 +16,21 @@ def test_defaults_live_in_the_typed_config():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_yaml_in_configs_validates(path):
+    """Job configs against Config; Serve configs (`applications:`) against Serve's own schema
+    and each application's args against the search app's."""
     text = path.read_text()
     assert text.startswith("#"), f"{path.name} must open with a comment: what it runs, how"
-    assert "python -m pipelines." in text.split("\n\n")[0] or "serve run" in text
-    load_config(path)
+    if "\napplications:" in text:
+        from serve.app import load_serve_config
+        from serve.config import parse_args
+
+        assert "serve run configs/" in text.split("\n\n")[0]
+        for app in load_serve_config(path)["applications"]:
+            assert app["import_path"] == "serve.app:build_app"
+            parse_args(app["args"])
+    else:
+        assert "python -m pipelines." in text.split("\n\n")[0]
+        load_config(path)
 
 
 def test_dotted_overrides_apply_in_order_with_yaml_types(tmp_path):

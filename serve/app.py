@@ -1,0 +1,96 @@
+"""The search application: `build_app` is the builder Serve calls with a config file's `args`.
+
+    serve run configs/serve.yaml                (a laptop: starts Ray, deploys, blocks)
+    serve deploy configs/serve.yaml             (a running cluster, through its dashboard)
+
+`deploy` does what `serve run CONFIG` does from Python, for tests and benchmarks: validate the
+Serve config, start Serve's HTTP proxy, deploy the applications, wait until they run.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ray.serve import Application
+
+from serve.config import parse_args, resolve_models
+from serve.deployments import ImageStore, QueryRewriter, SearchIngress, TextEncoder, VectorIndex
+
+
+def build_app(args: dict) -> Application:
+    """The search app from its args (serve.config.ServeArgs).
+
+    Raises:
+        ServeConfigError: bad args, or job outputs that are missing or do not fit together; all
+            checked here, before any replica starts.
+    """
+    cfg = parse_args(args)
+    models = resolve_models(cfg)
+    encoder = TextEncoder.bind(
+        {n: m.model for n, m in models.items()}, cfg.encoder_threads, cfg.text_batching.model_dump()
+    )
+    index = VectorIndex.bind(
+        {n: m.index_dir for n, m in models.items()}, cfg.index_batching.model_dump()
+    )
+    images = ImageStore.bind({n: (m.corpus, m.index_dir) for n, m in models.items()})
+    rewriter = QueryRewriter.bind(cfg.rewriter.model_dump()) if cfg.rewriter else None
+    settings = {
+        "models": {n: m.label for n, m in models.items()},
+        "default_model": cfg.first_model,
+        "default_k": cfg.default_k,
+        "max_k": cfg.max_k,
+        "max_query_chars": cfg.max_query_chars,
+        "rerank_weight": cfg.rerank.weight,
+        "rerank_depth": cfg.rerank.depth,
+        "api_key_env": cfg.api_key_env,
+        "image_url_template": cfg.image_url_template,
+    }
+    return SearchIngress.bind(encoder, index, images, rewriter, settings)
+
+
+def load_serve_config(path: str) -> dict:
+    """A Serve config file (YAML), checked against Serve's own schema."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    ServeDeploySchema.model_validate(config)
+    return config
+
+
+def deploy(config: dict, host: str | None = None, port: int | None = None, timeout_s=300) -> str:
+    """Deploy a Serve config on the connected Ray cluster as `serve run CONFIG` does; returns the
+    HTTP base URL once every application is RUNNING.
+
+    Raises:
+        RuntimeError: an application failed to deploy (the message is Serve's, e.g. a
+            ServeConfigError from `build_app`), or it was not running within timeout_s.
+    """
+    from ray import serve
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    http = schema.http_options.model_dump(exclude_unset=True)
+    http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
+    client = serve_start(
+        http_options=http,
+        proxy_location=schema.proxy_location,
+        global_logging_config=schema.logging_config,
+    )
+    client.deploy_apps(schema)
+    names = [app.name for app in schema.applications]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        apps = serve.status().applications
+        states = {n: apps[n].status if n in apps else "NOT_STARTED" for n in names}
+        failed = [n for n, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")]
+        if failed:
+            raise RuntimeError(f"application {failed[0]} failed: {apps[failed[0]].message}")
+        if all(s == "RUNNING" for s in states.values()):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"applications not running after {timeout_s} s: {states}")
+        time.sleep(0.5)
+    return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"

@@ -1,0 +1,196 @@
+"""The search application's settings (the `args` of configs/serve.yaml) and what they resolve to.
+
+A served model is named by the jobs' outputs, not by weights paths typed twice: `index_corpus` is
+an index_corpus output folder, whose manifest names the CLIP model that embedded the corpus (the
+one that must embed the queries) and the corpus the images come from; `run`, when given, is the
+finetune or pretrain run the model should come from, and the app refuses to start when the index
+was built with another model.
+
+Per-deployment resources (autoscaling_config, ray_actor_options, max_ongoing_requests) are not
+here: they are the `deployments:` entries of the Serve config file, which Serve applies itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from pydantic import Field, ValidationError, model_validator
+
+from align import io
+from align.config import ModelConfig, RewriteConfig, Section
+from align.manifest import MANIFEST_NAME
+
+
+class ServeConfigError(ValueError):
+    """Serve args that cannot be used; the message names the key or the file."""
+
+
+class ServedModelConfig(Section):
+    index_corpus: str = Field(
+        description="index_corpus output folder: its index, and the model that embedded the corpus."
+    )
+    run: str | None = Field(
+        None,
+        description="finetune or pretrain output folder; the index must have been built with its "
+        "exported model.pt (None: serve whatever model built the index).",
+    )
+    label: str | None = Field(None, description="Name shown on the search page.")
+
+
+class BatchingConfig(Section):
+    """@serve.batch settings of a deployment."""
+
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.002, ge=0.0)
+
+
+class RerankConfig(Section):
+    weight: float = Field(
+        0.3, ge=0.0, le=1.0, description="Default blend: (1-w) z(similarity) + w aesthetic."
+    )
+    depth: int = Field(100, ge=1, description="Candidates retrieved and re-ranked (at least k).")
+
+
+class RewriterConfig(Section):
+    """The optional query rewriter: keywords (no model) or an OpenAI-compatible endpoint."""
+
+    method: RewriteConfig = RewriteConfig(backend="keywords", variant="k_phrase")
+    timeout_s: float = Field(10.0, gt=0.0, description="Per endpoint call; then the query as is.")
+    cache_size: int = Field(10_000, ge=0, description="Rewrites kept per replica (LRU).")
+
+    @model_validator(mode="after")
+    def _online_backend(self):
+        if self.method.backend == "vllm":
+            raise ValueError(
+                "rewriter.method.backend 'vllm' is the batch engine; to serve, run the model "
+                "behind vLLM's OpenAI-compatible server and use backend 'http'"
+            )
+        return self
+
+
+class ServeArgs(Section):
+    models: dict[str, ServedModelConfig] = Field(min_length=1)
+    default_model: str | None = Field(None, description="None: the first model.")
+    rewriter: RewriterConfig | None = RewriterConfig()
+    rerank: RerankConfig = RerankConfig()
+    default_k: int = Field(10, ge=1)
+    max_k: int = Field(100, ge=1)
+    max_query_chars: int = Field(1000, ge=1)
+    text_batching: BatchingConfig = BatchingConfig()
+    index_batching: BatchingConfig = BatchingConfig()
+    encoder_threads: int | None = Field(1, ge=1, description="Torch threads per text encoder.")
+    api_key_env: str | None = Field(
+        None,
+        description="Environment variable holding the API key; when set, /search and /images "
+        "need it in the X-API-Key header. The variable must be set on the serving nodes.",
+    )
+    image_url_template: str | None = Field(
+        None,
+        description="Image URLs in results, e.g. 'https://cdn.example.com/{image_id}' for corpora "
+        "served from object storage; None: this app's /images/{image_id}.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.default_model is not None and self.default_model not in self.models:
+            raise ValueError(
+                f"default_model {self.default_model!r} is not one of the models "
+                f"({', '.join(self.models)})"
+            )
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k ({self.default_k}) is over max_k ({self.max_k})")
+        if self.rerank.depth < self.max_k:
+            raise ValueError(f"rerank.depth ({self.rerank.depth}) is under max_k ({self.max_k})")
+        if self.image_url_template is not None and "{image_id}" not in self.image_url_template:
+            raise ValueError("image_url_template needs an {image_id} slot")
+        return self
+
+    @property
+    def first_model(self) -> str:
+        return self.default_model or next(iter(self.models))
+
+
+def parse_args(args: dict) -> ServeArgs:
+    """Validate the app's args. Raises ServeConfigError naming each bad key."""
+    try:
+        return ServeArgs.model_validate(args or {})
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "args"
+            problems.append(f"serve args '{where}': {e['msg'].removeprefix('Value error, ')}")
+        raise ServeConfigError("; ".join(problems)) from None
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model as served: the CLIP config that embeds queries, its index, its image corpus."""
+
+    name: str
+    label: str
+    model: dict  # ModelConfig fields
+    index_dir: str
+    corpus: dict  # input, input_format, id_column, image_column, path_column
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _read_manifest(folder: str, what: str, jobs: tuple[str, ...]) -> dict:
+    path = f"{folder}/{MANIFEST_NAME}"
+    if not io.exists(path):
+        raise ServeConfigError(f"{what}: no {MANIFEST_NAME} in {folder}; has that job finished?")
+    manifest = io.read_json(path)
+    if manifest.get("job") not in jobs:
+        raise ServeConfigError(
+            f"{what}: {folder} is the output of {manifest.get('job')!r}, not of {' or '.join(jobs)}"
+        )
+    return manifest
+
+
+def resolve_models(args: ServeArgs) -> dict[str, ServedModel]:
+    """Each configured model from the manifests of the jobs that made it; checked before serving.
+
+    Raises:
+        ServeConfigError: a folder without a finished job's manifest, an index built with another
+            model than the named run's, or a model that cannot be built (missing checkpoint).
+    """
+    from align.models import ModelLoadError, check_model
+
+    served = {}
+    for name, m in args.models.items():
+        what = f"model {name!r}"
+        ic_dir = _absolute(m.index_corpus)
+        manifest = _read_manifest(ic_dir, f"{what} index_corpus", ("index_corpus",))
+        model = ModelConfig.model_validate(manifest["config"]["model"])
+        if m.run is not None:
+            run_dir = _absolute(m.run)
+            run = _read_manifest(run_dir, f"{what} run", ("finetune", "pretrain"))
+            if model.pretrained != run["export"]:
+                raise ServeConfigError(
+                    f"{what}: the index in {ic_dir} was built with model.pretrained="
+                    f"{model.pretrained}, not with the run's {run['export']}; index the corpus "
+                    f"with model.pretrained={run['export']}"
+                )
+        try:
+            check_model(model)
+        except ModelLoadError as e:
+            raise ServeConfigError(f"{what}: {e}") from None
+        io.require_exists(f"{ic_dir}/index", f"{what} index")
+        ic = manifest["config"]["index_corpus"]
+        served[name] = ServedModel(
+            name=name,
+            label=m.label or name,
+            model=model.model_dump(),
+            index_dir=f"{ic_dir}/index",
+            corpus={
+                "input": manifest["input"],
+                "input_format": ic["input_format"],
+                "id_column": ic["id_column"],
+                "image_column": ic["image_column"],
+                "path_column": ic["path_column"],
+            },
+        )
+    return served

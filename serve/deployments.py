@@ -1,0 +1,394 @@
+"""The search app's Ray Serve deployments.
+
+    HTTP -> SearchIngress (FastAPI) -> QueryRewriter (optional) -> TextEncoder (@serve.batch)
+         -> VectorIndex (@serve.batch, FAISS loaded once per replica) -> re-rank -> JSON
+    GET /images/{id} -> ImageStore (the corpus index_corpus read; ids in the index only)
+
+Each deployment scales on its own: the `deployments:` entries of the Serve config give its
+autoscaling_config, ray_actor_options and max_ongoing_requests (the decorators hold only fallbacks
+for a Python `serve.run`). Models, indexes and corpora come resolved from serve.config.
+"""
+
+import asyncio
+import hmac
+import json
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.search import (
+    BadRequest,
+    SearchLimits,
+    check_image_id,
+    content_type,
+    parse_search_request,
+    rank,
+)
+
+PAGE = Path(__file__).with_name("page.html")
+API_KEY_HEADER = "X-API-Key"
+# Handle calls to a replica that died are retried this often on another replica before the
+# request fails with 503: a killed or scaled-down replica costs latency, not an error.
+REPLICA_RETRIES = 2
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+class TextEncoder:
+    """Query text -> L2-normalised CLIP text embedding, batched across concurrent requests."""
+
+    def __init__(self, models: dict[str, dict], threads: int | None, batching: dict):
+        from actors.text_embed import ClipTextEmbedder
+
+        self.embedders = {
+            name: ClipTextEmbedder(model, threads, columns=("text",))
+            for name, model in models.items()
+        }
+        self.encode.set_max_batch_size(batching["max_batch_size"])
+        self.encode.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
+        for embedder in self.embedders.values():  # first call pays for lazy initialisation
+            embedder.embed(["warm up"])
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def encode(self, models: list[str], texts: list[str]) -> list[np.ndarray]:
+        out: list = [None] * len(texts)
+        names = np.asarray(models, dtype=object)
+        for name in set(models):
+            rows = np.flatnonzero(names == name)
+            embeddings = self.embedders[name].embed([texts[i] for i in rows]).astype(np.float16)
+            for row, embedding in zip(rows, embeddings, strict=True):
+                out[row] = embedding
+        return out
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+class VectorIndex:
+    """Top-n search of each model's FAISS index (loaded once per replica), batched."""
+
+    def __init__(self, index_dirs: dict[str, str], batching: dict):
+        from align.index import load_index
+
+        self.indexes, self.ids, self.aesthetic, self.facts_ = {}, {}, {}, {}
+        for name, index_dir in index_dirs.items():
+            index, id_map, manifest = load_index(index_dir)
+            self.indexes[name] = index
+            self.ids[name] = np.asarray(id_map["image_id"].to_pylist(), dtype=object)
+            self.aesthetic[name] = (
+                id_map["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float32)
+            )
+            self.facts_[name] = {"images": int(index.ntotal), "index": manifest["spec"]["type"]}
+        self.search.set_max_batch_size(batching["max_batch_size"])
+        self.search.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
+
+    def facts(self) -> dict:
+        return self.facts_
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def search(
+        self, models: list[str], vectors: list[np.ndarray], depths: list[int]
+    ) -> list[dict]:
+        out: list = [None] * len(vectors)
+        names = np.asarray(models, dtype=object)
+        for name in set(models):
+            rows = np.flatnonzero(names == name)
+            index = self.indexes[name]
+            depth = min(max(depths[i] for i in rows), index.ntotal)
+            queries = np.stack([vectors[i] for i in rows]).astype(np.float32)
+            scores, found = index.search(queries, depth)
+            for row, s, f in zip(rows, scores, found, strict=True):
+                keep = f[: depths[row]] >= 0
+                hits = f[: depths[row]][keep]
+                out[row] = {
+                    "ids": self.ids[name][hits].tolist(),
+                    "similarity": s[: depths[row]][keep].astype(np.float32),
+                    "aesthetic": self.aesthetic[name][hits],
+                }
+        return out
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+class ImageStore:
+    """Encoded image bytes by id, from the corpora of the served models."""
+
+    def __init__(self, corpora: dict[str, tuple[dict, str]]):
+        from align import io
+        from serve.images import CorpusImages
+
+        by_source: dict[str, tuple[dict, list]] = {}
+        for corpus, index_dir in corpora.values():
+            ids = io.read_parquet(f"{index_dir}/id_map.parquet", columns=["image_id"])["image_id"]
+            by_source.setdefault(corpus["input"], (corpus, []))[1].append(ids.to_numpy())
+        self.stores = [
+            CorpusImages(corpus, np.unique(np.concatenate(ids)))
+            for corpus, ids in by_source.values()
+        ]
+
+    def read(self, image_id: str) -> bytes | None:
+        for store in self.stores:
+            if image_id in store:
+                return store.read(image_id)
+        return None
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+class QueryRewriter:
+    """The query with its aesthetic expectations spelled out: keywords, or an OpenAI-compatible
+    chat endpoint (then cached, and the query as is when the endpoint fails or times out)."""
+
+    def __init__(self, rewriter: dict):
+        from serve.config import RewriterConfig
+
+        self.cfg = RewriterConfig.model_validate(rewriter)
+        self.cache: OrderedDict[str, dict] = OrderedDict()
+        self.session = None
+        http = self.cfg.method.http
+        key = os.environ.get(http.api_key_env or "", "")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    async def rewrite(self, query: str) -> dict:
+        from align.rewrite import keyword_rewrite
+
+        method = self.cfg.method
+        if method.backend == "keywords":
+            return {
+                "rewritten": keyword_rewrite(query, method.variant, method.keywords),
+                "fallback": None,
+            }
+        if query in self.cache:
+            self.cache.move_to_end(query)
+            return self.cache[query]
+        result = await self._ask_llm(query)
+        if result["fallback"] is None and self.cfg.cache_size:
+            self.cache[query] = result
+            if len(self.cache) > self.cfg.cache_size:
+                self.cache.popitem(last=False)
+        return result
+
+    async def _ask_llm(self, query: str) -> dict:
+        import aiohttp
+
+        from actors.rewrite import checked_completion, rewrite_messages
+
+        http = self.cfg.method.http
+        if self.session is None:
+            self.session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s)
+            )
+        body = {
+            "model": http.model,
+            "messages": rewrite_messages(query, self.cfg.method),
+            "max_tokens": http.max_tokens,
+            "temperature": http.temperature,
+        }
+        text, error = None, None
+        for _ in range(http.max_retries + 1):
+            try:
+                async with self.session.post(http.url, json=body, headers=self.headers) as r:
+                    if r.status == 200:
+                        answer = await r.json()
+                        text = ((answer.get("choices") or [{}])[0].get("message") or {}).get(
+                            "content"
+                        )
+                        error = None
+                        break
+                    error = f"HTTP {r.status} {r.reason}"
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+                error = f"{type(e).__name__}: {e}"
+        rewritten, fallback = checked_completion(query, text, error, self.cfg.method.max_chars)
+        return {"rewritten": rewritten, "fallback": fallback}
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP ingress
+
+api = FastAPI(title="aesthetic-align search", docs_url=None, redoc_url=None)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status)
+
+
+@api.exception_handler(BadRequest)
+async def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+    return _error(exc.status, exc.message)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return _error(400, problems)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # A bug, not bad input: still JSON, and Serve's log has the traceback.
+    return _error(500, f"internal error: {type(exc).__name__}")
+
+
+class ServiceUnavailable(Exception):
+    """A deployment could not answer after retries on other replicas."""
+
+
+@api.exception_handler(ServiceUnavailable)
+async def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
+    return _error(503, f"service unavailable, retry: {exc}")
+
+
+async def _call(request):
+    """Await `request()` (a deployment call), sending it again, to another replica, when the
+    replica it went to died."""
+    for attempt in range(REPLICA_RETRIES + 1):
+        try:
+            return await request()
+        except (RayActorError, ActorUnavailableError) as e:
+            if attempt == REPLICA_RETRIES:
+                raise ServiceUnavailable(type(e).__name__) from e
+            await asyncio.sleep(0.05 * (attempt + 1))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+@serve.ingress(api)
+class SearchIngress:
+    def __init__(self, encoder, index, images, rewriter, settings: dict):
+        self.encoder, self.index, self.images, self.rewriter = encoder, index, images, rewriter
+        self.settings = settings
+        self.limits = SearchLimits(
+            models=tuple(settings["models"]),
+            default_model=settings["default_model"],
+            default_k=settings["default_k"],
+            max_k=settings["max_k"],
+            max_query_chars=settings["max_query_chars"],
+            rewrite_available=rewriter is not None,
+            default_weight=settings["rerank_weight"],
+        )
+        self.api_key = None
+        if settings["api_key_env"]:
+            self.api_key = os.environ.get(settings["api_key_env"], "")
+            if not self.api_key:
+                # Refuse to start open when the config asks for a key.
+                raise RuntimeError(
+                    f"api_key_env is {settings['api_key_env']!r} but that environment variable "
+                    "is empty on this node"
+                )
+        page = {
+            "models": settings["models"],
+            "default_model": settings["default_model"],
+            "default_k": settings["default_k"],
+            "max_k": settings["max_k"],
+            "rewrite": rewriter is not None,
+            "weight": settings["rerank_weight"],
+            "api_key": self.api_key is not None,
+        }
+        # "<" escaped: a label holding "</script>" must not end the page's script.
+        settings_js = json.dumps(page).replace("<", "\\u003c")
+        self.page = PAGE.read_text().replace("__SETTINGS__", settings_js)
+
+    def _authorise(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get(API_KEY_HEADER, "")
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise BadRequest(401, f"missing or wrong API key (header {API_KEY_HEADER})")
+
+    def _image_url(self, request: Request, image_id: str) -> str:
+        template = self.settings["image_url_template"]
+        if template:
+            return template.format(image_id=quote(image_id, safe="/"))
+        root = request.scope.get("root_path", "").rstrip("/")
+        return f"{root}/images/{quote(image_id, safe='/')}"
+
+    async def _search(self, request: Request, fields: dict) -> JSONResponse:
+        self._authorise(request)
+        req = parse_search_request(fields, self.limits)
+        t0 = time.perf_counter()
+        timings, text, fallback = {}, req.q, None
+        if req.rewrite:
+            answer = await _call(lambda: self.rewriter.rewrite.remote(req.q))
+            text, fallback = answer["rewritten"], answer["fallback"]
+            timings["rewrite"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        depth = self.settings["rerank_depth"] if req.rerank else req.k
+        # The encoder's answer goes to the index as an argument: Serve passes it on without
+        # a round trip through this replica.
+        found = await _call(
+            lambda: self.index.search.remote(
+                req.model, self.encoder.encode.remote(req.model, text), depth
+            )
+        )
+        order = rank(found["similarity"], found["aesthetic"], req.k, req.rerank, req.weight)
+        results = [
+            {
+                "rank": r + 1,
+                "image_id": found["ids"][i],
+                "similarity": round(float(found["similarity"][i]), 5),
+                "aesthetic": round(float(found["aesthetic"][i]), 5),
+                "url": self._image_url(request, found["ids"][i]),
+            }
+            for r, i in enumerate(order.tolist())
+        ]
+        timings.update(
+            {"encode_and_search": time.perf_counter() - t1, "total": time.perf_counter() - t0}
+        )
+        return JSONResponse(
+            {
+                "query": req.q,
+                "rewritten": text if req.rewrite else None,
+                "rewrite_fallback": fallback,
+                "model": req.model,
+                "k": req.k,
+                "rerank": req.rerank,
+                "weight": req.weight if req.rerank else None,
+                "results": results,
+                "timings_ms": {k: round(v * 1000, 2) for k, v in timings.items()},
+            }
+        )
+
+    @api.get("/search")
+    async def search_get(self, request: Request) -> JSONResponse:
+        fields = dict(request.query_params)
+        if len(request.query_params.multi_items()) != len(fields):
+            raise BadRequest(400, "each field may be given once")
+        return await self._search(request, fields)
+
+    @api.post("/search")
+    async def search_post(self, request: Request) -> JSONResponse:
+        try:
+            fields = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRequest(400, f"malformed JSON body: {e}") from None
+        if not isinstance(fields, dict):
+            raise BadRequest(400, "the JSON body must be an object of search fields")
+        return await self._search(request, fields)
+
+    @api.get("/images/{image_id:path}")
+    async def image(self, request: Request, image_id: str) -> Response:
+        self._authorise(request)
+        check_image_id(image_id)
+        data = await _call(lambda: self.images.read.remote(image_id))
+        if data is None:
+            raise BadRequest(404, f"unknown image id {image_id!r}")
+        return Response(
+            data, media_type=content_type(data), headers={"Cache-Control": "max-age=86400"}
+        )
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "models": await _call(lambda: self.index.facts.remote())}
+
+    @api.get("/", response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)

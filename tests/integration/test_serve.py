@@ -1,0 +1,298 @@
+"""The search app end to end: configs/serve.yaml deployed as `serve run` deploys it (Serve's own
+config schema and deploy path), real replicas, real FAISS, real open_clip, a real HTTP proxy on
+loopback, and the search page driven in headless Chromium."""
+
+import asyncio
+import copy
+import http.client
+import json
+import socket
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from align import io
+from align.config import ModelConfig, load_config
+from align.index import read_scored_embeddings
+from align.models import build_clip
+from align.rewrite import keyword_rewrite
+from pipelines.index_corpus import index_corpus
+from serve.app import deploy, load_serve_config
+from tests.helpers import HeadlessChromium, indexed_world
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+KEY_ENV, KEY = "SEARCH_TEST_API_KEY", "test-secret-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    """Raw HTTP/1.1 on loopback: paths are sent exactly as given (no client-side normalising)."""
+
+    def __init__(self, port: int):
+        self.port = port
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, r.getheader("Content-Type") or "", r.read()
+        finally:
+            conn.close()
+
+    def search(self, **fields):
+        status, kind, body = self.request("GET", "/search?" + urllib.parse.urlencode(fields))
+        assert status == 200, body
+        assert kind.startswith("application/json")
+        return json.loads(body)
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, tmp_path_factory):
+    """A small world indexed by two micro-clip checkpoints (`base`, `other`), and two apps from
+    configs/serve.yaml: `search` (both models, keywords rewriter) and `secured` (an API key)."""
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("serve")
+    overrides = indexed_world(root, 300)
+    torch.manual_seed(1)
+    other = root / "other.pt"
+    state = torch.load(root / "micro.pt", weights_only=True)
+    torch.save(
+        {
+            k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v
+            for k, v in state.items()
+        },
+        other,
+    )
+    index_corpus(
+        load_config(
+            REPO / "configs/demo.yaml",
+            [
+                *overrides,
+                f"model.pretrained={other}",
+                f"index_corpus.output={root}/index_corpus_other",
+            ],
+        )
+    )
+    config = load_serve_config(REPO / "configs/serve.yaml")
+    search = config["applications"][0]
+    search["args"]["models"] = {
+        "base": {"index_corpus": str(root / "index_corpus"), "label": "base model"},
+        "other": {"index_corpus": str(root / "index_corpus_other")},
+    }
+    search["args"]["default_model"] = "base"
+    secured = copy.deepcopy(search)
+    secured.update(name="secured", route_prefix="/secured")
+    secured["args"].update(models={"base": search["args"]["models"]["base"]}, api_key_env=KEY_ENV)
+    secured["args"].pop("default_model")
+    secured["runtime_env"] = {"env_vars": {KEY_ENV: KEY}}
+    config["applications"].append(secured)
+    port = _free_port()
+    deploy(config, host="127.0.0.1", port=port)
+    yield Client(port), root
+    serve.shutdown()
+
+
+def _stored(root: Path, index_dir: str):
+    vectors, table = read_scored_embeddings(
+        io.list_files(str(root / index_dir / "scored"), ".parquet")
+    )
+    return vectors, np.asarray(table["image_id"].to_pylist()), table["aesthetic"].to_numpy()
+
+
+def _embed(checkpoint: Path, text: str) -> np.ndarray:
+    clip = build_clip(ModelConfig(name="micro-clip", pretrained=str(checkpoint)))
+    with torch.inference_mode():
+        e = clip.model.encode_text(clip.tokenizer([text]))
+    return torch.nn.functional.normalize(e.float(), dim=-1).numpy()[0]
+
+
+def test_search_matches_an_exact_search_done_independently(served):
+    client, root = served
+    answer = client.search(q="a red star", k=8)
+    vectors, ids, aesthetic = _stored(root, "index_corpus")
+    sims = vectors @ _embed(root / "micro.pt", "a red star")
+    top = np.argsort(-sims)[:8]
+    assert [r["image_id"] for r in answer["results"]] == ids[top].tolist()
+    got = np.array([r["similarity"] for r in answer["results"]])
+    np.testing.assert_allclose(got, sims[top], atol=3e-3)  # float16 query and corpus vectors
+    np.testing.assert_allclose(
+        [r["aesthetic"] for r in answer["results"]], aesthetic[top], atol=1e-4
+    )
+    assert [r["rank"] for r in answer["results"]] == list(range(1, 9))
+    assert answer["model"] == "base" and answer["rewritten"] is None
+
+
+def test_post_gives_what_get_gives(served):
+    client, _ = served
+    fields = {"q": "a blue circle", "k": 5, "rerank": True}
+    status, _, body = client.request("POST", "/search", json.dumps(fields).encode())
+    assert status == 200
+    assert json.loads(body)["results"] == client.search(**fields)["results"]
+
+
+def test_rerank_blends_similarity_and_aesthetic(served):
+    client, root = served
+    q = "a green square"
+    by_aesthetic = client.search(q=q, k=10, rerank="true", weight=1)["results"]
+    assert [r["aesthetic"] for r in by_aesthetic] == sorted(
+        (r["aesthetic"] for r in by_aesthetic), reverse=True
+    )
+    # weight 1 picks the most aesthetic of the top `rerank.depth` (100) by similarity.
+    vectors, ids, aesthetic = _stored(root, "index_corpus")
+    depth = np.argsort(-(vectors @ _embed(root / "micro.pt", q)))[:100]
+    best = depth[np.argsort(-aesthetic[depth], kind="stable")[:10]]
+    assert [r["image_id"] for r in by_aesthetic] == ids[best].tolist()
+    by_similarity = client.search(q=q, k=10, rerank="true", weight=0)["results"]
+    assert by_similarity == client.search(q=q, k=10)["results"]
+    assert by_aesthetic != by_similarity
+
+
+def test_rewrite_searches_with_the_rewritten_query(served):
+    client, root = served
+    answer = client.search(q="a red star", k=5, rewrite="true")
+    assert answer["rewritten"] == keyword_rewrite("a red star", "k_phrase")
+    vectors, ids, _ = _stored(root, "index_corpus")
+    top = np.argsort(-(vectors @ _embed(root / "micro.pt", answer["rewritten"])))[:5]
+    assert [r["image_id"] for r in answer["results"]] == ids[top].tolist()
+
+
+def test_models_are_switchable(served):
+    client, root = served
+    other = client.search(q="a red star", k=8, model="other")
+    vectors, ids, _ = _stored(root, "index_corpus_other")
+    top = np.argsort(-(vectors @ _embed(root / "other.pt", "a red star")))[:8]
+    assert [r["image_id"] for r in other["results"]] == ids[top].tolist()
+    assert other["results"] != client.search(q="a red star", k=8)["results"]
+
+
+def test_images_are_served_with_their_content_type(served):
+    client, root = served
+    result = client.search(q="a yellow triangle", k=3)["results"][0]
+    status, kind, body = client.request("GET", result["url"])
+    assert status == 200 and kind == "image/jpeg"
+    images = io.read_parquet(str(root / "world/images"), columns=["image_id", "image"])
+    row = images.filter(pc.equal(images["image_id"], result["image_id"]))
+    assert body == row["image"][0].as_py()
+
+
+BAD_REQUESTS = [
+    ("GET", "/search?q=", 400, "'q' is empty"),
+    ("GET", "/search?q=%20%20", 400, "'q' is empty"),
+    ("GET", "/search?k=3", 400, "'q' (the query) is required"),
+    ("GET", "/search?q=" + "a" * 1001, 400, "limit is 1000"),
+    ("GET", "/search?q=star&k=0", 400, "'k' must be between 1 and 100"),
+    ("GET", "/search?q=star&k=101", 400, "'k' must be between 1 and 100"),
+    ("GET", "/search?q=star&k=ten", 400, "'k' must be an integer"),
+    ("GET", "/search?q=star&rerank=maybe", 400, "'rerank' must be true or false"),
+    ("GET", "/search?q=star&weight=2", 400, "'weight' must be between 0 and 1"),
+    ("GET", "/search?q=star&weight=nan", 400, "'weight' must be a finite number"),
+    ("GET", "/search?q=star&model=huge", 400, "unknown model 'huge'"),
+    ("GET", "/search?q=star&colour=red", 400, "unknown field(s) colour"),
+    ("GET", "/search?q=star&q=moon", 400, "each field may be given once"),
+    ("POST", "/search", 400, "malformed JSON body"),
+    ("POST", "/search", 400, "must be an object"),
+    ("POST", "/search", 400, "'k' must be an integer"),
+    ("GET", "/images/no-such-image", 404, "unknown image id 'no-such-image'"),
+    ("GET", "/images/../../etc/passwd", 400, "'..' segments"),
+    ("GET", "/images/..%2F..%2Fetc%2Fpasswd", 400, "'..' segments"),
+    ("GET", "/images/%2Fetc%2Fpasswd", 400, "absolute path"),
+    ("GET", "/images/a%5C..%5Cb", 400, "backslashes"),
+    ("GET", "/nowhere", 404, "Not Found"),
+    ("DELETE", "/search", 405, "Method Not Allowed"),
+]
+POST_BODIES = {"malformed JSON body": b'{"q": "star"', "must be an object": b'["star"]',
+               "'k' must be an integer": b'{"q": "star", "k": [3]}'}  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "path", "status", "message"), BAD_REQUESTS)
+def test_bad_input_is_a_4xx_json_error_naming_the_problem(served, method, path, status, message):
+    client, _ = served
+    got, kind, body = client.request(method, path, POST_BODIES.get(message))
+    assert got == status, body
+    assert kind.startswith("application/json")
+    assert message in json.loads(body)["error"]
+
+
+def test_healthz_reports_each_model(served):
+    client, _ = served
+    status, _, body = client.request("GET", "/healthz")
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "ok"
+    assert health["models"]["base"]["images"] == health["models"]["other"]["images"] == 300
+
+
+def test_api_key_is_required_when_configured(served):
+    client, _ = served
+    for headers in ({}, {"X-API-Key": "wrong"}):
+        status, _, body = client.request("GET", "/secured/search?q=star", headers=headers)
+        assert status == 401 and "API key" in json.loads(body)["error"]
+    status, _, body = client.request("GET", "/secured/search?q=star", headers={"X-API-Key": KEY})
+    assert status == 200
+    url = json.loads(body)["results"][0]["url"]
+    assert url.startswith("/secured/images/")
+    assert client.request("GET", url)[0] == 401
+    assert client.request("GET", url, headers={"X-API-Key": KEY})[0] == 200
+    assert client.request("GET", "/secured/healthz")[0] == 200
+
+
+def test_search_page_in_headless_chromium(served, tmp_path):
+    client, _ = served
+
+    async def scenario():
+        async with HeadlessChromium(tmp_path / "profile") as page:
+            await page.navigate(f"http://127.0.0.1:{client.port}/")
+            assert await page.evaluate("document.getElementById('model').options.length") == 2
+            await page.evaluate("document.getElementById('q').focus()")
+            await page.type_text("a red star")
+            await page.evaluate("document.getElementById('rerank').click()")
+            await page.press_enter()
+            await page.wait_for("document.body.dataset.state === 'results'")
+            await page.wait_for(
+                "document.querySelectorAll('figure[data-loaded=true]').length === 10"
+            )
+            status = await page.evaluate("document.getElementById('status').textContent")
+            captions = await page.evaluate(
+                "[...document.querySelectorAll('figcaption')].map(c => c.textContent)"
+            )
+            shot = await page.screenshot(tmp_path / "search-page.png")
+            return status, captions, shot
+
+    status, captions, shot = asyncio.run(scenario())
+    assert status.startswith("10 results from base model")
+    assert captions[0].startswith("#1 similarity")
+    assert shot.startswith(b"\x89PNG") and len(shot) > 10_000
+    reranked = client.search(q="a red star", k=10, rerank="true")["results"]
+    assert [c.split(" ")[0] for c in captions] == [f"#{r['rank']}" for r in reranked]
+
+
+def test_a_killed_replica_costs_no_request(served):
+    """Kill the only TextEncoder replica: requests wait for or retry onto its replacement."""
+    import ray
+
+    client, _ = served
+    before = client.search(q="a red star", k=5)["results"]
+    replicas = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::search#TextEncoder#")
+    ]
+    assert len(replicas) == 1
+    ray.kill(
+        ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True
+    )
+    for _ in range(5):
+        assert client.search(q="a red star", k=5)["results"] == before
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert replicas[0]["name"] not in names

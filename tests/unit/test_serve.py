@@ -1,0 +1,267 @@
+"""The search app's pieces that need no Ray: request checks, re-ranking, image ids and types,
+the image lookup of each corpus layout, the app's args and their resolution from job manifests."""
+
+import io as _io
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from align.config import ModelConfig, load_config
+from align.manifest import JobManifest
+from align.models import build_clip
+from serve.config import ServeConfigError, parse_args, resolve_models
+from serve.images import CorpusImages
+from serve.search import (
+    BadRequest,
+    SearchLimits,
+    blend,
+    check_image_id,
+    content_type,
+    parse_search_request,
+    rank,
+)
+
+LIMITS = SearchLimits(models=("aligned", "base"), default_model="aligned", rewrite_available=True)
+
+
+def _encoded(fmt: str, colour=(200, 30, 30)) -> bytes:
+    buf = _io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_request_defaults_and_types_from_query_strings_and_json():
+    r = parse_search_request({"q": "  a red star "}, LIMITS)
+    assert (r.q, r.k, r.rewrite, r.rerank, r.weight, r.model) == (
+        "a red star", 10, False, False, 0.3, "aligned",
+    )  # fmt: skip
+    r = parse_search_request(
+        {"q": "x", "k": "5", "rerank": "on", "weight": "1", "model": "base"}, LIMITS
+    )
+    assert (r.k, r.rerank, r.weight, r.model) == (5, True, 1.0, "base")
+    r = parse_search_request({"q": "x", "k": 7, "rewrite": True, "weight": 0}, LIMITS)
+    assert (r.k, r.rewrite, r.weight) == (7, True, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({}, "'q' (the query) is required"),
+        ({"q": ""}, "'q' is empty"),
+        ({"q": "\n\t "}, "'q' is empty"),
+        ({"q": 3}, "'q' must be a string"),
+        ({"q": "a" * 1001}, "'q' is 1001 characters; the limit is 1000"),
+        ({"q": "x", "k": 0}, "'k' must be between 1 and 100"),
+        ({"q": "x", "k": -3}, "'k' must be between 1 and 100"),
+        ({"q": "x", "k": 101}, "'k' must be between 1 and 100"),
+        ({"q": "x", "k": True}, "'k' must be an integer"),
+        ({"q": "x", "k": 2.5}, "'k' must be an integer"),
+        ({"q": "x", "k": "1e3"}, "'k' must be an integer"),
+        ({"q": "x", "rerank": "perhaps"}, "'rerank' must be true or false"),
+        ({"q": "x", "rewrite": 1}, "'rewrite' must be true or false"),
+        ({"q": "x", "weight": "-0.1"}, "'weight' must be between 0 and 1"),
+        ({"q": "x", "weight": "inf"}, "'weight' must be a finite number"),
+        ({"q": "x", "model": "aligned2"}, "unknown model 'aligned2'"),
+        ({"q": "x", "limit": 3}, "unknown field(s) limit"),
+    ],
+)
+def test_bad_requests_name_the_field(fields, message):
+    with pytest.raises(BadRequest) as e:
+        parse_search_request(fields, LIMITS)
+    assert e.value.status == 400
+    assert message in e.value.message
+
+
+def test_rewrite_refused_when_no_rewriter_is_configured():
+    limits = SearchLimits(models=("m",), default_model="m", rewrite_available=False)
+    assert parse_search_request({"q": "x", "rewrite": "false"}, limits).rewrite is False
+    with pytest.raises(BadRequest, match="no rewriter configured"):
+        parse_search_request({"q": "x", "rewrite": "true"}, limits)
+
+
+def test_blend_is_z_similarity_and_aesthetic_weighted():
+    sim = np.array([0.30, 0.20, 0.10, 0.25])
+    aes = np.array([-1.0, 2.0, 0.5, np.nan])
+    z = (sim - sim.mean()) / sim.std()
+    np.testing.assert_allclose(blend(sim, aes, 0.25), 0.75 * z + 0.25 * np.array([-1, 2, 0.5, 0]))
+    assert rank(sim, aes, 4, rerank=False, weight=0.9).tolist() == [0, 3, 1, 2]
+    assert rank(sim, aes, 4, rerank=True, weight=0.0).tolist() == [0, 3, 1, 2]
+    assert rank(sim, aes, 2, rerank=True, weight=1.0).tolist() == [1, 2]
+    # One candidate, or equal similarities: no division by zero, aesthetics decide.
+    assert rank(np.array([0.2, 0.2]), np.array([0.0, 1.0]), 2, True, 0.5).tolist() == [1, 0]
+    assert np.isfinite(blend(np.array([0.2]), np.array([1.0]), 0.5)).all()
+
+
+@pytest.mark.parametrize("image_id", ["img-000001", "shard/0001.jpg", "a..b.jpg", "x y.png"])
+def test_ordinary_image_ids_pass(image_id):
+    check_image_id(image_id)
+
+
+@pytest.mark.parametrize(
+    "image_id", ["", "../x", "a/../../etc/passwd", "/etc/passwd", "a\\..\\b", "a\x00b", "x" * 1001]
+)
+def test_escaping_image_ids_are_refused(image_id):
+    with pytest.raises(BadRequest) as e:
+        check_image_id(image_id)
+    assert e.value.status == 400
+
+
+def test_content_type_is_read_from_the_bytes():
+    for fmt, kind in (("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp"),
+                      ("GIF", "image/gif"), ("BMP", "image/bmp")):  # fmt: skip
+        assert content_type(_encoded(fmt)) == kind
+    assert content_type(b"%PDF-1.7") == "application/octet-stream"
+
+
+# ---------------------------------------------------------------------------------------------
+# Image lookup per corpus layout
+
+
+def test_parquet_corpus_reads_each_row_from_its_row_group(tmp_path):
+    ids = [f"img-{i:03d}" for i in range(50)]
+    images = [_encoded("PNG", (i, 2 * i, 3 * i)) for i in range(50)]
+    for part in range(2):
+        rows = slice(25 * part, 25 * (part + 1))
+        table = pa.table({"image_id": ids[rows], "image": pa.array(images[rows], pa.binary())})
+        pq.write_table(table, tmp_path / f"part-{part}.parquet", row_group_size=7)
+    corpus = {"input": str(tmp_path), "input_format": "parquet", "id_column": "image_id",
+              "image_column": "image", "path_column": None}  # fmt: skip
+    indexed = np.array(ids[:40], dtype=object)  # the last 10 failed to decode: not in the index
+    store = CorpusImages(corpus, indexed, row_group_cache=2)
+    assert len(store) == 40
+    for i in (0, 6, 7, 24, 25, 39, 3):
+        assert store.read(ids[i]) == images[i]
+    assert store.read(ids[45]) is None and store.read("nope") is None
+    assert len(store._cache) == 2
+
+
+def test_parquet_path_corpus_serves_the_listed_paths(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(_encoded("JPEG"))
+    pq.write_table(
+        pa.table({"key": ["a", "b"], "path": [str(tmp_path / "a.jpg"), "/etc/passwd"]}),
+        tmp_path / "list.parquet",
+    )
+    corpus = {"input": str(tmp_path / "list.parquet"), "input_format": "parquet",
+              "id_column": "key", "image_column": None, "path_column": "path"}  # fmt: skip
+    store = CorpusImages(corpus, np.array(["a"], dtype=object))
+    assert store.read("a") == (tmp_path / "a.jpg").read_bytes()
+    assert store.read("b") is None  # listed, but not in the index
+
+
+def test_folder_corpus_never_leaves_the_folder(tmp_path):
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub/x.png").write_bytes(_encoded("PNG"))
+    (tmp_path / "secret.png").write_bytes(_encoded("PNG", (1, 1, 1)))
+    os.symlink(tmp_path / "secret.png", root / "link.png")
+    corpus = {"input": str(root), "input_format": "folder", "id_column": "image_id",
+              "image_column": None, "path_column": None}  # fmt: skip
+    store = CorpusImages(corpus, np.array(["sub/x.png", "link.png"], dtype=object))
+    assert store.read("sub/x.png") == (root / "sub/x.png").read_bytes()
+    assert store.read("link.png") is None  # in the index, but the file lies outside the corpus
+    assert store.read("../secret.png") is None
+
+
+def test_webdataset_corpus_reads_members_by_offset(tmp_path):
+    images = {f"{i:05d}": _encoded("JPEG", (10 * i, 0, 0)) for i in range(4)}
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+        for key, data in images.items():
+            for name, payload in ((f"{key}.jpg", data), (f"{key}.txt", b"a caption")):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, _io.BytesIO(payload))
+    corpus = {"input": str(tmp_path), "input_format": "webdataset", "id_column": "image_id",
+              "image_column": None, "path_column": None}  # fmt: skip
+    store = CorpusImages(corpus, np.array(list(images), dtype=object))
+    assert all(store.read(k) == v for k, v in images.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Args and their resolution from the jobs' manifests
+
+
+def _args(**extra) -> dict:
+    return {"models": {"m": {"index_corpus": "/nowhere"}}, **extra}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({}, "serve args 'models': Field required"),
+        (_args(max_kk=3), "serve args 'max_kk': Extra inputs are not permitted"),
+        (_args(default_model="x"), "default_model 'x' is not one of the models (m)"),
+        (_args(default_k=50, max_k=20), "default_k (50) is over max_k (20)"),
+        (_args(rerank={"depth": 10}), "rerank.depth (10) is under max_k (100)"),
+        (_args(rewriter={"method": {"backend": "vllm"}}), "use backend 'http'"),
+        (_args(image_url_template="https://cdn/x"), "needs an {image_id} slot"),
+        ({"models": {"m": {"run": "/r"}}}, "serve args 'models.m.index_corpus': Field required"),
+    ],
+)
+def test_bad_args_name_the_key(args, message):
+    with pytest.raises(ServeConfigError) as e:
+        parse_args(args)
+    assert message in str(e.value)
+
+
+@pytest.fixture
+def job_outputs(tmp_path):
+    """Manifests as the jobs write them: a pretrain run exporting model.pt and an index_corpus
+    output built with it."""
+    ckpt = tmp_path / "pretrain/model.pt"
+    ckpt.parent.mkdir()
+    torch.save(build_clip(ModelConfig(name="micro-clip")).model.state_dict(), ckpt)
+    run = JobManifest("finetune", load_config(None, ["model.name=micro-clip"]))
+    run.extra["export"] = str(ckpt)
+    run.write(str(tmp_path / "pretrain"), rows_in=1, rows_out=1, rows_error=0)
+    config = load_config(None, ["model.name=micro-clip", f"model.pretrained={ckpt}"])
+    ic = JobManifest("index_corpus", config)
+    ic.extra["input"] = str(tmp_path / "images")
+    ic.write(str(tmp_path / "index_corpus"), rows_in=1, rows_out=1, rows_error=0)
+    (tmp_path / "index_corpus/index").mkdir()
+    return tmp_path, ckpt
+
+
+def test_models_resolve_from_the_manifests(job_outputs):
+    root, ckpt = job_outputs
+    args = parse_args(
+        {
+            "models": {
+                "base": {"index_corpus": str(root / "index_corpus"), "run": str(root / "pretrain")}
+            }
+        }
+    )
+    served = resolve_models(args)["base"]
+    assert served.model["pretrained"] == str(ckpt) and served.model["name"] == "micro-clip"
+    assert served.index_dir == f"{root}/index_corpus/index"
+    assert served.corpus["input"] == str(root / "images")
+    assert served.corpus["input_format"] == "parquet"
+
+
+def test_an_index_built_with_another_model_is_refused(job_outputs):
+    root, ckpt = job_outputs
+    other = JobManifest("finetune", load_config(None))
+    other.extra["export"] = str(root / "finetune/model.pt")
+    other.write(str(root / "finetune"), rows_in=1, rows_out=1, rows_error=0)
+    args = {"index_corpus": str(root / "index_corpus"), "run": str(root / "finetune")}
+    with pytest.raises(ServeConfigError) as e:
+        resolve_models(parse_args({"models": {"aligned": args}}))
+    message = str(e.value)
+    assert "model 'aligned'" in message and f"model.pretrained={root}/finetune/model.pt" in message
+
+
+def test_missing_outputs_and_checkpoints_are_named(job_outputs):
+    root, ckpt = job_outputs
+    with pytest.raises(ServeConfigError, match="no _manifest.json in /nowhere"):
+        resolve_models(parse_args(_args()))
+    wrong_job = {"index_corpus": str(root / "pretrain")}
+    with pytest.raises(ServeConfigError, match="output of 'finetune', not of index_corpus"):
+        resolve_models(parse_args({"models": {"m": wrong_job}}))
+    ckpt.unlink()
+    with pytest.raises(ServeConfigError, match="model 'm'.*model.pt"):
+        resolve_models(parse_args({"models": {"m": {"index_corpus": str(root / "index_corpus")}}}))
