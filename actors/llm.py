@@ -94,6 +94,22 @@ def completion(row: dict, backend: str) -> tuple[str | None, str | None]:
     return row.get("generated_text"), row.get("__inference_error__")
 
 
+def vllm_processor_config(vllm, multimodal: bool = False):
+    """ray.data.llm's vLLM processor config from ours (validated by Ray; builds nothing, loads
+    nothing: `build_processor` is what reads the model's tokenizer)."""
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    extra = {"prepare_multimodal_stage": {"enabled": True}} if multimodal else {}
+    return vLLMEngineProcessorConfig(
+        model_source=vllm.model,
+        engine_kwargs=vllm.engine_kwargs,
+        batch_size=vllm.batch_size,
+        concurrency=vllm.concurrency,
+        should_continue_on_error=True,
+        **extra,
+    )
+
+
 def build_chat_processor(
     backend: str,
     http,
@@ -146,17 +162,7 @@ def build_chat_processor(
     if backend != "vllm":
         raise ValueError(f"backend {backend!r} does not call an LLM (http or vllm)")
 
-    from ray.data.llm import vLLMEngineProcessorConfig
-
-    extra = {"prepare_multimodal_stage": {"enabled": True}} if multimodal else {}
-    config = vLLMEngineProcessorConfig(
-        model_source=vllm.model,
-        engine_kwargs=vllm.engine_kwargs,
-        batch_size=vllm.batch_size,
-        concurrency=vllm.concurrency,
-        should_continue_on_error=True,
-        **extra,
-    )
+    config = vllm_processor_config(vllm, multimodal)
 
     def vllm_preprocess(row: dict) -> dict:
         return {

@@ -118,8 +118,13 @@ def _load_weights(checkpoint: str, scorer: str, missing_hint: str = ""):
     """
     import torch
 
-    path = Path(checkpoint)
-    if not path.is_file():
+    from align import io
+
+    try:
+        path = Path(io.local_copy(checkpoint))
+    except FileNotFoundError:
+        path = None
+    if path is None or not path.is_file():
         raise ScorerError(f"{scorer} checkpoint not found: {checkpoint}{missing_hint}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI."""
-    if "://" in uri:
+    if is_uri(uri):
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
@@ -90,6 +90,40 @@ def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:
         return f.read()
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def local_copy(uri: str) -> str:
+    """A local path for a file that may be remote: the path itself when local, else a copy in
+    $AESTHETIC_ALIGN_CACHE (default ~/.cache/aesthetic-align), fetched again when the remote
+    size differs. For libraries that only open local files (open_clip, torch.load with mmap).
+
+    Raises:
+        FileNotFoundError: naming the URI.
+    """
+    import hashlib
+
+    if not is_uri(uri):
+        return uri
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"not found: {uri}")
+    cache = os.environ.get("AESTHETIC_ALIGN_CACHE") or os.path.expanduser(
+        "~/.cache/aesthetic-align"
+    )
+    key = hashlib.sha1(uri.encode()).hexdigest()[:16]
+    local = os.path.join(cache, "files", f"{key}-{os.path.basename(path)}")
+    if not os.path.isfile(local) or os.path.getsize(local) != info.size:
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        tmp = f"{local}.{os.getpid()}.tmp"  # several workers may fetch at once
+        with open(tmp, "wb") as f:
+            f.write(read_bytes(uri))
+        os.replace(tmp, local)
+    return local
 
 
 def write_json(uri: str, obj: Any) -> None:

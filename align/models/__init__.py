@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from align import io
 from align.config import ModelConfig
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -61,8 +62,12 @@ def check_model(cfg: ModelConfig) -> ModelFacts:
         )
     pretrained = cfg.pretrained
     if pretrained and _is_path(pretrained):
+        try:
+            pretrained = io.local_copy(pretrained)  # s3://, gs://: a cached local copy
+        except FileNotFoundError:
+            pass
         if not Path(pretrained).is_file():
-            raise ModelLoadError(f"checkpoint not found for model {cfg.name!r}: {pretrained}")
+            raise ModelLoadError(f"checkpoint not found for model {cfg.name!r}: {cfg.pretrained}")
         try:
             torch.load(pretrained, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch raises several types for a file that is not a checkpoint
@@ -115,6 +120,8 @@ def build_clip(cfg: ModelConfig, device: str = "cpu") -> Clip:
 
     facts = check_model(cfg)
     pretrained = cfg.pretrained
+    if pretrained and io.is_uri(pretrained):
+        pretrained = io.local_copy(pretrained)  # fetched by check_model, reused here
     try:
         # Without weights, initialise from a fixed seed: every process (driver, each Ray actor)
         # then builds the same model, so embeddings from different stages agree.
