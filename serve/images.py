@@ -21,8 +21,7 @@ from collections import OrderedDict
 import numpy as np
 
 from align import io
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+from align.images import IMAGE_EXTENSIONS
 
 
 class CorpusImages:

@@ -9,6 +9,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (for servers a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def indexed_world(root: Path, num_images: int, *extra: str) -> list[str]:
     """Make a small world under `root` and index it with a fixed micro-clip checkpoint (the
     reference model); returns the config overrides that reproduce it."""
@@ -70,16 +79,13 @@ class HeadlessChromium:
     async def __aenter__(self):
         import asyncio
         import shutil
-        import socket
         import subprocess
 
         import aiohttp
 
         binary = shutil.which("chromium") or shutil.which("chromium-browser")
         assert binary, "chromium not found: `make test` installs it (apt-get install chromium)"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.process = subprocess.Popen(
             [
                 binary, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,900",

@@ -5,7 +5,6 @@ cluster stopped. The job's driver joins the cluster through RAY_ADDRESS, as on a
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -37,35 +38,29 @@ SMALL_DEMO = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def cluster():
     """`ray start --head --block` on loopback with its own temp dir; stopped (with everything it
     started) when the test ends."""
     temp = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # short: Ray's socket paths
-    dashboard = _free_port()
+    dashboard = free_port()
     # The venv first on PATH, as cluster.yaml sets it up: the job's `python` is the project's.
     path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": path}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [
-            RAY, "start", "--head", "--block", f"--port={_free_port()}",
+            RAY, "start", "--head", "--block", f"--port={free_port()}",
             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}", "--include-dashboard=true", "--num-cpus=2",
             "--disable-usage-stats", f"--temp-dir={temp}",
             # Ports of their own: another Ray on this machine (the test session's) holds the
             # defaults, and a job agent that cannot bind leaves the job server without one.
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
         ],
         env=env,
         stdout=subprocess.DEVNULL,

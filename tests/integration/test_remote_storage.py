@@ -4,7 +4,6 @@ embedded Ray, the model checkpoint itself read from the bucket."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 from align.config import ModelConfig
 from align.models import build_clip
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "align-test"
@@ -31,9 +31,7 @@ def s3():
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {

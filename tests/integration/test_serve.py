@@ -6,7 +6,6 @@ import asyncio
 import copy
 import http.client
 import json
-import socket
 import urllib.parse
 from pathlib import Path
 
@@ -22,17 +21,11 @@ from align.models import build_clip
 from align.rewrite import keyword_rewrite
 from pipelines.index_corpus import index_corpus
 from serve.app import deploy, load_serve_config
-from tests.helpers import HeadlessChromium, indexed_world
+from tests.helpers import HeadlessChromium, free_port, indexed_world
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 KEY_ENV, KEY = "SEARCH_TEST_API_KEY", "test-secret-123"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Client:
@@ -98,7 +91,7 @@ def served(ray_session, tmp_path_factory):
     secured["args"].pop("default_model")
     secured["runtime_env"] = {"env_vars": {KEY_ENV: KEY}}
     config["applications"].append(secured)
-    port = _free_port()
+    port = free_port()
     deploy(config, host="127.0.0.1", port=port)
     yield Client(port), root
     serve.shutdown()
