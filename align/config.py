@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from align import io
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
@@ -525,12 +527,12 @@ class Config(Section):
     def expand(self, path: str) -> str:
         """Expand `{output_dir}` in a configured path; local paths become absolute."""
         path = path.replace("{output_dir}", self.output_dir.rstrip("/"))
-        return path if "://" in path else os.path.abspath(path)
+        return io.absolute(path)
 
     def path(self, *parts: str) -> str:
         """A path under output_dir, joined with '/' so that URIs (s3://...) work too. A local
         path is made absolute here, in the driver, so Ray workers write to the same place."""
-        root = self.output_dir if "://" in self.output_dir else os.path.abspath(self.output_dir)
+        root = io.absolute(self.output_dir)
         return "/".join([root.rstrip("/"), *parts])
 
 

@@ -42,7 +42,7 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     """Files below `uri` (recursive) whose names end with `suffix`, sorted, as full URIs/paths."""
     fs, path = filesystem(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+    scheme = uri.split("://", 1)[0] + "://" if is_uri(uri) else ""
     out = []
     for info in infos:
         if info.type == pafs.FileType.File and info.path.endswith(suffix):
@@ -94,6 +94,12 @@ def read_bytes(uri: str) -> bytes:
 
 def is_uri(path: str) -> bool:
     return "://" in path
+
+
+def absolute(path: str) -> str:
+    """A URI as it is, a local path made absolute (so Ray workers, whose working directory may
+    differ, read and write the same place)."""
+    return path if is_uri(path) else os.path.abspath(path)
 
 
 def local_copy(uri: str) -> str:

@@ -12,7 +12,6 @@ here: they are the `deployments:` entries of the Serve config file, which Serve 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from pydantic import Field, ValidationError, model_validator
@@ -134,10 +133,6 @@ class ServedModel:
     corpus: dict  # input, input_format, id_column, image_column, path_column
 
 
-def _absolute(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
-
-
 def _read_manifest(folder: str, what: str, jobs: tuple[str, ...]) -> dict:
     path = f"{folder}/{MANIFEST_NAME}"
     if not io.exists(path):
@@ -162,11 +157,11 @@ def resolve_models(args: ServeArgs) -> dict[str, ServedModel]:
     served = {}
     for name, m in args.models.items():
         what = f"model {name!r}"
-        ic_dir = _absolute(m.index_corpus)
+        ic_dir = io.absolute(m.index_corpus)
         manifest = _read_manifest(ic_dir, f"{what} index_corpus", ("index_corpus",))
         model = ModelConfig.model_validate(manifest["config"]["model"])
         if m.run is not None:
-            run_dir = _absolute(m.run)
+            run_dir = io.absolute(m.run)
             run = _read_manifest(run_dir, f"{what} run", ("finetune", "pretrain"))
             if model.pretrained != run["export"]:
                 raise ServeConfigError(

@@ -34,7 +34,7 @@ class CorpusImages:
         self._cache: OrderedDict = OrderedDict()
         self._cache_size = row_group_cache
         if self.format == "folder":
-            self.root = os.path.realpath(self.source) if "://" not in self.source else self.source
+            self.root = self.source if io.is_uri(self.source) else os.path.realpath(self.source)
             self.locations = dict.fromkeys(known)
         elif self.format == "webdataset":
             self.locations = self._tar_members(known)
@@ -106,7 +106,7 @@ class CorpusImages:
             return None
         where = self.locations[image_id]
         if self.format == "folder":
-            if "://" in self.root:
+            if io.is_uri(self.root):
                 return io.read_bytes(f"{self.root.rstrip('/')}/{image_id}")
             path = os.path.realpath(os.path.join(self.root, image_id))
             if os.path.commonpath([path, self.root]) != self.root:  # a symlink out of the corpus
