@@ -17,17 +17,18 @@ def require_batch_columns(batch: dict, required: dict[str, str], stage: str) -> 
 
 
 def load_clip_for_actor(model: dict, threads: int | None, fp16_on_gpu: bool = False):
-    """Build the configured CLIP model inside an actor: torch threads from config, the GPU when
-    the actor was given one. Returns (Clip, device)."""
+    """Build the configured CLIP model inside an actor: torch threads up to `threads` (else the
+    CPUs Ray assigned) and never more than the CPUs other work leaves free, the GPU when the
+    actor was given one. Returns (Clip, device, TorchThreads: call its refresh() per batch)."""
     import torch
 
     from align.config import ModelConfig
     from align.models import build_clip
+    from align.runtime import TorchThreads
 
-    if threads:
-        torch.set_num_threads(threads)
+    torch_threads = TorchThreads(threads)
     cfg = ModelConfig.model_validate(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if fp16_on_gpu and device == "cuda" and cfg.precision == "fp32":
         cfg = cfg.model_copy(update={"precision": "fp16"})
-    return build_clip(cfg, device=device), device
+    return build_clip(cfg, device=device), device, torch_threads

@@ -33,7 +33,9 @@ def decode_batch(
     image_column: str | None = "image",
     path_column: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Decode a batch. Reads `image_column` (bytes) or else `path_column` (paths)."""
+    """Decode a batch. Reads `image_column` (bytes) or else `path_column` (paths). A reader that
+    could not produce a row's bytes says why in an optional `read_error` column: such rows
+    are error rows with that reason."""
     source = image_column if image_column and image_column in batch else path_column
     require_batch_columns(
         batch, {**REQUIRED, source or "image": "encoded image bytes or a path"}, "decode"
@@ -42,7 +44,11 @@ def decode_batch(
     pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     status = np.full(n, "ok", dtype=object)
     error = np.full(n, "", dtype=object)  # "" not None: an all-None column loses its type
+    read_errors = batch.get("read_error")
     for i, item in enumerate(batch[source]):  # PIL decodes one image at a time
+        if read_errors is not None and read_errors[i]:
+            status[i], error[i] = "error", str(read_errors[i])
+            continue
         try:
             data = _read(item) if source == path_column else item
             pixels[i] = decode_image(data, image_size, max_pixels)

@@ -17,13 +17,14 @@ class ClipImageEmbedder:
     """Loads the CLIP model once per actor; float16 on GPU, float32 compute on CPU."""
 
     def __init__(self, model: dict, threads: int | None = None):
-        self.clip, self.device = load_clip_for_actor(model, threads, fp16_on_gpu=True)
+        self.clip, self.device, self.threads = load_clip_for_actor(model, threads, fp16_on_gpu=True)
         self.dtype = next(self.clip.model.parameters()).dtype
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         require_batch_columns(batch, REQUIRED, "embed")
+        self.threads.refresh()
         ok = batch["status"] == "ok"
         out = np.zeros((len(ok), self.clip.embed_dim), dtype=np.float16)
         if ok.any():

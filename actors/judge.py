@@ -77,4 +77,5 @@ def build_llm_judge(cfg: JudgeConfig, k: int):
         carry=("request_id", "image_errors"),
         postprocess=postprocess,
         multimodal=True,
+        key_prefix="evaluate.judge",
     )

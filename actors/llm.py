@@ -6,10 +6,76 @@ chat messages, sent to any OpenAI-compatible endpoint (`http`) or to vLLM on GPU
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
+import random
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
+from align.config import ConfigError
+
+# Worth another try: timeouts, rate limits, a server that is restarting. Never 400/401/403: the
+# same request would be refused again (and a wrong key retried is a lock-out waiting to happen).
 RETRYABLE_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+def backoff_s(attempt: int, wait_s: float) -> float:
+    """Seconds before retry `attempt` (1, 2, ...): exponential, with jitter so that many
+    clients that failed together do not retry together."""
+    return wait_s * 2 ** (attempt - 1) * (0.5 + random.random())
+
+
+def network_error(e: BaseException) -> str:
+    """What a client may be told of a failed call: the error's type, not its text (aiohttp's
+    messages name the LLM's host and port)."""
+    return f"{type(e).__name__}"
+
+
+def chat_content(answer) -> str | None:
+    """choices[0].message.content of an OpenAI-style answer, or None for anything else (a list,
+    a non-string content, an error object, HTML read as text)."""
+    if not isinstance(answer, dict):
+        return None
+    choices = answer.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return None
+    message = choices[0].get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else None
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_key_headers(http, key: str) -> dict:
+    """The Authorization header for an endpoint config (`url`, `api_key_env`,
+    `allow_key_over_http`): a key only when the config names its variable, and never in the
+    clear to another machine unless the config allows it.
+
+    Raises:
+        ConfigError: naming the key, for a variable that is named but empty, or a key that would
+            go over plain http to a host that is not loopback.
+    """
+    if not http.api_key_env:
+        return {}
+    value = os.environ.get(http.api_key_env, "")
+    if not value:
+        raise ConfigError(f"{key}.api_key_env names {http.api_key_env!r}, which is empty here")
+    url = urlsplit(http.url)
+    if url.scheme != "https" and not _is_loopback(url.hostname) and not http.allow_key_over_http:
+        raise ConfigError(
+            f"{key}.url is plain {url.scheme} to {url.hostname}: the API key would travel "
+            f"readable; use https, or set {key}.allow_key_over_http: true"
+        )
+    return {"Authorization": f"Bearer {value}"}
 
 
 class _ErrorAnswer:
@@ -50,11 +116,11 @@ class _TolerantPost:
         problem = "no attempt made"
         for attempt in range(self.retries + 1):
             if attempt:
-                await asyncio.sleep(self.wait_s * 2 ** (attempt - 1))
+                await asyncio.sleep(backoff_s(attempt, self.wait_s))
             try:
                 response = await self.session.post(self.url, **self.kwargs)
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                problem = f"{type(e).__name__}: {e}"
+                problem = network_error(e)
                 continue
             if response.status not in RETRYABLE_STATUS:
                 return response
@@ -87,10 +153,9 @@ class TolerantSession:
 def completion(row: dict, backend: str) -> tuple[str | None, str | None]:
     """(completion text, error) of one answered row, for either backend."""
     if backend == "http":
-        response = row.get("http_response") or {}
-        choices = response.get("choices") or [{}]
-        text = (choices[0].get("message") or {}).get("content")
-        return text, row.get("__inference_error__") or response.get("error")
+        response = row.get("http_response")
+        error = response.get("error") if isinstance(response, dict) else None
+        return chat_content(response), row.get("__inference_error__") or error
     return row.get("generated_text"), row.get("__inference_error__")
 
 
@@ -118,6 +183,7 @@ def build_chat_processor(
     carry: tuple[str, ...],
     postprocess: Callable[[dict], dict],
     multimodal: bool = False,
+    key_prefix: str = "rewrite",
 ):
     """A ray.data.llm processor (Dataset -> Dataset): `messages(row)` to the model, the `carry`
     columns passed through to `postprocess(row)`.
@@ -127,15 +193,14 @@ def build_chat_processor(
             max_retries, max_tokens, temperature) or "vllm" (config `vllm`: model,
             engine_kwargs, batch_size, concurrency, max_tokens, temperature).
         multimodal: messages carry images (vLLM's multimodal stage prepares them).
+        key_prefix: the config section, for error messages (e.g. "evaluate.judge").
     """
     from ray.data.llm import build_processor
 
     if backend == "http":
         from ray.data.llm import HttpRequestProcessorConfig
 
-        headers = {}
-        if http.api_key_env and os.environ.get(http.api_key_env):
-            headers["Authorization"] = f"Bearer {os.environ[http.api_key_env]}"
+        headers = api_key_headers(http, f"{key_prefix}.http")
         config = HttpRequestProcessorConfig(
             url=http.url,
             headers=headers,

@@ -17,7 +17,7 @@ class ClipTextEmbedder:
     def __init__(
         self, model: dict, threads: int | None = None, columns: tuple[str, ...] = QUERY_COLUMNS
     ):
-        self.clip, self.device = load_clip_for_actor(model, threads)
+        self.clip, self.device, self.threads = load_clip_for_actor(model, threads)
         self.columns = tuple(columns)
 
     def _too_long(self, texts) -> np.ndarray:
@@ -31,6 +31,7 @@ class ClipTextEmbedder:
         """L2-normalised float32 embeddings (n, d) of a sequence of texts."""
         import torch
 
+        self.threads.refresh()
         with torch.inference_mode():
             tokens = self.clip.tokenizer(list(texts)).to(self.device)
             emb = self.clip.model.encode_text(tokens)

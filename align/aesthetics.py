@@ -22,10 +22,16 @@ from typing import Literal
 
 import numpy as np
 
+from align.errors import UserError
+
 SCORERS = ("lowlevel", "laion_mlp", "rated_cnn")
+# Heads on CLIP embeddings read one model's embedding space, not any of the same width: the model
+# each was trained on ('name:pretrained', as align.models.model_id writes it). LAION's improved
+# aesthetic predictor was trained on OpenAI's ViT-L/14 (its own script loads clip "ViT-L/14").
+TRAINED_ON = {"laion_mlp": "ViT-L-14:openai"}
 
 
-class ScorerError(ValueError):
+class ScorerError(UserError, ValueError):
     """A scorer that cannot be built: unknown name, bad checkpoint, wrong embedding width."""
 
 
@@ -50,15 +56,31 @@ _LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float32)
 _IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float32)
 
 
+def _flat_region_noise(lum: np.ndarray, share: float = 0.2) -> np.ndarray:
+    """Immerkaer's (1996) noise sigma, measured only where the image is flat: the `share` of
+    pixels with the least local gradient. Over the whole image fine texture (hair, fur, foliage)
+    passes for noise, so blurring a photo looked like denoising it."""
+    n, h, w = lum.shape
+    residual = np.abs(_conv3(lum, _IMMERKAER)).reshape(n, -1)
+    gx = lum[:, 1:-1, 2:] - lum[:, 1:-1, :-2]
+    gy = lum[:, 2:, 1:-1] - lum[:, :-2, 1:-1]
+    gradient = (gx * gx + gy * gy).reshape(n, -1)
+    keep = max(1, int(share * gradient.shape[1]))
+    flat = np.argpartition(gradient, keep - 1, axis=1)[:, :keep]
+    return np.sqrt(np.pi / 2) / 6.0 * np.take_along_axis(residual, flat, axis=1).mean(axis=1)
+
+
 def lowlevel_measures(pixels: np.ndarray) -> dict[str, np.ndarray]:
     """Five classical measures, each mapped to [0, 1] with 1 = better.
 
     - sharpness: energy e of the Laplacian of the 2x-downsampled luminance, less the energy the
-      estimated noise puts there (so noise does not pass for detail); e / (e + 0.002).
+      estimated noise puts there (so noise does not pass for detail); e / (e + 0.02). (The
+      earlier scale, 0.002, saturated on photos: a blurred photo kept 0.7 of a sharp one's 0.97.)
     - exposure: 1 - 2 |mean luminance - 0.5|, minus the share of clipped (near 0 or 1) pixels.
     - colourfulness: Hasler & Suesstrunk (2003) on the opponent channels rg, yb;
       c / (c + 0.15).
-    - noise: Immerkaer's (1996) fast noise sigma estimate on luminance; exp(-sigma / 0.02).
+    - noise: Immerkaer's (1996) noise sigma on the flattest fifth of the luminance
+      (`_flat_region_noise`; over the whole image, texture counted as noise); exp(-sigma / 0.02).
     - contrast: RMS contrast (std of the 2x-downsampled luminance), min(std / 0.2, 1).
     """
     x = pixels.astype(np.float32) / 255.0
@@ -66,11 +88,7 @@ def lowlevel_measures(pixels: np.ndarray) -> dict[str, np.ndarray]:
     lum = 0.299 * r + 0.587 * g + 0.114 * b
     n, h, w = lum.shape
 
-    sigma = (
-        np.sqrt(np.pi / 2)
-        / (6.0 * (h - 2) * (w - 2))
-        * np.abs(_conv3(lum, _IMMERKAER)).sum(axis=(1, 2))
-    )
+    sigma = _flat_region_noise(lum)
     noise = np.exp(-sigma / 0.02)
 
     # White noise of std s leaves std s/2 after 2x2 averaging, and the Laplacian (kernel energy
@@ -78,7 +96,7 @@ def lowlevel_measures(pixels: np.ndarray) -> dict[str, np.ndarray]:
     half = lum[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
     energy = (_conv3(half, _LAPLACIAN) ** 2).mean(axis=(1, 2))
     energy = np.maximum(energy - 20.0 * (sigma / 2) ** 2, 0.0)
-    sharpness = energy / (energy + 0.002)
+    sharpness = energy / (energy + 0.02)
 
     mean = lum.mean(axis=(1, 2))
     clipped = ((lum < 0.02) | (lum > 0.98)).mean(axis=(1, 2))
@@ -264,6 +282,24 @@ class Scorer:
 
     def __call__(self, pixels: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
         return self.fn(pixels if self.needs == "pixels" else embeddings)
+
+
+def check_scorer_model(name: str, trained_on: str | None, model: str) -> None:
+    """Refuse an embedding head on another model's embeddings (the width alone can match).
+
+    Args:
+        name: the scorer; trained_on: its config's `trained_on` (None: TRAINED_ON's default);
+        model: the id of the model that embeds the corpus (align.models.model_id).
+    Raises:
+        ScorerError: naming the scorer, both models and the keys to change.
+    """
+    expected = trained_on or TRAINED_ON.get(name)
+    if expected is not None and expected != model:
+        raise ScorerError(
+            f"scorer {name} was trained on {expected} embeddings but the corpus is embedded with "
+            f"{model}: its scores would be meaningless; set model.name/model.pretrained to "
+            f"{expected}, or index_corpus.scorers.{name}.trained_on for a head of your own"
+        )
 
 
 def build_scorer(name: str, checkpoint: str | None, embed_dim: int) -> Scorer:

@@ -16,9 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from align import io
+from align.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
@@ -101,6 +102,12 @@ class ScorerConfig(Section):
 
     weight: float = Field(1.0, ge=0)
     checkpoint: str | None = Field(None, description="Weights file, for scorers that have one.")
+    trained_on: str | None = Field(
+        None,
+        description="For scorers that read CLIP embeddings: the model ('name:pretrained') whose "
+        "embeddings the head was trained on; index_corpus refuses to score another model's "
+        "(None: the scorer's own default, e.g. laion_mlp's ViT-L-14:openai).",
+    )
 
 
 class IndexConfig(Section):
@@ -149,6 +156,12 @@ class IndexCorpusConfig(Section):
     max_image_pixels: int = Field(
         64_000_000, ge=1, description="Decompression-bomb guard: larger images are error rows."
     )
+    max_member_bytes: int = Field(
+        64 * 2**20,
+        ge=1,
+        description="WebDataset: a tar member larger than this (after decompression) is an error "
+        "row, never read into memory (tar bombs).",
+    )
     decode: PoolConfig = PoolConfig(batch_size=128, concurrency=2)
     embed: PoolConfig = PoolConfig()
     score: PoolConfig = PoolConfig()
@@ -165,7 +178,15 @@ class HttpRewriteConfig(Section):
     url: str = "http://127.0.0.1:8000/v1/chat/completions"
     model: str = "gpt-4o-mini"
     api_key_env: str | None = Field(
-        "OPENAI_API_KEY", description="Environment variable holding the API key (None: no key)."
+        None,
+        description="Environment variable holding the API key, sent as a Bearer token to `url` "
+        "(None: no key is sent; there is no default variable, so no key goes to a URL by "
+        "accident).",
+    )
+    allow_key_over_http: bool = Field(
+        False,
+        description="Send the key over plain http to a host that is not loopback (it travels "
+        "readable on the network); https, or http to 127.0.0.1/localhost, need no permission.",
     )
     batch_size: int = Field(16, ge=1)
     concurrency: int = Field(1, ge=1)
@@ -212,6 +233,22 @@ class RewriteConfig(Section):
     max_chars: int = Field(400, ge=1, description="Longer completions fall back to the query.")
     http: HttpRewriteConfig = HttpRewriteConfig()
     vllm: VllmRewriteConfig = VllmRewriteConfig()
+
+    @model_validator(mode="after")
+    def _variant_fits_backend(self):
+        from align.rewrite import KEYWORD_VARIANTS
+
+        if self.backend == "keywords" and self.variant not in KEYWORD_VARIANTS:
+            raise ValueError(
+                f"variant {self.variant!r} needs an LLM (backend http or vllm); the keywords "
+                f"backend does {', '.join(KEYWORD_VARIANTS)}"
+            )
+        if self.backend != "keywords" and self.variant == "original":
+            raise ValueError(
+                f"variant 'original' keeps the query as it is: it needs no LLM, use backend "
+                f"keywords (not {self.backend})"
+            )
+        return self
 
 
 class GridConfig(Section):
@@ -523,6 +560,21 @@ class Config(Section):
             if scorer.checkpoint and "{output_dir}" in scorer.checkpoint:
                 scorer.checkpoint = self.expand(scorer.checkpoint)
         return self
+
+    def for_other_processes(self) -> Config:
+        """This config with every local path that names a file absolute, resolved here in the
+        driver: output_dir and a local model checkpoint. For processes whose working directory
+        differs: Ray Train moves each worker into its run folder (`os.chdir`), where a relative
+        `outputs/demo` would name another place."""
+        pretrained = self.model.pretrained
+        if pretrained and not io.is_uri(pretrained) and os.path.exists(pretrained):
+            pretrained = os.path.abspath(pretrained)  # a checkpoint file, not an open_clip tag
+        return self.model_copy(
+            update={
+                "output_dir": io.absolute(self.output_dir),
+                "model": self.model.model_copy(update={"pretrained": pretrained}),
+            }
+        )
 
     def expand(self, path: str) -> str:
         """Expand `{output_dir}` in a configured path; local paths become absolute."""

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from align.errors import UserError
 
-class ContractError(ValueError):
+
+class ContractError(UserError, ValueError):
     """A table does not have what the reading stage needs."""
 
 

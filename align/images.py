@@ -13,6 +13,9 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, not by the decode
     import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# The only decoders PIL may use on untrusted bytes. Never EPS/PS (PIL runs Ghostscript on them)
+# or the long tail of rarely used, rarely fuzzed plug-ins.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 class ImageDecodeError(ValueError):
@@ -52,7 +55,7 @@ def decode_image(data: bytes | None, size: int, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageDecodeError(
@@ -64,17 +67,21 @@ def decode_image(data: bytes | None, size: int, max_pixels: int) -> np.ndarray:
                 img.draft("RGB", (size, size))  # decode at reduced scale: much faster for big JPEGs
             img.load()
             img = ImageOps.exif_transpose(img)
+            # Conversion and resizing inside the guard too: a frame that decodes but cannot be
+            # converted (odd modes, broken palettes) is a refusal, not a crash of the batch.
+            img = _to_rgb(img)
+            img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
+            return np.asarray(img, dtype=np.uint8)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"image too large (decompression-bomb guard): {e}") from None
     except Image.UnidentifiedImageError:
-        raise ImageDecodeError("not an image (no decoder recognises the bytes)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(f"corrupt image: {e}") from None
-    img = _to_rgb(img)
-    img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.uint8)
+        raise ImageDecodeError(
+            f"not an image of an allowed format ({', '.join(ALLOWED_FORMATS)})"
+        ) from None
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError) as e:
+        raise ImageDecodeError(f"corrupt image: {type(e).__name__}: {e}") from None
 
 
 def jpeg_thumbnail(data: bytes | None, size: int, max_pixels: int, quality: int = 90) -> bytes:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from align.config import IndexConfig
+from align.errors import InputNotFound
 
 INDEX_FILE = "index.faiss"
 SHARD_FILE = "shard-{:03d}.faiss"
@@ -187,7 +188,7 @@ def load_index(index_dir: str):
         else None
     )
     if manifest is None:
-        raise FileNotFoundError(f"index manifest not found: {index_dir}/{INDEX_MANIFEST}")
+        raise InputNotFound(f"index manifest not found: {index_dir}/{INDEX_MANIFEST}")
     indexes = []
     for shard in manifest["shards"]:
         path = f"{index_dir}/{shard['file']}"

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+from contextlib import contextmanager
 from typing import Any
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from align.errors import InputNotFound, OutputWriteError
+
+# OS errors about an output the user can fix: a full disk or quota, a read-only or forbidden folder.
+_USER_FIXABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -28,9 +35,9 @@ def is_file(uri: str) -> bool:
 
 
 def require_exists(uri: str, what: str) -> None:
-    """Raise FileNotFoundError naming `what` when `uri` does not exist."""
+    """Raise InputNotFound (a FileNotFoundError) naming `what` when `uri` does not exist."""
     if not exists(uri):
-        raise FileNotFoundError(f"{what} not found: {uri}")
+        raise InputNotFound(f"{what} not found: {uri}")
 
 
 def makedirs(uri: str) -> None:
@@ -75,15 +82,44 @@ def delete_files_except(uri: str, suffix: str, keep: set[str]) -> None:
             fs.delete_file(path)
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write atomically where the filesystem allows: to a temporary name, then move."""
+def _temporary_name(path: str) -> str:
+    """A name beside `path` that no other writer uses (several Ray workers may write one file)."""
+    import uuid
+
+    head, _, name = path.rpartition("/")
+    return f"{head}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+@contextmanager
+def _atomic_target(uri: str):
+    """Yield (filesystem, temporary path) for writing `uri`; on success the temporary file is
+    moved onto `uri`, on failure it is removed. A full disk or a read-only folder becomes an
+    OutputWriteError naming `uri`."""
     fs, path = filesystem(uri)
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    tmp = f"{path}.tmp"
-    with fs.open_output_stream(tmp) as f:
+    tmp = _temporary_name(path)
+    try:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        yield fs, tmp
+        fs.move(tmp, path)
+    except BaseException as e:
+        try:
+            fs.delete_file(tmp)
+        except OSError:
+            pass  # never created, or already gone
+        if isinstance(e, OSError) and e.errno in _USER_FIXABLE_ERRNOS:
+            raise OutputWriteError(e.errno, f"cannot write {uri}: {os.strerror(e.errno)}") from e
+        raise
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write atomically where the filesystem allows: to a temporary name of this writer's own,
+    then move; the temporary file is removed if the write fails.
+
+    Raises:
+        OutputWriteError: naming `uri`, when the disk is full or the folder is not writable.
+    """
+    with _atomic_target(uri) as (fs, tmp), fs.open_output_stream(tmp) as f:
         f.write(data)
-    fs.move(tmp, path)
 
 
 def read_bytes(uri: str) -> bytes:
@@ -117,7 +153,7 @@ def local_copy(uri: str) -> str:
     fs, path = filesystem(uri)
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.File:
-        raise FileNotFoundError(f"not found: {uri}")
+        raise InputNotFound(f"not found: {uri}")
     cache = os.environ.get("AESTHETIC_ALIGN_CACHE") or os.path.expanduser(
         "~/.cache/aesthetic-align"
     )
@@ -143,11 +179,8 @@ def read_json(uri: str) -> Any:
 def write_parquet(table, uri: str) -> None:
     """Write one Parquet file atomically (temporary name, then move), so a killed job never leaves
     a half-written shard that a resumed run would take as finished."""
-    fs, path = filesystem(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    tmp = f"{path}.tmp"
-    pq.write_table(table, tmp, filesystem=fs, compression="zstd")
-    fs.move(tmp, path)
+    with _atomic_target(uri) as (fs, tmp):
+        pq.write_table(table, tmp, filesystem=fs, compression="zstd")
 
 
 def read_parquet(uri: str, columns: list[str] | None = None):
@@ -160,7 +193,7 @@ def parquet_files(source: str) -> list[str]:
     """A Parquet file, or the Parquet files under a folder (FileNotFoundError if none)."""
     files = [source] if is_file(source) else list_files(source, ".parquet")
     if not files:
-        raise FileNotFoundError(f"no Parquet files under {source}")
+        raise InputNotFound(f"no Parquet files under {source}")
     return files
 
 

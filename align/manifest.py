@@ -15,8 +15,12 @@ from typing import Any
 
 from align import io
 from align.config import Config, config_to_dict
+from align.errors import UserError
 
 MANIFEST_NAME = "_manifest.json"
+# Which job a folder belongs to; kept when a new run removes the manifest, so a failed run does
+# not make its own output look foreign to the next one.
+WRITTEN_BY = "_written_by.json"
 _VERSIONED = (
     "aesthetic-align",
     "ray",
@@ -28,6 +32,10 @@ _VERSIONED = (
     "numpy",
     "pillow",
 )
+
+
+class OutputNotOurs(UserError):
+    """An output folder holds files the job did not write; the message names the folder."""
 
 
 class CountsDoNotClose(RuntimeError):
@@ -49,17 +57,29 @@ class JobManifest:
     """Collects counts and timings while a job runs, then writes `_manifest.json`.
 
     Usage:
-        manifest = JobManifest("make_world", config)
+        manifest = JobManifest("make_world", config, output=out_dir)
         with manifest.stage("render"):
             ...
         manifest.write(out_dir, rows_in=n, rows_out=n, rows_error=0)
+
+    Given `output`, it deletes the manifest an earlier run left there as the job starts: the
+    manifest is written last, so a job that fails leaves none that a later job or the serving
+    app could take for a finished output.
     """
 
     job: str
     config: Config
+    output: str | None = None
     started: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.output is not None:
+            out = self.output.rstrip("/")
+            if _names_job(f"{out}/{MANIFEST_NAME}", self.job):  # it stays ours without it
+                io.write_json(f"{out}/{WRITTEN_BY}", {"job": self.job})
+            io.delete_file(f"{out}/{MANIFEST_NAME}")
 
     @contextmanager
     def stage(self, name: str):
@@ -89,6 +109,7 @@ class JobManifest:
             "config": config_to_dict(self.config),
             **self.extra,
         }
+        io.write_json(f"{output_uri.rstrip('/')}/{WRITTEN_BY}", {"job": self.job})
         io.write_json(f"{output_uri.rstrip('/')}/{MANIFEST_NAME}", manifest)
         return manifest
 
@@ -102,3 +123,41 @@ def read_manifest(output_uri: str) -> dict:
     path = f"{output_uri.rstrip('/')}/{MANIFEST_NAME}"
     io.require_exists(path, "job manifest (has the job that writes it finished?)")
     return io.read_json(path)
+
+
+def empty_output_dir(uri: str, job: str) -> None:
+    """Create `uri` or empty it for `job` to write into, and mark it as that job's.
+
+    A job's output is replaced, never appended to; but a folder holding files the job did not
+    write (a user's data under a mistyped output path) is never emptied. The folder is the job's
+    when it is missing or empty, or it or its parent (the job's output folder) carries this job's
+    `_written_by.json`, or the parent's `_manifest.json` names the job (outputs written before
+    the marker existed).
+
+    Raises:
+        OutputNotOurs: naming the folder, when it holds files of something else.
+    """
+    marker = f"{uri.rstrip('/')}/{WRITTEN_BY}"
+    if io.exists(uri) and io.list_files(uri) and not _written_by(marker, uri, job):
+        raise OutputNotOurs(
+            f"{uri} holds files that {job} did not write (no {WRITTEN_BY} of {job} there): "
+            f"refusing to empty it; choose another output folder or remove them yourself"
+        )
+    io.empty_dir(uri)
+    io.write_json(marker, {"job": job})
+
+
+def _written_by(marker: str, uri: str, job: str) -> bool:
+    parent = uri.rstrip("/").rsplit("/", 1)[0]
+    return any(
+        _names_job(path, job)
+        for path in (marker, f"{parent}/{WRITTEN_BY}", f"{parent}/{MANIFEST_NAME}")
+    )
+
+
+def _names_job(path: str, job: str) -> bool:
+    """Whether the JSON file at `path` exists and says {"job": job}."""
+    try:
+        return io.exists(path) and io.read_json(path).get("job") == job
+    except (ValueError, AttributeError):  # not JSON, or not an object: not ours
+        return False

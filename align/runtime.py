@@ -24,3 +24,94 @@ def init_ray(cfg: RayConfig) -> None:
     else:
         log.info("starting an embedded Ray (num_cpus=%s)", cfg.num_cpus or "all")
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch threads that follow the CPUs a task actually gets.
+#
+# A torch op splits its work over its intra-op threads and waits for the last one (OpenMP
+# threads spin while they wait). Ray runs workers at nice 15: beside one busy process at normal
+# priority the thread that shares its core gets a few percent of it, every op waits for that
+# thread, and the spinning siblings burn what is left. Measured here (2 cores, train_scorer):
+# 87 s idle, over 390 s beside one busy core with 2 threads. So a task uses no more threads than
+# the CPUs Ray assigned it and no more than the cores other processes leave free, re-checked as
+# it runs (load comes and goes).
+
+
+def assigned_cpus() -> float | None:
+    """CPUs Ray assigned to the calling task or actor; None outside a Ray worker."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        return ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # no runtime context here: not a Ray worker
+        return None
+
+
+def _cpu_sample() -> tuple[float, float, float] | None:
+    """(wall clock, idle CPU-seconds of the machine, CPU-seconds of this process) or None where
+    /proc/stat is not available (not Linux)."""
+    import time
+
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    idle = (int(fields[3]) + int(fields[4])) / ticks  # idle + iowait
+    own = sum(os.times()[:2])  # this process's user + system time, all its threads
+    return time.monotonic(), idle, own
+
+
+def cpus_free_of_other_work(before, after) -> float | None:
+    """Logical CPUs that processes other than this one left free between two `_cpu_sample`s:
+    the machine's idle CPUs plus what this process itself used."""
+    if before is None or after is None or after[0] - before[0] <= 0:
+        return None
+    wall = after[0] - before[0]
+    return (after[1] - before[1] + after[2] - before[2]) / wall
+
+
+class TorchThreads:
+    """Sets torch's intra-op threads to min(limit, CPUs free of other work), at least 1, and
+    re-checks when `refresh()` is called, at most every `every_s` seconds.
+
+    `limit`: the configured thread count, else the CPUs Ray assigned (rounded down), else the
+    machine's cores. Call `refresh()` once per batch or step; it costs one read of /proc/stat.
+    """
+
+    def __init__(self, limit: int | None = None, every_s: float = 5.0, first_sample_s: float = 0.2):
+        import time
+
+        cpus = assigned_cpus()
+        self.limit = max(1, int(limit or (cpus if cpus else 0) or os.cpu_count() or 1))
+        self.every_s = every_s
+        self.threads = self.limit
+        self._last = _cpu_sample()
+        time.sleep(first_sample_s if self._last is not None else 0.0)
+        self._apply(cpus_free_of_other_work(self._last, _cpu_sample()))
+        self._last = _cpu_sample()
+
+    def refresh(self) -> int:
+        """Re-check the free CPUs when `every_s` has passed; returns the thread count in use."""
+        if self._last is None:
+            return self.threads
+        now = _cpu_sample()
+        if now is not None and now[0] - self._last[0] >= self.every_s:
+            self._apply(cpus_free_of_other_work(self._last, now))
+            self._last = now
+        return self.threads
+
+    def _apply(self, free: float | None) -> None:
+        import torch
+
+        # A quarter CPU of slack: a core that is 80% free still earns a thread.
+        threads = self.limit if free is None else max(1, min(self.limit, int(free + 0.25)))
+        if threads != torch.get_num_threads():
+            if threads != self.threads:
+                log.info("torch threads: %d (limit %d, free CPUs %.2f)", threads, self.limit, free)
+            torch.set_num_threads(threads)
+        self.threads = threads

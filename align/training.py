@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from align.config import FinetuneConfig, OptimConfig
+from align.errors import UserError
 from align.losses import clip_contrastive_loss, retrieval_dpo_loss
 
 # Metrics every step reports (averaged over workers); the JSONL rows and the plot use them.
@@ -33,7 +34,7 @@ STEP_METRICS = (
 )
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError, RuntimeError):
     """The loss was NaN or inf for `max_bad_steps` consecutive steps: the run cannot go on."""
 
 

@@ -7,6 +7,7 @@ import sys
 
 JOBS = (
     "make_world",
+    "train_scorer",
     "pretrain",
     "index_corpus",
     "build_preferences",

@@ -23,11 +23,20 @@ import pyarrow.compute as pc
 
 from align import io
 from align.config import Config, RewriteConfig
-from align.contracts import CANDIDATES, ERRORS, PAIRS, QUERIES, REWRITES, conform, require_columns
+from align.contracts import (
+    CANDIDATES,
+    ERRORS,
+    PAIRS,
+    QUERIES,
+    REWRITES,
+    ContractError,
+    conform,
+    require_columns,
+)
 from align.index import INDEX_MANIFEST
 from align.log import get_logger
-from align.manifest import JobManifest
-from align.models import ModelLoadError, check_model, model_id
+from align.manifest import JobManifest, empty_output_dir
+from align.models import ModelLoadError, check_model, model_id, weights_fingerprint
 from align.runtime import init_ray
 from pipelines.common import actor_pool, run_job
 
@@ -52,6 +61,10 @@ def read_queries(path: str, split: str | None) -> tuple[pa.Table, list[dict]]:
     if path.endswith(".parquet") or io.exists(path) and not io.is_file(path):
         table = io.read_parquet(path)
         require_columns(QUERIES, table.column_names, "build_preferences.read", needed=["query"])
+        if not pa.types.is_string(table.schema.field("query").type):
+            raise ContractError(
+                f"{path}: column 'query' holds {table.schema.field('query').type}, not strings"
+            )
         if split and "split" in table.column_names:
             table = table.filter(pc.equal(table["split"], split))
         ids = table["query_id"] if "query_id" in table.column_names else None
@@ -71,8 +84,17 @@ def read_queries(path: str, split: str | None) -> tuple[pa.Table, list[dict]]:
             try:
                 obj = json.loads(text)
                 query, row_id = obj["query"], str(obj.get("query_id", row_id))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 errors.append({"row_id": row_id, "stage": "read", "error": f"bad JSON line: {e}"})
+                continue
+            if not isinstance(query, str):
+                errors.append(
+                    {
+                        "row_id": row_id,
+                        "stage": "read",
+                        "error": f"'query' is {type(query).__name__}, not a string",
+                    }
+                )
                 continue
         else:
             query = text
@@ -121,6 +143,14 @@ def check_index(config: Config, index_corpus_dir: str) -> dict:
             f"index at {index_corpus_dir} was built with model {built_with!r} "
             f"(pretrained={index_manifest['model'].get('pretrained')!r}) but the config's model is "
             f"{config.model.name!r} (pretrained={config.model.pretrained!r})"
+        )
+    built_weights = index_manifest.get("weights")
+    if built_weights is not None and built_weights != weights_fingerprint(config.model):
+        raise ModelLoadError(
+            f"index at {index_corpus_dir} was built with other weights than "
+            f"{config.model.pretrained} has now ({built_weights} then, "
+            f"{weights_fingerprint(config.model)} now): the checkpoint was rewritten since; "
+            f"index the corpus again"
         )
     if index_manifest["dim"] != facts.embed_dim:
         raise ModelLoadError(
@@ -200,7 +230,7 @@ def build_preferences(config: Config) -> dict:
 
     bp = config.build_preferences
     out = output_dir(config)
-    manifest = JobManifest("build_preferences", config)
+    manifest = JobManifest("build_preferences", config, output=out)  # removes a stale manifest
     queries_path = config.expand(bp.queries)
     index_corpus_dir = config.expand(bp.index_corpus_dir)
 
@@ -216,7 +246,7 @@ def build_preferences(config: Config) -> dict:
 
     init_ray(config.ray)
     for sub in OUTPUTS:  # a re-run replaces, never appends
-        io.empty_dir(f"{out}/{sub}")
+        empty_output_dir(f"{out}/{sub}", "build_preferences")
 
     with manifest.stage("rewrite_embed_retrieve"):
         # Blocks of one embed batch each, so the stages stream and run in parallel.

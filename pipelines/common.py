@@ -1,8 +1,9 @@
 """What every job entry point shares: the command line and the error contract.
 
 `python -m pipelines.<job> --config PATH [key=value ...]`. A bad config, a missing input, a table
-from the wrong job or a model that cannot load ends the job with exit code 2 and one line on
-stderr naming what is wrong; other failures keep their traceback.
+from the wrong job or a model that cannot load (the project's `align.errors.UserError` types) ends
+the job with exit code 2 and one line on stderr naming the key or path; any other failure, a
+library's FileNotFoundError included, keeps its traceback and exits 1.
 """
 
 from __future__ import annotations
@@ -11,21 +12,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from align.aesthetics import ScorerError
-from align.config import Config, ConfigError, PoolConfig, load_config
-from align.contracts import ContractError
-from align.models import ModelLoadError
-from align.training import NonFiniteLoss
-
-# Errors that mean "your input is wrong", reported in one line.
-USER_ERRORS = (
-    ConfigError,
-    ContractError,
-    ModelLoadError,
-    ScorerError,
-    NonFiniteLoss,
-    FileNotFoundError,
-)
+from align.config import Config, PoolConfig, load_config
+from align.errors import UserError
 
 
 def parse_args(job: str, argv: list[str] | None) -> Config:
@@ -40,13 +28,27 @@ def parse_args(job: str, argv: list[str] | None) -> Config:
     return load_config(args.config, args.overrides)
 
 
+def user_error_message(e: BaseException) -> str | None:
+    """The one line for an error about the user's input (a project `UserError`, raised here or
+    in a Ray worker and carried back); None for anything else, which keeps its traceback."""
+    cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError carries the worker's error
+    if isinstance(cause, UserError):
+        e = cause
+    if not isinstance(e, UserError):
+        return None
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def run_job(job: str, body: Callable[[Config], object], argv: list[str] | None = None) -> int:
-    """Parse the command line, run `body(config)`, map user errors to one line and exit code 2."""
+    """Parse the command line and run `body(config)`. An error about the user's input becomes one
+    line on stderr and exit code 2; any other exception propagates with its traceback (exit 1)."""
     try:
         config = parse_args(job, argv)
         body(config)
-    except USER_ERRORS as e:
-        message = e.args[0] if isinstance(e, FileNotFoundError) and e.args else e
+    except Exception as e:
+        message = user_error_message(e)
+        if message is None:
+            raise
         print(f"{job}: error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from align import evaluation, io, world
-from align.config import Config, ModelConfig
+from align.config import Config, ConfigError, ModelConfig
 from align.contracts import (
     ERRORS,
     GROUND_TRUTH,
@@ -45,8 +45,9 @@ from align.contracts import (
     conform,
     require_columns,
 )
+from align.errors import InputNotFound
 from align.log import get_logger
-from align.manifest import JobManifest
+from align.manifest import JobManifest, empty_output_dir
 from align.models import check_model
 from align.runtime import init_ray
 from pipelines.build_preferences import check_queries, read_queries, rewrite
@@ -78,7 +79,7 @@ def resolve_systems(config: Config) -> list[System]:
     before any work, so a missing checkpoint fails at once and names the system."""
     systems = []
     if not config.evaluate.systems:
-        raise FileNotFoundError("evaluate.systems is empty: name at least one system")
+        raise ConfigError("evaluate.systems is empty: name at least one system")
     for name, s in config.evaluate.systems.items():
         pretrained = s.pretrained if s.pretrained is not None else config.model.pretrained
         if pretrained and "{output_dir}" in pretrained:
@@ -220,7 +221,7 @@ class GroundTruth:
         require_columns(GROUND_TRUTH, gt.column_names, "evaluate.ground_truth")
         rows = io.align_rows(gallery_ids, gt)
         if (rows < 0).any():
-            raise FileNotFoundError(
+            raise ContractError(
                 f"ground truth {path} lacks {int((rows < 0).sum())} gallery images, "
                 f"e.g. {gallery_ids[rows < 0][0]!r}"
             )
@@ -298,7 +299,9 @@ def judge_answers(
     judge = config.evaluate.judge
     if judge.backend == "oracle":
         if gt is None:
-            raise FileNotFoundError("the oracle judge needs evaluate.ground_truth")
+            raise ConfigError(
+                "evaluate.judge.backend=oracle needs evaluate.ground_truth (the world's ground truth)"
+            )
         facts = {c: [r["facts"][c] for r in requests] for c in ("colour", "shape", "background")}
         quality = []
         for key in ("first", "second"):
@@ -396,7 +399,7 @@ def query_facts(config: Config, texts: list[str]) -> dict[str, np.ndarray]:
     rows = pc.index_in(pa.array(texts, pa.string()), value_set=table["query"].combine_chunks())
     rows = rows.fill_null(-1).to_numpy(zero_copy_only=False)
     if (rows < 0).any():
-        raise FileNotFoundError(f"query {texts[int(np.argmax(rows < 0))]!r} has no ground truth")
+        raise ContractError(f"query {texts[int(np.argmax(rows < 0))]!r} has no ground truth")
     return {
         c: table[c].to_numpy(zero_copy_only=False)[rows] for c in ("colour", "shape", "background")
     }
@@ -437,7 +440,7 @@ def hpir_rows(hpir: pa.Table, gallery: Gallery) -> tuple[np.ndarray, np.ndarray,
 def evaluate(config: Config) -> dict:
     ev = config.evaluate
     out = output_dir(config)
-    manifest = JobManifest("evaluate", config)
+    manifest = JobManifest("evaluate", config, output=out)  # removes a stale manifest
     systems = resolve_systems(config)
     names = [s.name for s in systems]
     comparisons = [(a, b) for a, b in ev.judge.compare if a in names and b in names]
@@ -459,7 +462,7 @@ def evaluate(config: Config) -> dict:
     errors = read_errors + check_errors
     rows_in = raw.num_rows + len(read_errors)
     if queries.num_rows == 0:
-        raise FileNotFoundError(f"no usable queries in {queries_path} (split={ev.split!r})")
+        raise InputNotFound(f"no usable queries in {queries_path} (split={ev.split!r})")
     texts = queries["query"].to_pylist()
     hpir_texts = hpir["query"].to_pylist() if hpir is not None else []
     all_texts = list(dict.fromkeys(texts + hpir_texts))  # one embedding pass for both sets
@@ -550,7 +553,7 @@ def evaluate(config: Config) -> dict:
             facts,
             systems,
         )
-    io.empty_dir(f"{out}/errors")
+    empty_output_dir(f"{out}/errors", "evaluate")
     if errors:
         io.write_parquet(
             conform(pa.Table.from_pylist(errors), ERRORS), f"{out}/errors/part-0.parquet"

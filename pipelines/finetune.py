@@ -29,6 +29,7 @@ import pyarrow.dataset as pads
 from align import io
 from align.config import Config, ConfigError
 from align.contracts import ERRORS, IMAGES, PAIRS, conform, require_columns
+from align.errors import InputNotFound
 from align.log import get_logger
 from align.manifest import JobManifest
 from align.models import ModelLoadError, check_model, model_id, weights_fingerprint
@@ -68,7 +69,7 @@ def _dataset(uri: str, what: str) -> pads.Dataset:
     fs, _ = io.filesystem(uri)
     files = io.list_files(uri, ".parquet") if not io.is_file(uri) else [uri]
     if not files:
-        raise FileNotFoundError(f"no Parquet files in {uri} ({what})")
+        raise InputNotFound(f"no Parquet files in {uri} ({what})")
     return pads.dataset([io.filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
 
 
@@ -391,7 +392,7 @@ def finetune(config: Config) -> dict:
 
     cfg = config.finetune
     out = output_dir(config)
-    manifest = JobManifest("finetune", config)
+    manifest = JobManifest("finetune", config, output=out)  # removes a stale manifest
     # Images are decoded at the model's input size; checked once, used by every stage.
     sizes = {
         "image_size": check_model(config.model).image_size,
@@ -421,7 +422,9 @@ def finetune(config: Config) -> dict:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config_to_dict(config)},
+        # Paths resolved here: Ray Train runs each worker in a working directory of its own
+        # (os.chdir into the run's folder), where a relative path names another place.
+        train_loop_config={"config": config_to_dict(config.for_other_processes()), "output": out},
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -441,6 +444,11 @@ def finetune(config: Config) -> dict:
     io.delete_file(summary_path)  # read this run's summary after fit, never a stale one
     with manifest.stage("train"):
         trainer.fit()
+    if not io.exists(summary_path):  # a bug, not the user's input: keep the traceback
+        raise RuntimeError(
+            f"Ray Train finished but rank 0 wrote no {summary_path}: the training loop ended "
+            f"without its finish() (see the workers' logs)"
+        )
     summary = io.read_json(summary_path)
     records = read_metrics_jsonl(io.read_bytes(f"{out}/metrics.jsonl"))
     io.write_bytes(
@@ -504,7 +512,7 @@ def start_over_if_inputs_changed(config: Config, out: str) -> None:
     path = f"{out}/{RUN_INPUTS}"
     if io.exists(path) and io.read_json(path) != current and io.exists(f"{out}/ray"):
         log.warning("inputs or model changed since the run in %s: starting over", out)
-        io.empty_dir(f"{out}/ray")
+        io.empty_dir(f"{out}/ray")  # ours: our own _run_inputs.json sits beside it
     io.write_json(path, current)
 
 

@@ -52,16 +52,18 @@ def endless_batches(shard, batch_size: int, shuffle_buffer: int, seed: int) -> I
 class Trainer:
     """One worker's model, optimiser, streams and state; `run()` trains to max_steps."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, output: str):
         import ray.train
         import torch
 
         self.config, self.cfg = config, config.finetune
+        self.output = output.rstrip("/")  # absolute: this process runs in Ray Train's folder
         cfg = self.cfg
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        if cfg.scaling.threads:
-            torch.set_num_threads(cfg.scaling.threads)
+        from align.runtime import TorchThreads
+
+        self.threads = TorchThreads(cfg.scaling.threads)
         self.use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
         if not self.use_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
@@ -228,7 +230,7 @@ class Trainer:
         from align.models import export_checkpoint
         from align.training import metrics_jsonl
 
-        out = self.config.expand(self.cfg.output).rstrip("/")
+        out = self.output
         if stopped is None:
             gather = nullcontext()
             if self.engine is not None and self.cfg.deepspeed.zero_stage == 3:
@@ -273,6 +275,7 @@ class Trainer:
         while self.state["step"] < cfg.max_steps:
             step = self.state["step"]
             started = time.perf_counter()
+            self.threads.refresh()
             inputs = self._inputs(
                 next(pairs) if pairs else None, next(captions) if captions else None
             )
@@ -351,5 +354,6 @@ class Trainer:
 
 
 def train_loop_per_worker(payload: dict) -> None:
-    """Ray Train entry point: payload = {"config": the job's config as a dict}."""
-    Trainer(Config.model_validate(payload["config"])).run()
+    """Ray Train entry point: payload = {"config": the job's config as a dict, "output": the
+    run's output folder, resolved by the driver}."""
+    Trainer(Config.model_validate(payload["config"]), payload["output"]).run()

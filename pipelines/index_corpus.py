@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 import tarfile
 import time
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +26,8 @@ import pyarrow.parquet as pq
 
 from align import aesthetics, io
 from align.config import Config, IndexCorpusConfig
-from align.contracts import ERRORS, SCORED, SCORER_COLUMN_PREFIX, conform
+from align.contracts import ERRORS, SCORED, SCORER_COLUMN_PREFIX, ContractError, conform
+from align.errors import InputNotFound
 from align.images import IMAGE_EXTENSIONS
 from align.index import (
     INDEX_MANIFEST,
@@ -37,7 +39,7 @@ from align.index import (
 )
 from align.log import get_logger
 from align.manifest import JobManifest
-from align.models import ModelFacts, check_model
+from align.models import ModelFacts, check_model, model_id
 from align.runtime import init_ray
 from pipelines.common import actor_pool, run_job, task_pool
 
@@ -65,25 +67,128 @@ def plan_units(ic: IndexCorpusConfig, source: str) -> list[list[str]]:
         files = [f for f in io.list_files(source) if f.lower().endswith(IMAGE_EXTENSIONS)]
         per_unit = ic.images_per_unit
     if not files:
-        raise FileNotFoundError(f"no {ic.input_format} input files under {source}")
+        raise InputNotFound(f"no {ic.input_format} input files under {source}")
     return [files[i : i + per_unit] for i in range(0, len(files), per_unit)]
 
 
-def _tar_samples(row: dict) -> list[dict]:
-    """WebDataset tar (as img2dataset writes it) -> one row per image member, keyed by name."""
-    import io as _io
+def parquet_image_layout(ic: IndexCorpusConfig, files: list[str]) -> str:
+    """How the Parquet inputs hold their images, checked on every file's schema before work:
+    "bytes" (a binary column), "struct" (Hugging Face's {bytes, path} struct: its bytes are read)
+    or "path" (a string column of paths).
 
-    samples: dict[str, dict] = {}
-    with tarfile.open(fileobj=_io.BytesIO(row["bytes"]), mode="r:*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition(".")
-            sample = samples.setdefault(key, {"image_id": key, "image": None})
-            if f".{ext.lower()}" in IMAGE_EXTENSIONS:  # captions and metadata are not read
-                sample["image"] = tar.extractfile(member).read()
-    # A sample with a caption or metadata but no image is an input row too: it becomes an error.
-    return [{"image_id": s["image_id"], "image": s["image"] or b""} for s in samples.values()]
+    Raises:
+        ContractError: naming the file, the column and its type, when a file lacks the column or
+            holds it as another type.
+    """
+    column = ic.image_column or ic.path_column
+    wanted = "image bytes" if ic.image_column else "image paths"
+    layouts = set()
+    for f in files:
+        fs, path = io.filesystem(f)
+        with fs.open_input_file(path) as fh:
+            schema = pq.read_schema(fh)
+        names = schema.names
+        for needed in (ic.id_column, column):
+            if needed not in names:
+                raise ContractError(
+                    f"{f} has no column {needed!r} (index_corpus.id_column / image_column / "
+                    f"path_column); it has {names}"
+                )
+        kind = schema.field(column).type
+        if ic.image_column and (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+            layouts.add("bytes")
+        elif (
+            ic.image_column
+            and pa.types.is_struct(kind)
+            and kind.get_field_index("bytes") >= 0
+            and pa.types.is_binary(kind.field("bytes").type)
+        ):
+            layouts.add("struct")
+        elif not ic.image_column and (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            layouts.add("path")
+        else:
+            raise ContractError(
+                f"{f}: column {column!r} holds {kind}, not {wanted} (binary, or a struct with a "
+                f"binary 'bytes' field as Hugging Face writes it; paths are strings)"
+            )
+    if len(layouts) > 1:
+        raise ContractError(f"the Parquet inputs mix image layouts {sorted(layouts)}: use one")
+    return layouts.pop()
+
+
+def _struct_bytes(table: pa.Table, column: str) -> pa.Table:
+    """Hugging Face's image struct {bytes, path} -> its bytes, in place of the struct."""
+    index = table.schema.get_field_index(column)
+    return table.set_column(index, column, pc.struct_field(table[column], "bytes"))
+
+
+TAR_BATCH = 256  # samples per block a tar reader emits: memory is this many images, not a tar
+
+
+def tar_samples(path: str, max_member_bytes: int):
+    """Stream a WebDataset tar (as img2dataset writes it, plain or compressed) member by member:
+    yields (image_id, image bytes or None, error or ""), one per sample key. Captions and
+    metadata are not read. A member over `max_member_bytes` (a tar bomb), a sample with no image
+    and a tar cut short become errors; what was read before the cut is kept."""
+    fs, inner = io.filesystem(path)
+    current: dict = {}  # samples of the current key: img2dataset writes a key's members together
+
+    def flush():
+        for key, (data, error) in current.items():
+            yield key, data, error or ("" if data is not None else "empty file (no image member)")
+        current.clear()
+
+    with fs.open_input_stream(inner) as stream:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:  # "|": a stream, no seeking
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.rpartition(".")
+                    if key not in current:
+                        yield from flush()
+                        current[key] = (None, "")
+                    if f".{ext.lower()}" not in IMAGE_EXTENSIONS:
+                        continue
+                    if member.size > max_member_bytes:
+                        current[key] = (None, f"tar member {member.name} is {member.size} bytes, "
+                                        f"over index_corpus.max_member_bytes={max_member_bytes}")  # fmt: skip
+                        continue
+                    try:
+                        current[key] = (tar.extractfile(member).read(), "")
+                    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+                        current[key] = (None, f"tar member {member.name} unreadable: {e}")
+                        raise
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            yield from flush()
+            yield f"{path}#unread", None, f"tar cut short or corrupt after the samples above: {e}"
+            return
+    yield from flush()
+
+
+def read_tars(batch: dict, max_member_bytes: int):
+    """map_batches generator: tar paths -> blocks of (image_id, image, read_error)."""
+    rows: dict[str, list] = {"image_id": [], "image": [], "read_error": []}
+    for path in batch["path"]:
+        for key, data, error in tar_samples(str(path), max_member_bytes):
+            rows["image_id"].append(key)
+            rows["image"].append(data or b"")
+            rows["read_error"].append(error)
+            if len(rows["image_id"]) >= TAR_BATCH:
+                yield _tar_block(rows)
+                rows = {"image_id": [], "image": [], "read_error": []}
+    if rows["image_id"]:
+        yield _tar_block(rows)
+
+
+def _tar_block(rows: dict) -> pa.Table:
+    return pa.table(
+        {
+            "image_id": pa.array(rows["image_id"], pa.string()),
+            "image": pa.array(rows["image"], pa.binary()),
+            "read_error": pa.array(rows["read_error"], pa.string()),
+        }
+    )
 
 
 def read_unit(ic: IndexCorpusConfig, files: list[str], source: str):
@@ -95,12 +200,18 @@ def read_unit(ic: IndexCorpusConfig, files: list[str], source: str):
         ds = ray.data.read_parquet(files, num_cpus=ic.decode.num_cpus).select_columns(
             [ic.id_column, column]
         )
+        if parquet_image_layout(ic, files) == "struct":
+            ds = ds.map_batches(_struct_bytes, fn_kwargs={"column": column}, batch_format="pyarrow")
         if ic.id_column != "image_id":
             ds = ds.rename_columns({ic.id_column: "image_id"})
         return ds
     if ic.input_format == "webdataset":
-        return ray.data.read_binary_files(files, num_cpus=ic.decode.num_cpus).flat_map(
-            _tar_samples, num_cpus=ic.decode.num_cpus
+        return ray.data.from_items([{"path": f} for f in files]).map_batches(
+            read_tars,
+            fn_kwargs={"max_member_bytes": ic.max_member_bytes},
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=ic.decode.num_cpus,
         )
     root = source.rstrip("/") + "/"
     return ray.data.from_items([{"image_id": f.removeprefix(root), "path": f} for f in files])
@@ -314,8 +425,12 @@ def build_indexes(config: Config, out: str) -> dict:
         offset += ids.num_rows
     io.write_parquet(pa.concat_tables(id_tables), f"{index_dir}/id_map.parquet")
     recall = float(np.mean([s["recall"]["recall_at_k"] for s in shards]))
+    from align.models import weights_fingerprint
+
     index_manifest = {
         "model": config.model.model_dump(),
+        # The weights themselves (a checkpoint rewritten at the same path is another model).
+        "weights": weights_fingerprint(config.model),
         "dim": shards[0]["spec"]["dim"],
         "count": offset,
         "spec": shards[0]["spec"],
@@ -337,14 +452,17 @@ def index_corpus(config: Config) -> dict:
     ic = config.index_corpus
     source = config.expand(ic.input)
     out = output_dir(config)
-    manifest = JobManifest("index_corpus", config)
+    manifest = JobManifest("index_corpus", config, output=out)  # removes a stale manifest
 
     # Fail fast, before any data is read: the model, the scorers, the input.
     model = check_model(config.model)
     for name, scorer in ic.scorers.items():
+        aesthetics.check_scorer_model(name, scorer.trained_on, model_id(config.model))
         aesthetics.build_scorer(name, scorer.checkpoint, model.embed_dim)
     io.require_exists(source, "index_corpus input")
     units = plan_units(ic, source)
+    if ic.input_format == "parquet":
+        parquet_image_layout(ic, [f for unit in units for f in unit])
 
     init_ray(config.ray)
     unit_dirs, markers = [], []

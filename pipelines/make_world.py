@@ -42,7 +42,7 @@ def make_world(config: Config) -> dict:
     import ray
 
     out = world_dir(config)
-    manifest = JobManifest("make_world", config)
+    manifest = JobManifest("make_world", config, output=out)  # removes a stale manifest
     init_ray(config.ray)
     render = ray.remote(num_cpus=1)(_render_and_write)
     refs = {}

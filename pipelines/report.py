@@ -20,6 +20,7 @@ from align import io
 from align.config import Config
 from align.images import ImageDecodeError, jpeg_thumbnail
 from align.log import get_logger
+from align.manifest import empty_output_dir
 from align.training import plot_metrics, read_metrics_jsonl
 
 log = get_logger("report")
@@ -104,7 +105,7 @@ def write_report(
 
     ev = config.evaluate
     files = f"{out}/report_files"
-    io.empty_dir(files)
+    empty_output_dir(files, "evaluate")
     sections = [f"<h1>Evaluation: {len(texts)} queries, top {ev.k}</h1>"]
     sections.append('<p id="broken" hidden></p>')
 

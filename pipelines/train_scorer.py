@@ -25,8 +25,9 @@ import pyarrow as pa
 from align import aesthetics, io
 from align.config import Config, TrainScorerConfig
 from align.contracts import ERRORS, RATINGS, conform, require_columns
+from align.errors import InputNotFound
 from align.log import get_logger
-from align.manifest import JobManifest
+from align.manifest import JobManifest, empty_output_dir
 from align.runtime import init_ray
 from pipelines.common import collect_ok_rows, run_job, task_pool
 
@@ -62,7 +63,9 @@ def decode_rated(config: Config, ratings: pa.Table) -> tuple[np.ndarray, np.ndar
     decoded, decode_errors = collect_ok_rows(ds, ["image_id", "pixels"], "decode")
     errors += decode_errors
     if decoded["image_id"] is None:
-        raise FileNotFoundError(f"none of the {len(ids)} rated images could be read or decoded")
+        raise InputNotFound(
+            f"none of the {len(ids)} rated images of {ts.ratings} could be read or decoded"
+        )
     got_ids = decoded["image_id"].astype(object)
     rating = ratings["rating"].to_numpy()[io.align_rows(got_ids, ratings)]
     return decoded["pixels"], rating.astype(np.float32), errors
@@ -73,7 +76,9 @@ def fit(pixels: np.ndarray, rating: np.ndarray, ts: TrainScorerConfig) -> dict:
     Runs as a Ray task: returns the state dict and the metrics."""
     import torch
 
-    torch.set_num_threads(max(1, int(ts.num_cpus)))  # Ray starts tasks with one thread
+    from align.runtime import TorchThreads
+
+    threads = TorchThreads(max(1, int(ts.num_cpus)))  # Ray starts tasks with one thread
     torch.manual_seed(ts.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rng = np.random.default_rng(ts.seed)
@@ -99,6 +104,7 @@ def fit(pixels: np.ndarray, rating: np.ndarray, ts: TrainScorerConfig) -> dict:
         shuffled = torch.as_tensor(rng.permutation(train), device=device)
         total = 0.0
         for s in range(steps_per_epoch):
+            threads.refresh()
             batch = shuffled[s * ts.batch_size : (s + 1) * ts.batch_size]
             xb = x[batch]
             xb = torch.where(torch.rand(len(xb), 1, 1, 1, device=device) < 0.5, xb.flip(3), xb)
@@ -130,7 +136,7 @@ def train_scorer(config: Config) -> dict:
 
     ts = config.train_scorer
     out = output_dir(config)
-    manifest = JobManifest("train_scorer", config)
+    manifest = JobManifest("train_scorer", config, output=out)  # removes a stale manifest
     ratings_path = config.expand(ts.ratings)
     io.require_exists(ratings_path, "ratings (train_scorer.ratings)")
     aesthetics.rated_cnn(ts.image_size)  # fails fast on a bad image size
@@ -149,7 +155,7 @@ def train_scorer(config: Config) -> dict:
     aesthetics.save_rated_cnn(net, ts.image_size, f"{out}/model.pt")
     metrics = {**result["metrics"], "seconds": time.perf_counter() - t0}
     io.write_json(f"{out}/metrics.json", metrics)
-    io.empty_dir(f"{out}/errors")
+    empty_output_dir(f"{out}/errors", "train_scorer")
     if errors:
         io.write_parquet(
             conform(pa.Table.from_pylist(errors), ERRORS), f"{out}/errors/part-0.parquet"

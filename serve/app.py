@@ -44,6 +44,8 @@ def build_app(args: dict) -> Application:
         "rerank_depth": cfg.rerank.depth,
         "api_key_env": cfg.api_key_env,
         "image_url_template": cfg.image_url_template,
+        "max_body_bytes": cfg.max_body_bytes,
+        "allowed_hosts": cfg.allowed_hosts,
     }
     return SearchIngress.bind(encoder, index, images, rewriter, settings)
 

@@ -18,10 +18,11 @@ from pydantic import Field, ValidationError, model_validator
 
 from align import io
 from align.config import ModelConfig, RewriteConfig, Section
+from align.errors import UserError
 from align.manifest import MANIFEST_NAME
 
 
-class ServeConfigError(ValueError):
+class ServeConfigError(UserError, ValueError):
     """Serve args that cannot be used; the message names the key or the file."""
 
 
@@ -56,6 +57,11 @@ class RewriterConfig(Section):
 
     method: RewriteConfig = RewriteConfig(backend="keywords", variant="k_phrase")
     timeout_s: float = Field(10.0, gt=0.0, description="Per endpoint call; then the query as is.")
+    retry_wait_s: float = Field(
+        0.2,
+        ge=0.0,
+        description="First retry's wait; doubling, with jitter (method.http.max_retries).",
+    )
     cache_size: int = Field(10_000, ge=0, description="Rewrites kept per replica (LRU).")
 
     @model_validator(mode="after")
@@ -88,6 +94,15 @@ class ServeArgs(Section):
         None,
         description="Image URLs in results, e.g. 'https://cdn.example.com/{image_id}' for corpora "
         "served from object storage; None: this app's /images/{image_id}.",
+    )
+    max_body_bytes: int = Field(
+        64 * 1024, ge=1024, description="Request bodies over this many bytes get 413."
+    )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host header names the app answers (DNS-rebinding guard); '*' allows any. "
+        "None: the loopback names when no API key is set (a keyless server is for this machine), "
+        "any host when one is.",
     )
 
     @model_validator(mode="after")
@@ -152,7 +167,8 @@ def resolve_models(args: ServeArgs) -> dict[str, ServedModel]:
         ServeConfigError: a folder without a finished job's manifest, an index built with another
             model than the named run's, or a model that cannot be built (missing checkpoint).
     """
-    from align.models import ModelLoadError, check_model
+    from align.index import INDEX_MANIFEST
+    from align.models import ModelLoadError, check_model, weights_fingerprint
 
     served = {}
     for name, m in args.models.items():
@@ -174,6 +190,16 @@ def resolve_models(args: ServeArgs) -> dict[str, ServedModel]:
         except ModelLoadError as e:
             raise ServeConfigError(f"{what}: {e}") from None
         io.require_exists(f"{ic_dir}/index", f"{what} index")
+        # The path alone is not the model: a model.pt retrained in place has other weights
+        # than the ones that embedded the corpus, and its queries would search the wrong space.
+        index_manifest = f"{ic_dir}/index/{INDEX_MANIFEST}"
+        built = io.read_json(index_manifest).get("weights") if io.exists(index_manifest) else None
+        if built is not None and built != weights_fingerprint(model):
+            raise ServeConfigError(
+                f"{what}: {model.pretrained} was rewritten after the index in {ic_dir} was built "
+                f"(weights {built} then, {weights_fingerprint(model)} now); index the corpus "
+                f"again with it"
+            )
         ic = manifest["config"]["index_corpus"]
         served[name] = ServedModel(
             name=name,

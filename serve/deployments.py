@@ -10,9 +10,13 @@ for a Python `serve.run`). Models, indexes and corpora come resolved from serve.
 """
 
 import asyncio
+import base64
+import hashlib
 import hmac
 import json
+import math
 import os
+import re
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -37,6 +41,8 @@ from serve.search import (
 
 PAGE = Path(__file__).with_name("page.html")
 API_KEY_HEADER = "X-API-Key"
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+JSON_HEADERS = {"X-Content-Type-Options": "nosniff"}
 # Handle calls to a replica that died are retried this often on another replica before the
 # request fails with 503: a killed or scaled-down replica costs latency, not an error.
 REPLICA_RETRIES = 2
@@ -145,14 +151,17 @@ class QueryRewriter:
     chat endpoint (then cached, and the query as is when the endpoint fails or times out)."""
 
     def __init__(self, rewriter: dict):
+        from actors.llm import api_key_headers
         from serve.config import RewriterConfig
 
         self.cfg = RewriterConfig.model_validate(rewriter)
         self.cache: OrderedDict[str, dict] = OrderedDict()
         self.session = None
-        http = self.cfg.method.http
-        key = os.environ.get(http.api_key_env or "", "")
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.headers = (
+            api_key_headers(self.cfg.method.http, "rewriter.method.http")
+            if self.cfg.method.backend == "http"
+            else {}
+        )
 
     async def rewrite(self, query: str) -> dict:
         from align.rewrite import keyword_rewrite
@@ -176,6 +185,7 @@ class QueryRewriter:
     async def _ask_llm(self, query: str) -> dict:
         import aiohttp
 
+        from actors.llm import RETRYABLE_STATUS, backoff_s, chat_content, network_error
         from actors.rewrite import checked_completion, rewrite_messages
 
         http = self.cfg.method.http
@@ -190,19 +200,26 @@ class QueryRewriter:
             "temperature": http.temperature,
         }
         text, error = None, None
-        for _ in range(http.max_retries + 1):
+        for attempt in range(http.max_retries + 1):
+            if attempt:
+                await asyncio.sleep(backoff_s(attempt, self.cfg.retry_wait_s))
             try:
                 async with self.session.post(http.url, json=body, headers=self.headers) as r:
                     if r.status == 200:
-                        answer = await r.json()
-                        text = ((answer.get("choices") or [{}])[0].get("message") or {}).get(
-                            "content"
-                        )
-                        error = None
+                        # content_type=None: read JSON whatever the header says; HTML or a
+                        # list or a non-string content all end as "no usable completion".
+                        text, error = chat_content(await r.json(content_type=None)), None
+                        if text is None:
+                            error = "the endpoint's answer has no text completion"
                         break
-                    error = f"HTTP {r.status} {r.reason}"
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
-                error = f"{type(e).__name__}: {e}"
+                    error = f"HTTP {r.status}"
+                    if r.status not in RETRYABLE_STATUS:
+                        break  # 400/401/403...: the same request would be refused again
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                error = network_error(e)
+            except ValueError:  # not JSON (an HTML error page, a proxy's banner)
+                error, text = "the endpoint's answer is not JSON", None
+                break
         rewritten, fallback = checked_completion(query, text, error, self.cfg.method.max_chars)
         return {"rewritten": rewritten, "fallback": fallback}
 
@@ -217,9 +234,42 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status)
 
 
+def _finite(x: float) -> float | None:
+    """A number for JSON: rounded, or None (null) for NaN and infinities."""
+    x = float(x)
+    return round(x, 5) if math.isfinite(x) else None
+
+
+def host_name(host_header: str) -> str:
+    """The name of a Host header, without the port: 'a.b:80' -> 'a.b', '[::1]:8000' -> '::1'."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 @api.exception_handler(BadRequest)
 async def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
     return _error(exc.status, exc.message)
+
+
+def page_csp(page: str, image_url_template: str | None) -> str:
+    """The search page's Content-Security-Policy: its one inline script by hash, nothing loaded
+    from elsewhere but images from the configured image host, no framing."""
+    scripts = re.findall(r"<script>(.*?)</script>", page, flags=re.S)
+    hashes = " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'"
+        for s in scripts
+    )
+    images = "'self' data: blob:"
+    if image_url_template and "://" in image_url_template:
+        scheme, rest = image_url_template.split("://", 1)
+        images += f" {scheme}://{rest.split('/', 1)[0]}"
+    return (
+        f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; "
+        f"img-src {images}; connect-src 'self'; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"
+    )
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -296,13 +346,35 @@ class SearchIngress:
         # "<" escaped: a label holding "</script>" must not end the page's script.
         settings_js = json.dumps(page).replace("<", "\\u003c")
         self.page = PAGE.read_text().replace("__SETTINGS__", settings_js)
+        self.page_headers = {
+            "Content-Security-Policy": page_csp(self.page, settings["image_url_template"]),
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-cache",
+        }
+        hosts = settings["allowed_hosts"]
+        if hosts is None:
+            hosts = ["*"] if self.api_key is not None else list(LOOPBACK_HOSTS)
+        self.allowed_hosts = None if "*" in hosts else {h.lower() for h in hosts}
 
     def _authorise(self, request: Request) -> None:
+        self._check_host(request)
         if self.api_key is None:
             return
         given = request.headers.get(API_KEY_HEADER, "")
         if not hmac.compare_digest(given.encode(), self.api_key.encode()):
             raise BadRequest(401, f"missing or wrong API key (header {API_KEY_HEADER})")
+
+    def _check_host(self, request: Request) -> None:
+        """A page on another site whose name resolves to 127.0.0.1 (DNS rebinding) sends its own
+        name as Host: a keyless server answers only the names it is meant to have."""
+        if self.allowed_hosts is None:
+            return
+        name = host_name(request.headers.get("host", ""))
+        if name not in self.allowed_hosts:
+            raise BadRequest(
+                400,
+                f"Host {name!r} is not served here (allowed_hosts: {sorted(self.allowed_hosts)})",
+            )
 
     def _image_url(self, request: Request, image_id: str) -> str:
         template = self.settings["image_url_template"]
@@ -334,8 +406,8 @@ class SearchIngress:
             {
                 "rank": r + 1,
                 "image_id": found["ids"][i],
-                "similarity": round(float(found["similarity"][i]), 5),
-                "aesthetic": round(float(found["aesthetic"][i]), 5),
+                "similarity": _finite(found["similarity"][i]),
+                "aesthetic": _finite(found["aesthetic"][i]),
                 "url": self._image_url(request, found["ids"][i]),
             }
             for r, i in enumerate(order.tolist())
@@ -354,22 +426,40 @@ class SearchIngress:
                 "weight": req.weight if req.rerank else None,
                 "results": results,
                 "timings_ms": {k: round(v * 1000, 2) for k, v in timings.items()},
-            }
+            },
+            headers=self._cache_headers(0),
         )
 
     @api.get("/search")
     async def search_get(self, request: Request) -> JSONResponse:
+        self._authorise(request)
         fields = dict(request.query_params)
         if len(request.query_params.multi_items()) != len(fields):
             raise BadRequest(400, "each field may be given once")
         return await self._search(request, fields)
 
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused with 413 past max_body_bytes before more is read."""
+        limit = self.settings["max_body_bytes"]
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BadRequest(413, f"request body is {declared} bytes; the limit is {limit}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise BadRequest(413, f"request body is over the limit of {limit} bytes")
+        return bytes(body)
+
     @api.post("/search")
     async def search_post(self, request: Request) -> JSONResponse:
+        self._authorise(request)  # before a byte of the body is read
         try:
-            fields = json.loads(await request.body())
+            fields = json.loads(await self._body(request))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadRequest(400, f"malformed JSON body: {e}") from None
+        except RecursionError:
+            raise BadRequest(400, "malformed JSON body: nested too deeply") from None
         if not isinstance(fields, dict):
             raise BadRequest(400, "the JSON body must be an object of search fields")
         return await self._search(request, fields)
@@ -381,14 +471,19 @@ class SearchIngress:
         data = await _call(lambda: self.images.read.remote(image_id))
         if data is None:
             raise BadRequest(404, f"unknown image id {image_id!r}")
-        return Response(
-            data, media_type=content_type(data), headers={"Cache-Control": "max-age=86400"}
-        )
+        return Response(data, media_type=content_type(data), headers=self._cache_headers(86400))
 
     @api.get("/healthz")
-    async def healthz(self) -> dict:
+    async def healthz(self, request: Request) -> dict:
+        self._check_host(request)
         return {"status": "ok", "models": await _call(lambda: self.index.facts.remote())}
 
     @api.get("/", response_class=HTMLResponse)
-    async def page(self) -> HTMLResponse:
-        return HTMLResponse(self.page)
+    async def page(self, request: Request) -> HTMLResponse:
+        self._check_host(request)
+        return HTMLResponse(self.page, headers=self.page_headers)
+
+    def _cache_headers(self, max_age: int) -> dict:
+        # With a key, answers are the key holder's: no shared cache (proxy, CDN) may keep them.
+        scope = "private" if self.api_key is not None else "public"
+        return {"Cache-Control": f"{scope}, max-age={max_age}", **JSON_HEADERS}

@@ -75,15 +75,35 @@ class CorpusImages:
         return {i: p for i, p in pairs if i in known}
 
     def _tar_members(self, known: set) -> dict:
+        """id -> (tar, offset, size) for plain tars (a read is one ranged read), or (tar, member
+        name, None) for compressed ones, which index_corpus also reads: no offsets there, so a
+        read streams the tar up to the member (slower; keep served corpora uncompressed)."""
         locations = {}
         for path in self._files(".tar"):
             fs, p = io.filesystem(path)
-            with fs.open_input_file(p) as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
-                for member in tar:
-                    key, _, ext = member.name.rpartition(".")
-                    if member.isfile() and f".{ext.lower()}" in IMAGE_EXTENSIONS and key in known:
-                        locations[key] = (path, member.offset_data, member.size)
+            try:
+                with fs.open_input_file(p) as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
+                    for member in tar:
+                        key = self._image_key(member, known)
+                        if key is not None:
+                            locations[key] = (path, member.offset_data, member.size)
+            except tarfile.ReadError:  # not a plain tar: gzip, bzip2 or xz inside
+                with (
+                    fs.open_input_stream(p) as stream,
+                    tarfile.open(fileobj=stream, mode="r|*") as tar,
+                ):
+                    for member in tar:
+                        key = self._image_key(member, known)
+                        if key is not None:
+                            locations[key] = (path, member.name, None)
         return locations
+
+    @staticmethod
+    def _image_key(member: tarfile.TarInfo, known: set) -> str | None:
+        key, _, ext = member.name.rpartition(".")
+        if member.isfile() and f".{ext.lower()}" in IMAGE_EXTENSIONS and key in known:
+            return key
+        return None
 
     def _row_group_images(self, f: int, g: int):
         import pyarrow.parquet as pq
@@ -115,10 +135,21 @@ class CorpusImages:
         if self.format == "webdataset":
             path, offset, size = where
             fs, p = io.filesystem(path)
+            if size is None:  # a compressed tar: `offset` is the member's name
+                with (
+                    fs.open_input_stream(p) as stream,
+                    tarfile.open(fileobj=stream, mode="r|*") as tar,
+                ):
+                    for member in tar:
+                        if member.name == offset:
+                            return tar.extractfile(member).read()
+                return None
             with fs.open_input_file(p) as fh:
                 fh.seek(offset)
                 return fh.read(size)
         if isinstance(where, str):
             return io.read_bytes(where)
         f, g, r = where
-        return self._row_group_images(f, g)[r].as_py()
+        image = self._row_group_images(f, g)[r].as_py()
+        # Hugging Face's image struct {bytes, path}, which index_corpus reads too.
+        return image.get("bytes") if isinstance(image, dict) else image

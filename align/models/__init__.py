@@ -16,12 +16,13 @@ from typing import Any
 
 from align import io
 from align.config import ModelConfig
+from align.errors import UserError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 PROJECT_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """An unknown model name, or a pretrained tag / checkpoint that cannot be loaded."""
 
 

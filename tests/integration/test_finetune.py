@@ -94,9 +94,12 @@ def test_deepspeed_trains_exports_and_a_second_run_resumes(preferences):
 
 
 def test_ddp_recomputed_reference_matches_the_stored_one_and_bad_images_are_error_rows(
-    preferences,
+    preferences, monkeypatch
 ):
     root, _ = preferences
+    # A relative output path, as `make demo` gives: Ray Train runs each worker in a working
+    # directory of its own, and the export must still land where the driver looks.
+    monkeypatch.chdir(root)
     # A copy of the images table with one image the pairs use broken.
     pairs = pq.read_table(root / "build_preferences" / "pairs")
     broken_id = pairs["chosen_id"][0].as_py()
@@ -116,10 +119,11 @@ def test_ddp_recomputed_reference_matches_the_stored_one_and_bad_images_are_erro
     )  # fmt: skip
 
     out = root / "ft_ddp"
-    _, manifest = run(preferences, f"finetune.output={out}", "finetune.backend=ddp",
+    _, manifest = run(preferences, "finetune.output=ft_ddp", "finetune.backend=ddp",
                       "finetune.dpo.reference=recompute", f"finetune.images={images}",
                       "finetune.pair_images=join", "finetune.contrastive_weight=0",
                       "finetune.max_steps=2")  # fmt: skip
+    assert manifest["export"] == str(out / "model.pt") and (out / "model.pt").is_file()
     counts = manifest["counts"]
     assert counts["rows_error"] == affected and counts["rows_out"] == counts["rows_in"] - affected
     errors = pq.read_table(out / "errors").to_pylist()

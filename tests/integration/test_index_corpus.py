@@ -240,6 +240,13 @@ def test_kill_and_rerun_finishes_missing_units_without_duplicates(ray_session, t
         (["model.pretrained=/nowhere/ckpt.pt"], "checkpoint not found"),
         (
             ["index_corpus.scorers.laion_mlp.checkpoint=/nowhere/head.pth"],
+            "scorer laion_mlp was trained on ViT-L-14:openai embeddings but the corpus is",
+        ),
+        (
+            [
+                "index_corpus.scorers.laion_mlp.checkpoint=/nowhere/head.pth",
+                "index_corpus.scorers.laion_mlp.trained_on=micro-clip",
+            ],
             "laion_mlp checkpoint not found",
         ),
         (["index_corpus.input=/nowhere/images"], "index_corpus input not found: /nowhere/images"),
@@ -274,7 +281,8 @@ def test_real_laion_head_on_a_768_wide_model_in_the_job(ray_session, tmp_path):
             "index_corpus.input_format=folder",
             "model.name=ViT-L-14",
             "index_corpus.embed.batch_size=2",
-            f"index_corpus.scorers={{lowlevel: {{weight: 1}}, laion_mlp: {{weight: 1, checkpoint: '{head}'}}}}",
+            # The head was trained on OpenAI's weights; these random ones stand in for them.
+            f"index_corpus.scorers={{lowlevel: {{weight: 1}}, laion_mlp: {{weight: 1, checkpoint: '{head}', trained_on: ViT-L-14}}}}",
         ],
     )
     index_corpus(config)

@@ -289,3 +289,45 @@ def test_a_killed_replica_costs_no_request(served):
         assert client.search(q="a red star", k=5)["results"] == before
     names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
     assert replicas[0]["name"] not in names
+
+
+def test_hardened_http_answers(served):
+    """Review findings: key before body, body limit, deep JSON, cache scope, page headers,
+    a foreign Host on the keyless server (DNS rebinding)."""
+    client, _ = served
+    # The key is checked before the body is read: a keyless malformed body is 401, not 400.
+    status, _, _ = client.request("POST", "/secured/search", b"{not json")
+    assert status == 401
+    big = json.dumps({"q": "star", "pad": "x" * 100_000}).encode()
+    status, _, body = client.request("POST", "/search", big)
+    assert status == 413 and "limit" in json.loads(body)["error"]
+    status, _, body = client.request("POST", "/search", b"[" * 50_000 + b"]" * 50_000)
+    assert status == 413  # past the body limit before it is parsed
+    status, _, body = client.request("POST", "/search", b"[" * 30_000 + b"]" * 30_000)
+    assert status == 400 and "nested too deeply" in json.loads(body)["error"]
+
+    key = {"X-API-Key": KEY}
+    conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=60)
+    conn.request("GET", "/secured/search?q=star", headers=key)
+    answer = conn.getresponse()
+    url = json.loads(answer.read())["results"][0]["url"]
+    assert answer.getheader("Cache-Control").startswith("private")
+    conn.request("GET", url, headers=key)
+    image = conn.getresponse()
+    image.read()
+    assert image.getheader("Cache-Control").startswith("private")
+    assert image.getheader("X-Content-Type-Options") == "nosniff"
+    conn.request("GET", "/")
+    page = conn.getresponse()
+    page.read()
+    assert page.getheader("X-Content-Type-Options") == "nosniff"
+    csp = page.getheader("Content-Security-Policy")
+    assert "script-src 'sha256-" in csp and "frame-ancestors 'none'" in csp
+    conn.close()
+
+    evil = {"Host": "attacker.example:8000"}
+    for path in ("/search?q=star", "/", "/healthz"):
+        status, _, body = client.request("GET", path, headers=evil)
+        assert status == 400 and "attacker.example" in json.loads(body)["error"], path
+    status, _, _ = client.request("GET", "/secured/search?q=star", headers={**evil, **key})
+    assert status == 200  # a keyed server may sit behind any name

@@ -141,3 +141,55 @@ def test_world_ratings_are_noisy_truth_for_a_share_of_images():
     t = np.array([true[i] for i in ratings["image_id"].to_pylist()])
     r = ratings["rating"].to_numpy()
     assert 0.02 < np.std(r - t) < 0.08 and np.corrcoef(r, t)[0, 1] > 0.9
+
+
+def test_an_embedding_head_refuses_another_models_embeddings_of_the_same_width():
+    from align.aesthetics import ScorerError, check_scorer_model
+
+    check_scorer_model("laion_mlp", None, "ViT-L-14:openai")
+    with pytest.raises(ScorerError, match="trained on ViT-L-14:openai.*ViT-L-14:laion2b_s32b_b82k"):
+        check_scorer_model("laion_mlp", None, "ViT-L-14:laion2b_s32b_b82k")
+    check_scorer_model("laion_mlp", "my-clip:/heads/mine.pt", "my-clip:/heads/mine.pt")
+    check_scorer_model("lowlevel", None, "anything")  # pixels: no embedding space
+
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field")
+
+
+def _degraded_copies(name: str) -> dict[str, bytes]:
+    """A real photo from scikit-image's wheel and four worse copies, each encoded as PNG."""
+    import io
+    import os
+
+    import skimage.data
+    from PIL import Image, ImageEnhance, ImageFilter
+
+    root = os.path.dirname(skimage.data.__file__)
+    file = next(f for f in os.listdir(root) if f.startswith(name + "."))
+    photo = Image.open(os.path.join(root, file)).convert("RGB")
+    pixels = np.asarray(photo, dtype=np.float32)
+    noisy = pixels + np.random.default_rng(0).normal(0, 20, pixels.shape)
+    copies = {
+        "original": photo,
+        "blurred": photo.filter(ImageFilter.GaussianBlur(4)),
+        "darkened": ImageEnhance.Brightness(photo).enhance(0.4),
+        "noised": Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)),
+        "desaturated": ImageEnhance.Color(photo).enhance(0.2),
+    }
+    out = {}
+    for kind, image in copies.items():
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        out[kind] = buf.getvalue()
+    return out
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_lowlevel_ranks_every_degraded_copy_of_a_real_photo_below_it(name):
+    """At 224 pixels, the size real models read (CLIP's resize and centre crop, as index_corpus
+    decodes): a sharp photo's fine texture must not pass for noise, nor its detail saturate."""
+    copies = _degraded_copies(name)
+    pixels = np.stack([decode_image(b, 224, 10**8) for b in copies.values()])
+    scores = dict(zip(copies, build_scorer("lowlevel", None, 64)(pixels, None), strict=True))
+    worse = [k for k in copies if k != "original" and scores[k] >= scores["original"]]
+    assert not worse, {k: round(float(v), 3) for k, v in scores.items()}

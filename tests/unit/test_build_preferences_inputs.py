@@ -32,6 +32,23 @@ def test_jsonl_with_a_bad_line(tmp_path):
     assert all("bad JSON line" in e["error"] for e in errors)
 
 
+def test_jsonl_queries_that_are_not_strings_are_error_rows(tmp_path):
+    path = tmp_path / "q.jsonl"
+    lines = [{"query": "a cat"}, {"query": 7}, {"query": ["a", "list"]}, {"query": None}, [1, 2]]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    table, errors = read_queries(str(path), split=None)
+    assert table["query"].to_pylist() == ["a cat"]
+    assert [e["error"] for e in errors[:3]] == [
+        "'query' is int, not a string",
+        "'query' is list, not a string",
+        "'query' is NoneType, not a string",
+    ]
+    assert errors[3]["row_id"] == "line0000005" and "bad JSON line" in errors[3]["error"]
+    pq.write_table(pa.table({"query": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(ContractError, match="ints.parquet: column 'query' holds int64"):
+        read_queries(str(tmp_path / "ints.parquet"), split=None)
+
+
 def test_parquet_split_filter_and_missing_column(tmp_path):
     pq.write_table(
         pa.table({"query_id": ["1", "2"], "query": ["x", "y"], "split": ["train", "heldout"]}),
@@ -72,3 +89,28 @@ def test_empty_and_duplicate_queries_are_dropped_and_named():
 )
 def test_unusable_completions_fall_back_to_the_query(completion, error, expected, reason):
     assert checked_completion("a cat", completion, error, max_chars=20) == (expected, reason)
+
+
+def test_an_index_built_before_its_checkpoint_was_rewritten_is_refused(tmp_path):
+    import os
+
+    import torch
+
+    from align.config import ModelConfig, load_config
+    from align.models import ModelLoadError, build_clip, weights_fingerprint
+    from pipelines.build_preferences import check_index
+
+    ckpt = tmp_path / "model.pt"
+    torch.save(build_clip(ModelConfig(name="micro-clip")).model.state_dict(), ckpt)
+    config = load_config(None, ["model.name=micro-clip", f"model.pretrained={ckpt}"])
+    (tmp_path / "index").mkdir()
+    manifest = {
+        "model": config.model.model_dump(),
+        "dim": 32,
+        "weights": weights_fingerprint(config.model),
+    }
+    (tmp_path / "index" / "_index.json").write_text(json.dumps(manifest))
+    check_index(config, str(tmp_path))  # the weights it was built with: fine
+    os.utime(ckpt, ns=(1, 1))  # a retrained model.pt at the same path
+    with pytest.raises(ModelLoadError, match="checkpoint was rewritten since"):
+        check_index(config, str(tmp_path))

@@ -54,3 +54,10 @@ def test_setup_installs_the_project_with_its_own_command(cluster):
     gpu = next(t for t in cluster["available_node_types"].values() if t["resources"].get("GPU"))
     assert any(".[gpu]" in c for c in gpu["worker_setup_commands"])
     assert any("ray start --head" in c for c in cluster["head_start_ray_commands"])
+
+
+def test_the_jobs_api_is_not_open_to_the_network(cluster):
+    """The dashboard serves the Jobs API, which runs whatever code it is sent."""
+    head = " ".join(cluster["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    assert "ray dashboard cluster.yaml" in (REPO / "cluster.yaml").read_text()

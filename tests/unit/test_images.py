@@ -74,3 +74,24 @@ def test_real_photo_decodes():
 def test_bad_bytes_are_refused_with_a_reason(data, reason):
     with pytest.raises(ImageDecodeError, match=reason):
         decode_image(data, SIZE, max_pixels=100_000)
+
+
+def test_formats_outside_the_allowlist_are_refused_before_any_decoder_runs():
+    """EPS would make PIL run Ghostscript on untrusted bytes."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(ImageDecodeError, match="allowed format"):
+        decode_image(eps, SIZE, LIMIT)
+    ico = encode(rgb(size=(16, 16)), "ICO")  # a real image, in a format we do not accept
+    with pytest.raises(ImageDecodeError, match="allowed format"):
+        decode_image(ico, SIZE, LIMIT)
+
+
+def test_a_conversion_failure_is_a_refusal_not_a_crash(monkeypatch):
+    import align.images
+
+    def broken(img):
+        raise ValueError("conversion not supported")
+
+    monkeypatch.setattr(align.images, "_to_rgb", broken)
+    with pytest.raises(ImageDecodeError, match="conversion not supported"):
+        decode_image(encode(rgb(), "PNG"), SIZE, LIMIT)

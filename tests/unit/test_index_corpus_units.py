@@ -25,3 +25,94 @@ def test_unit_is_redone_when_the_weights_or_the_input_change(tmp_path):
     io.write_json(f"{unit}/{DONE_MARKER}", {"files": files, "inputs": unit_inputs(config, files)})
     pq.write_table(pa.table({"image_id": ["a", "b"], "image": [b"x", b"y"]}), shard)
     assert unit_done(unit, files, config) is None  # the shard was rewritten
+
+
+def test_parquet_image_columns_are_read_or_refused_before_work(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from align.config import IndexCorpusConfig
+    from align.contracts import ContractError
+    from pipelines.index_corpus import _struct_bytes, parquet_image_layout
+
+    ic = IndexCorpusConfig()
+    binary = tmp_path / "binary.parquet"
+    pq.write_table(pa.table({"image_id": ["a"], "image": pa.array([b"x"], pa.binary())}), binary)
+    assert parquet_image_layout(ic, [str(binary)]) == "bytes"
+
+    # Hugging Face datasets write images as a struct {bytes, path}: its bytes are read.
+    hf = pa.table(
+        {
+            "image_id": ["a"],
+            "image": pa.array(
+                [{"bytes": b"\xff\xd8", "path": "a.jpg"}],
+                pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+            ),
+        }
+    )
+    pq.write_table(hf, tmp_path / "hf.parquet")
+    assert parquet_image_layout(ic, [str(tmp_path / "hf.parquet")]) == "struct"
+    assert _struct_bytes(hf, "image")["image"].to_pylist() == [b"\xff\xd8"]
+
+    ints = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"image_id": ["a"], "image": [7]}), ints)
+    with pytest.raises(ContractError, match=r"ints.parquet: column 'image' holds int64"):
+        parquet_image_layout(ic, [str(binary), str(ints)])
+    with pytest.raises(ContractError, match="no column 'image_id'"):
+        parquet_image_layout(ic, [str(_no_id(tmp_path))])
+
+
+def _no_id(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "noid.parquet"
+    pq.write_table(pa.table({"key": ["a"], "image": pa.array([b"x"], pa.binary())}), path)
+    return path
+
+
+def _tar(path, members: dict, mode="w"):
+    import io as _io
+    import tarfile
+
+    with tarfile.open(path, mode) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, _io.BytesIO(data))
+    return path
+
+
+def test_webdataset_tars_stream_with_bombs_and_cuts_as_error_rows(tmp_path):
+    from pipelines.index_corpus import tar_samples
+
+    members = {
+        "000000001.jpg": b"\xff\xd8one",
+        "000000001.txt": b"a caption",
+        "000000002.txt": b"a failed download: no image",
+        "000000003.jpg": b"\xff\xd8three",
+    }
+    plain = _tar(tmp_path / "plain.tar", members)
+    assert list(tar_samples(str(plain), 1000)) == [
+        ("000000001", b"\xff\xd8one", ""),
+        ("000000002", None, "empty file (no image member)"),
+        ("000000003", b"\xff\xd8three", ""),
+    ]
+
+    # A gzip-compressed tar whose member inflates to 8 MiB of zeros: refused, never read.
+    bomb = _tar(tmp_path / "bomb.tar", {"000000004.jpg": bytes(8 * 2**20), **members}, mode="w:gz")
+    assert bomb.stat().st_size < 100_000
+    rows = list(tar_samples(str(bomb), 2**20))
+    assert rows[0][0] == "000000004" and rows[0][1] is None
+    assert "over index_corpus.max_member_bytes=1048576" in rows[0][2]
+    assert [r[0] for r in rows[1:]] == ["000000001", "000000002", "000000003"]
+
+    # Cut short inside the third sample's data: the first two are kept, the rest is an error row.
+    data = plain.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: data.index(b"\xff\xd8three") + 3])
+    rows = list(tar_samples(str(cut), 1000))
+    assert rows[:2] == [("000000001", b"\xff\xd8one", ""), ("000000002", None, rows[1][2])]
+    assert rows[2][0] == "000000003" and "unreadable" in rows[2][2]
+    assert rows[-1][0] == f"{cut}#unread" and "cut short" in rows[-1][2]

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from align.aesthetics import check_scorer_model
 from align.config import load_config
-from align.models import check_model
+from align.models import check_model, model_id
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_CONFIGS = [
@@ -18,7 +19,10 @@ JOB_CONFIGS = [
 ]
 # The real-model config with each documented pretrained tag.
 CASES = [(p, []) for p in JOB_CONFIGS] + [
-    (REPO / "configs/vit-l-14.yaml", ["model.pretrained=openai"])
+    (
+        REPO / "configs/vit-l-14.yaml",
+        ["model.pretrained=laion2b_s32b_b82k", "index_corpus.scorers={lowlevel: {weight: 1}}"],
+    )
 ]
 LAION_HEAD_WIDTH = 768  # the released improved-aesthetic-predictor heads read ViT-L-14 embeddings
 
@@ -48,6 +52,8 @@ def test_config_builds_its_object_graph_without_downloads(path, overrides):
         if name == "laion_mlp":
             assert scorer.checkpoint, "laion_mlp needs its weights file"
             assert facts.embed_dim == LAION_HEAD_WIDTH, "the LAION head reads 768-wide embeddings"
+        # The embedding heads read the model they were trained on, not just one of its width.
+        check_scorer_model(name, scorer.trained_on, model_id(config.model))
 
     for rewrite in (config.build_preferences.rewrite, config.evaluate.rewrite):
         if rewrite.backend == "vllm":

@@ -2,8 +2,10 @@
 the image lookup of each corpus layout, the app's args and their resolution from job manifests."""
 
 import io as _io
+import json
 import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -141,6 +143,16 @@ def test_parquet_corpus_reads_each_row_from_its_row_group(tmp_path):
     assert len(store._cache) == 2
 
 
+def test_parquet_corpus_with_hugging_face_image_structs(tmp_path):
+    data = _encoded("PNG")
+    kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    images = pa.array([{"bytes": data, "path": "a.png"}], kind)
+    pq.write_table(pa.table({"image_id": ["a"], "image": images}), tmp_path / "hf.parquet")
+    corpus = {"input": str(tmp_path), "input_format": "parquet", "id_column": "image_id",
+              "image_column": "image", "path_column": None}  # fmt: skip
+    assert CorpusImages(corpus, np.array(["a"], dtype=object)).read("a") == data
+
+
 def test_parquet_path_corpus_serves_the_listed_paths(tmp_path):
     (tmp_path / "a.jpg").write_bytes(_encoded("JPEG"))
     pq.write_table(
@@ -168,9 +180,11 @@ def test_folder_corpus_never_leaves_the_folder(tmp_path):
     assert store.read("../secret.png") is None
 
 
-def test_webdataset_corpus_reads_members_by_offset(tmp_path):
+@pytest.mark.parametrize("mode", ["w", "w:gz"], ids=["plain", "gzip"])
+def test_webdataset_corpus_reads_members_by_offset(tmp_path, mode):
+    """Plain tars by offset; compressed ones (index_corpus reads them too) by streaming."""
     images = {f"{i:05d}": _encoded("JPEG", (10 * i, 0, 0)) for i in range(4)}
-    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+    with tarfile.open(tmp_path / "shard-0.tar", mode) as tar:
         for key, data in images.items():
             for name, payload in ((f"{key}.jpg", data), (f"{key}.txt", b"a caption")):
                 info = tarfile.TarInfo(name)
@@ -180,6 +194,7 @@ def test_webdataset_corpus_reads_members_by_offset(tmp_path):
               "image_column": None, "path_column": None}  # fmt: skip
     store = CorpusImages(corpus, np.array(list(images), dtype=object))
     assert all(store.read(k) == v for k, v in images.items())
+    assert store.read("99999") is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +239,11 @@ def job_outputs(tmp_path):
     ic.extra["input"] = str(tmp_path / "images")
     ic.write(str(tmp_path / "index_corpus"), rows_in=1, rows_out=1, rows_error=0)
     (tmp_path / "index_corpus/index").mkdir()
+    from align.models import weights_fingerprint
+
+    (tmp_path / "index_corpus/index/_index.json").write_text(
+        json.dumps({"weights": weights_fingerprint(config.model)})
+    )
     return tmp_path, ckpt
 
 
@@ -255,6 +275,21 @@ def test_an_index_built_with_another_model_is_refused(job_outputs):
     assert "model 'aligned'" in message and f"model.pretrained={root}/finetune/model.pt" in message
 
 
+def test_a_checkpoint_retrained_at_the_same_path_is_refused(job_outputs):
+    root, ckpt = job_outputs
+    args = {
+        "models": {
+            "base": {"index_corpus": str(root / "index_corpus"), "run": str(root / "pretrain")}
+        }
+    }
+    resolve_models(parse_args(args))  # as indexed: fine
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({k: v * 0.5 for k, v in state.items()}, ckpt)  # another run, same path
+    os.utime(ckpt, ns=(1, 1))
+    with pytest.raises(ServeConfigError, match="rewritten after the index"):
+        resolve_models(parse_args(args))
+
+
 def test_missing_outputs_and_checkpoints_are_named(job_outputs):
     root, ckpt = job_outputs
     with pytest.raises(ServeConfigError, match="no _manifest.json in /nowhere"):
@@ -265,3 +300,171 @@ def test_missing_outputs_and_checkpoints_are_named(job_outputs):
     ckpt.unlink()
     with pytest.raises(ServeConfigError, match="model 'm'.*model.pt"):
         resolve_models(parse_args({"models": {"m": {"index_corpus": str(root / "index_corpus")}}}))
+
+
+def test_every_deployment_bounds_its_queue_and_requests_time_out():
+    from serve.app import load_serve_config
+
+    config = load_serve_config(str(Path(__file__).parents[2] / "configs" / "serve.yaml"))
+    assert config["http_options"]["request_timeout_s"] > 0
+    deployments = config["applications"][0]["deployments"]
+    assert {d["name"] for d in deployments} == {
+        "SearchIngress",
+        "TextEncoder",
+        "VectorIndex",
+        "ImageStore",
+        "QueryRewriter",
+    }
+    assert all(d.get("max_queued_requests", -1) > 0 for d in deployments)
+
+
+def test_nan_scores_answer_null_and_host_names_parse():
+    import json
+
+    from fastapi.responses import JSONResponse
+
+    from serve.deployments import _finite, host_name, page_csp
+
+    assert json.loads(JSONResponse({"a": _finite(float("nan")), "b": _finite(0.123456)}).body) == {
+        "a": None,
+        "b": 0.12346,
+    }
+    with pytest.raises(ValueError):  # what the ingress did before: a 500
+        JSONResponse({"a": float("nan")})
+    assert host_name("127.0.0.1:8000") == "127.0.0.1"
+    assert host_name("[::1]:8000") == "::1" and host_name("LocalHost") == "localhost"
+    csp = page_csp("<script>let a = 1;</script>", "https://cdn.example.com/{image_id}")
+    assert "'sha256-" in csp and "https://cdn.example.com" in csp and "'unsafe-eval'" not in csp
+
+
+class _Endpoint:
+    """An OpenAI-compatible endpoint on loopback that answers each call from a script."""
+
+    def __init__(self, answers: list[tuple[int, str, bytes]]):
+        import http.server
+        import threading
+
+        self.answers, self.calls = list(answers), []
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                endpoint.calls.append(dict(self.headers))
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                status, kind, body = endpoint.answers[
+                    min(len(endpoint.calls), len(endpoint.answers)) - 1
+                ]
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/chat/completions"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def _rewriter(url: str, **http):
+    from serve.deployments import QueryRewriter
+
+    cls = QueryRewriter.func_or_class
+    return cls(
+        {
+            "method": {
+                "backend": "http",
+                "variant": "k_list",
+                "http": {"url": url, "max_retries": 2, **http},
+            },
+            "retry_wait_s": 0.01,
+        }
+    )
+
+
+def _ok(content) -> tuple[int, str, bytes]:
+    import json
+
+    return (
+        200,
+        "application/json",
+        json.dumps({"choices": [{"message": {"content": content}}]}).encode(),
+    )
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        (200, "application/json", b"[1, 2]"),
+        _ok(["not", "a string"]),
+        (200, "text/html", b"<html><body>502 Bad Gateway</body></html>"),
+        (200, "application/json", b'{"choices": "none"}'),
+    ],
+    ids=["a-list", "non-string-content", "html", "malformed-choices"],
+)
+def test_unusable_endpoint_answers_fall_back_to_the_query(answer):
+    import asyncio
+
+    endpoint = _Endpoint([answer])
+    try:
+        result = asyncio.run(_rewriter(endpoint.url).rewrite("a red star"))
+    finally:
+        endpoint.close()
+    assert result["rewritten"] == "a red star" and result["fallback"]
+    assert len(endpoint.calls) == 1
+
+
+def test_retries_back_off_skip_refusals_and_never_name_the_host():
+    import asyncio
+
+    refused = _Endpoint([(401, "application/json", b'{"error": "bad key"}')])
+    flaky = _Endpoint(
+        [(503, "text/plain", b"busy"), (503, "text/plain", b"busy"), _ok("a lovely red star")]
+    )
+    try:
+        first = asyncio.run(_rewriter(refused.url).rewrite("a red star"))
+        second = asyncio.run(_rewriter(flaky.url).rewrite("a red star"))
+    finally:
+        refused.close()
+        flaky.close()
+    assert len(refused.calls) == 1 and first["fallback"] == "llm error: HTTP 401"
+    assert len(flaky.calls) == 3 and second == {"rewritten": "a lovely red star", "fallback": None}
+    port = refused.url.split(":")[2].split("/")[0]
+    closed = asyncio.run(_rewriter(f"http://127.0.0.1:{port}/v1").rewrite("a red star"))
+    assert closed["rewritten"] == "a red star" and port not in closed["fallback"]
+    assert "127.0.0.1" not in closed["fallback"]
+
+
+def test_api_keys_go_only_where_the_config_says(monkeypatch):
+    from actors.llm import api_key_headers
+    from align.config import ConfigError, HttpRewriteConfig
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-default")
+    monkeypatch.setenv("MY_KEY", "sk-mine")
+    assert api_key_headers(HttpRewriteConfig(url="https://llm.example.com/v1"), "k") == {}
+    named = HttpRewriteConfig(url="https://llm.example.com/v1", api_key_env="MY_KEY")
+    assert api_key_headers(named, "k") == {"Authorization": "Bearer sk-mine"}
+    local = HttpRewriteConfig(url="http://127.0.0.1:8000/v1", api_key_env="MY_KEY")
+    assert api_key_headers(local, "k") == {"Authorization": "Bearer sk-mine"}
+    plain = HttpRewriteConfig(url="http://llm.internal:8000/v1", api_key_env="MY_KEY")
+    with pytest.raises(ConfigError, match="k.url is plain http to llm.internal"):
+        api_key_headers(plain, "k")
+    allowed = plain.model_copy(update={"allow_key_over_http": True})
+    assert api_key_headers(allowed, "k") == {"Authorization": "Bearer sk-mine"}
+
+
+@pytest.mark.parametrize(
+    "method, message",
+    [
+        ({"backend": "keywords", "variant": "detail"}, "variant 'detail' needs an LLM"),
+        ({"backend": "http", "variant": "original"}, "needs no LLM"),
+    ],
+)
+def test_rewriters_that_cannot_work_are_refused_naming_the_key(method, message):
+    with pytest.raises(ServeConfigError, match=f"rewriter.method.*{message}"):
+        parse_args(_args(rewriter={"method": method}))

@@ -1,0 +1,62 @@
+"""Torch threads follow the CPUs a task actually gets: Ray's assignment and the cores that other
+processes leave free (a thread that shares a core with a busy process stalls every op)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from align.runtime import TorchThreads, cpus_free_of_other_work
+
+
+def test_free_cpus_count_idle_time_and_this_process_own_use():
+    # 2 s of wall clock: the machine idled 1.5 CPU-seconds, this process used 1.0.
+    assert cpus_free_of_other_work((0.0, 10.0, 3.0), (2.0, 11.5, 4.0)) == pytest.approx(1.25)
+    assert cpus_free_of_other_work(None, (2.0, 11.5, 4.0)) is None
+
+
+@pytest.fixture
+def every_core_busy():
+    """One busy loop per logical CPU, at normal priority (a browser, a build, another job)."""
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(os.cpu_count() or 1)
+    ]
+    yield
+    for hog in hogs:
+        hog.kill()
+        hog.wait()
+
+
+def test_threads_drop_to_one_when_other_work_holds_every_core(every_core_busy):
+    before = torch.get_num_threads()
+    try:
+        threads = TorchThreads(limit=4, first_sample_s=0.5)
+        assert threads.threads == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_never_exceed_the_configured_limit():
+    before = torch.get_num_threads()
+    try:
+        assert TorchThreads(limit=1).threads == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_in_a_ray_task_the_limit_is_the_cpus_ray_assigned(ray_session):
+    @ray_session.remote(num_cpus=1)
+    def limit() -> int:
+        return TorchThreads().limit
+
+    @ray_session.remote(num_cpus=0.25)
+    def fractional() -> int:
+        return TorchThreads().limit
+
+    assert ray_session.get(limit.remote()) == 1
+    assert ray_session.get(fractional.remote()) == 1
