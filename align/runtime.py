@@ -111,7 +111,7 @@ class TorchThreads:
         # A quarter CPU of slack: a core that is 80% free still earns a thread.
         threads = self.limit if free is None else max(1, min(self.limit, int(free + 0.25)))
         if threads != torch.get_num_threads():
-            if threads != self.threads:
+            if threads != self.threads and free is not None:
                 log.info("torch threads: %d (limit %d, free CPUs %.2f)", threads, self.limit, free)
             torch.set_num_threads(threads)
         self.threads = threads
