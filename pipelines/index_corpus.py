@@ -191,7 +191,7 @@ def _tar_block(rows: dict) -> pa.Table:
     )
 
 
-def read_unit(ic: IndexCorpusConfig, files: list[str], source: str):
+def read_unit(ic: IndexCorpusConfig, files: list[str], source: str, layout: str | None = None):
     """A Ray Dataset of (image_id, image bytes or path) for one unit."""
     import ray.data
 
@@ -200,7 +200,7 @@ def read_unit(ic: IndexCorpusConfig, files: list[str], source: str):
         ds = ray.data.read_parquet(files, num_cpus=ic.decode.num_cpus).select_columns(
             [ic.id_column, column]
         )
-        if parquet_image_layout(ic, files) == "struct":
+        if layout == "struct":  # parquet_image_layout, checked once for every file before work
             ds = ds.map_batches(_struct_bytes, fn_kwargs={"column": column}, batch_format="pyarrow")
         if ic.id_column != "image_id":
             ds = ds.rename_columns({ic.id_column: "image_id"})
@@ -259,7 +259,14 @@ def to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
     return pa.table(columns)
 
 
-def run_unit(config: Config, files: list[str], source: str, unit_dir: str, model: ModelFacts):
+def run_unit(
+    config: Config,
+    files: list[str],
+    source: str,
+    unit_dir: str,
+    model: ModelFacts,
+    layout: str | None = None,
+):
     """Decode, embed and score one unit into `unit_dir`, then mark it done."""
     from actors.decode import decode_batch
     from actors.embed import ClipImageEmbedder
@@ -269,7 +276,7 @@ def run_unit(config: Config, files: list[str], source: str, unit_dir: str, model
     scorers = {name: s.checkpoint for name, s in ic.scorers.items()}
     t0 = time.perf_counter()
     ds = (
-        read_unit(ic, files, source)
+        read_unit(ic, files, source, layout)
         .map_batches(
             decode_batch,
             fn_kwargs={
@@ -462,7 +469,9 @@ def index_corpus(config: Config) -> dict:
     io.require_exists(source, "index_corpus input")
     units = plan_units(ic, source)
     if ic.input_format == "parquet":
-        parquet_image_layout(ic, [f for unit in units for f in unit])
+        layout = parquet_image_layout(ic, [f for unit in units for f in unit])
+    else:
+        layout = None
 
     init_ray(config.ray)
     unit_dirs, markers = [], []
@@ -472,7 +481,7 @@ def index_corpus(config: Config) -> dict:
             marker = unit_done(unit_dir, files, config)
             if marker is None:
                 log.info("unit %d/%d: %d file(s)", i + 1, len(units), len(files))
-                marker = run_unit(config, files, source, unit_dir, model)
+                marker = run_unit(config, files, source, unit_dir, model, layout)
             else:
                 log.info("unit %d/%d already done, skipped", i + 1, len(units))
             unit_dirs.append(unit_dir)
