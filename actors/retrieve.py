@@ -1,9 +1,10 @@
 """Candidate retrieval and pairing stage (actor pool): the index is loaded once per actor.
 
-For each query: top-K from the index for the REWRITTEN query; the semantic score of each
-candidate is the reference model's cosine similarity to the ORIGINAL query (exact, from the stored
-embeddings); the aesthetic score is index_corpus's combined score. The u x v grid then gives the
-preference pairs (align.pairing), emitted as list columns, one row per query.
+For each query: top-K from the index for the REWRITTEN query (or, by `retrieve_with`, the
+renormalised sum of the original and rewritten embeddings, or the original); the semantic score
+of each candidate is the reference model's cosine similarity to the ORIGINAL query (exact, from
+the stored embeddings); the aesthetic score is index_corpus's combined score. The u x v grid
+then gives the preference pairs (align.pairing), emitted as list columns, one row per query.
 """
 
 from __future__ import annotations
@@ -26,19 +27,47 @@ LIST_COLUMNS = (
 )  # fmt: skip
 
 
+RETRIEVE_WITH = ("rewritten", "original+rewritten", "original")
+
+
+def retrieval_query(original: np.ndarray, rewritten: np.ndarray, retrieve_with: str) -> np.ndarray:
+    """The embeddings that retrieve the candidates (float32, C-contiguous for FAISS)."""
+    if retrieve_with == "original":
+        q = original
+    elif retrieve_with == "rewritten":
+        q = rewritten
+    else:  # both: the content of the original, the rewrite's pull towards beauty
+        q = original + rewritten
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(q, dtype=np.float32)
+
+
 class CandidateRetriever:
-    def __init__(self, index_corpus_dir: str, top_k: int, u: int, v: int, stride: int):
+    def __init__(
+        self,
+        index_corpus_dir: str,
+        top_k: int,
+        u: int,
+        v: int,
+        stride: int,
+        retrieve_with: str = "rewritten",
+    ):
         from align.index import load_corpus
 
+        if retrieve_with not in RETRIEVE_WITH:
+            raise ValueError(
+                f"retrieve_with must be one of {RETRIEVE_WITH} (got {retrieve_with!r})"
+            )
         self.index, self.ids, self.aesthetic, self.embeddings = load_corpus(index_corpus_dir)
         self.top_k = min(top_k, len(self.ids))
         self.u, self.v, self.stride = u, v, stride
+        self.retrieve_with = retrieve_with
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         require_batch_columns(batch, REQUIRED, "retrieve")
         q_orig = np.asarray(batch["query_embedding"], dtype=np.float32)
         q_rew = np.asarray(batch["rewritten_embedding"], dtype=np.float32)
-        _, rows = self.index.search(q_rew, self.top_k)
+        _, rows = self.index.search(retrieval_query(q_orig, q_rew, self.retrieve_with), self.top_k)
         n = len(rows)
         out: dict[str, list] = {name: [] for name in LIST_COLUMNS}
         status = np.full(n, "ok", dtype=object)

@@ -270,6 +270,12 @@ class BuildPreferencesConfig(Section):
         "{output_dir}/index_corpus", description="Output of index_corpus: index and scored shards."
     )
     top_k: int = Field(64, ge=1, description="Candidates retrieved per rewritten query.")
+    retrieve_with: Literal["rewritten", "original+rewritten", "original"] = Field(
+        "rewritten",
+        description="The query that retrieves the candidates: the rewritten one (the paper), "
+        "the sum of both embeddings renormalised (keeps the content of the original and the "
+        "rewrite's pull towards beauty), or the original alone (no rewrite in the pairs).",
+    )
     rewrite: RewriteConfig = RewriteConfig()
     grid: GridConfig = GridConfig()
     embed: PoolConfig = PoolConfig(batch_size=256)
@@ -416,8 +422,29 @@ class TrainScorerConfig(Section):
     seed: int = 0
 
 
+class RerankConfig(Section):
+    """The re-rank baseline (align/ranking.py): the top `depth` by similarity, ordered by
+    (1 - w) z(similarity) + w aesthetic."""
+
+    weight: float = Field(
+        0.3, ge=0.0, le=1.0, description="Default blend: (1-w) z(similarity) + w aesthetic."
+    )
+    depth: int = Field(100, ge=1, description="Candidates retrieved and re-ranked (at least k).")
+
+
+class SteerConfig(Section):
+    """clip-retrieval's aesthetic steering (align/ranking.py): the query embedding plus `weight`
+    times the mean embedding of the corpus's best-rated images, renormalised."""
+
+    weight: float = Field(0.5, ge=0.0, description="How far the query moves towards beauty.")
+    top_share: float = Field(
+        0.1, gt=0.0, le=1.0, description="Share of the corpus, best aesthetic first, averaged."
+    )
+
+
 class EvalSystemConfig(Section):
-    """One system evaluate compares: a model, with or without query rewriting."""
+    """One system evaluate compares: a model, with or without query rewriting, re-ranking or
+    steering."""
 
     model: str | None = Field(None, description="open_clip model name (None: model.name).")
     pretrained: str | None = Field(
@@ -426,6 +453,12 @@ class EvalSystemConfig(Section):
         "model.pretrained).",
     )
     rewrite: bool = Field(False, description="Search with the rewritten query (evaluate.rewrite).")
+    rerank: RerankConfig | None = Field(
+        None, description="Re-rank the model's top `depth` by aesthetics (the cascade baseline)."
+    )
+    steer: SteerConfig | None = Field(
+        None, description="Steer the query embedding towards beauty (clip-retrieval's baseline)."
+    )
     index_corpus_dir: str | None = Field(
         None,
         description="An index_corpus output built with this model, searched as it is (for large "
@@ -519,6 +552,16 @@ class EvaluateConfig(Section):
         12, ge=0, description="Queries shown as image grids in report.html."
     )
 
+    @model_validator(mode="after")
+    def _rerank_reaches_k(self):
+        for name, system in self.systems.items():
+            if system.rerank and system.rerank.depth < self.k:
+                raise ValueError(
+                    f"systems.{name}.rerank.depth ({system.rerank.depth}) is under k ({self.k}): "
+                    "a re-rank needs at least k candidates"
+                )
+        return self
+
 
 class Config(Section):
     """Root config shared by every job; each job reads the sections it needs."""
@@ -605,9 +648,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _model_class(annotation: Any) -> type[BaseModel] | None:
-    return (
-        annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    )
+    """The section class of a field's annotation; an optional section (`Section | None`, such as
+    a system's `rerank`) counts as that section, so dotted overrides reach inside it."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    members = [a for a in get_args(annotation) if a is not type(None)]
+    if len(members) == 1 and get_args(annotation) and type(None) in get_args(annotation):
+        return _model_class(members[0])
+    return None
 
 
 def _node_at(path: list[str]) -> tuple[str, type[BaseModel]] | None:

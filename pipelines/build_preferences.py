@@ -5,7 +5,8 @@
 queries (Parquet | JSONL | text) -> checks (empty, duplicate, undecodable: error rows)
   -> rewrite (keywords | OpenAI-compatible HTTP | vLLM, through ray.data.llm)
   -> text embedding of the original and rewritten query (actor pool)
-  -> top-K for the rewritten query + semantic / aesthetic re-rank + u x v grid pairs
+  -> top-K for the rewritten query (or `retrieve_with`) + semantic / aesthetic re-rank + u x v
+     grid pairs
      (actor pool holding the index) -> pairs, candidates, rewrites, errors, manifest.
 
 Each pair carries both reference similarities, so the fine-tune needs no reference model.
@@ -263,6 +264,7 @@ def build_preferences(config: Config) -> dict:
             fn_constructor_kwargs={
                 "index_corpus_dir": index_corpus_dir,
                 "top_k": bp.top_k,
+                "retrieve_with": bp.retrieve_with,
                 "u": bp.grid.u,
                 "v": bp.grid.v,
                 "stride": bp.grid.stride,

@@ -121,7 +121,7 @@ def demo(config: Config) -> None:
     )
     manifest = index_corpus(aligned)
     print(f"index_corpus (aligned model): {manifest['counts']['rows_out']} scored")
-    log.info("step 8/8: evaluate base, base+rewrite and aligned on the held-out queries")
+    log.info("step 8/8: evaluate the systems on the held-out queries")
     result = evaluate(config)
     print(f"report: {result['output']}/report.html")
 

@@ -1,4 +1,6 @@
-"""evaluate: compare named systems (a model, with or without query rewriting) on held-out queries.
+"""evaluate: compare named systems on held-out queries: a model, with or without query rewriting,
+and the query-time baselines (re-ranking its top results by aesthetics, steering the query
+embedding towards the corpus's best-rated images: align/ranking.py).
 
     python -m pipelines.evaluate --config configs/demo.yaml [key=value ...]
 
@@ -32,8 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from align import evaluation, io, world
-from align.config import Config, ConfigError, ModelConfig
+from align import evaluation, io, ranking, world
+from align.config import Config, ConfigError, ModelConfig, RerankConfig, SteerConfig
 from align.contracts import (
     ERRORS,
     GROUND_TRUTH,
@@ -67,6 +69,8 @@ class System:
     model: ModelConfig
     rewrite: bool
     index_corpus_dir: str | None
+    rerank: RerankConfig | None = None
+    steer: SteerConfig | None = None
 
     @property
     def model_key(self) -> tuple:
@@ -92,7 +96,7 @@ def resolve_systems(config: Config) -> list[System]:
         except Exception as e:
             raise type(e)(f"system {name!r}: {e}") from None
         index_dir = config.expand(s.index_corpus_dir) if s.index_corpus_dir else None
-        systems.append(System(name, model, s.rewrite, index_dir))
+        systems.append(System(name, model, s.rewrite, index_dir, s.rerank, s.steer))
     return systems
 
 
@@ -502,8 +506,25 @@ def evaluate(config: Config) -> dict:
                 gt = GroundTruth.read(config.expand(ev.ground_truth), gallery.ids)
                 facts = query_facts(config, texts)
         text_emb = embedded[key][1 if system.rewrite else 0]
-        _, top = gallery.index.search(np.ascontiguousarray(text_emb[: len(texts)]), ev.k)
+        if system.steer:
+            aesthetic = (
+                scores["aesthetic"]
+                if gallery is galleries[systems[0].model_key]
+                else (corpus_scores(config, gallery.ids)["aesthetic"])
+            )
+            direction = ranking.aesthetic_direction(
+                gallery.embeddings, aesthetic, system.steer.top_share
+            )
+            text_emb = ranking.steer(text_emb, direction, system.steer.weight)
+        depth = system.rerank.depth if system.rerank else ev.k
+        similarity, top = gallery.index.search(
+            np.ascontiguousarray(text_emb[: len(texts)], dtype=np.float32), depth
+        )
         top = remap_rows(top, gallery, galleries, systems[0])
+        if system.rerank:  # scores are indexed by the first system's gallery rows, as top now is
+            top = ranking.rerank_rows(
+                top, similarity, scores["aesthetic"], ev.k, system.rerank.weight
+            )
         tops[system.name] = top
         metrics = dict(recall.get(key, {}))
         for name, values in scores.items():

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pydantic import Field, ValidationError, model_validator
 
 from align import io
-from align.config import ModelConfig, RewriteConfig, Section
+from align.config import ModelConfig, RerankConfig, RewriteConfig, Section
 from align.errors import UserError
 from align.manifest import MANIFEST_NAME
 
@@ -43,13 +43,6 @@ class BatchingConfig(Section):
 
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.002, ge=0.0)
-
-
-class RerankConfig(Section):
-    weight: float = Field(
-        0.3, ge=0.0, le=1.0, description="Default blend: (1-w) z(similarity) + w aesthetic."
-    )
-    depth: int = Field(100, ge=1, description="Candidates retrieved and re-ranked (at least k).")
 
 
 class RewriterConfig(Section):

@@ -30,13 +30,13 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from align.ranking import rank
 from serve.search import (
     BadRequest,
     SearchLimits,
     check_image_id,
     content_type,
     parse_search_request,
-    rank,
 )
 
 PAGE = Path(__file__).with_name("page.html")

@@ -1,6 +1,5 @@
 """What the search endpoint does between the HTTP request and the deployments, without Ray:
-parse and check a request, re-rank candidates by a blend of similarity and aesthetics, check image
-ids, and tell an image's content type from its bytes.
+parse and check a request, check image ids, and tell an image's content type from its bytes.
 
 Every problem with a request raises `BadRequest` with the HTTP status and a message that names the
 field; the ingress turns it into a JSON error. Nothing here may raise anything else on user input.
@@ -10,8 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import numpy as np
 
 SEARCH_FIELDS = ("q", "k", "rewrite", "rerank", "weight", "model")
 _TRUE = {"1", "true", "yes", "on"}
@@ -119,27 +116,6 @@ def parse_search_request(fields: dict, limits: SearchLimits) -> SearchRequest:
     return SearchRequest(
         q, k, rewrite, _as_bool("rerank", fields.get("rerank", False)), weight, model
     )
-
-
-def blend(similarity: np.ndarray, aesthetic: np.ndarray, weight: float) -> np.ndarray:
-    """Re-rank score of candidates: (1 - weight) * z(similarity) + weight * aesthetic.
-
-    Similarity is z-scored over the candidates so the weight means the same for every query and
-    model; index_corpus's aesthetic is already a z-score over the corpus. A missing aesthetic
-    (NaN) counts as the corpus mean (0).
-    """
-    sim = np.asarray(similarity, dtype=np.float64)
-    z = (sim - sim.mean()) / sim.std() if len(sim) > 1 and sim.std() > 0 else np.zeros_like(sim)
-    aes = np.nan_to_num(np.asarray(aesthetic, dtype=np.float64), nan=0.0)
-    return (1.0 - weight) * z + weight * aes
-
-
-def rank(
-    similarity: np.ndarray, aesthetic: np.ndarray, k: int, rerank: bool, weight: float
-) -> np.ndarray:
-    """Positions of the top k candidates: by similarity, or by `blend` when re-ranking."""
-    score = blend(similarity, aesthetic, weight) if rerank else np.asarray(similarity)
-    return np.argsort(-score, kind="stable")[:k]
 
 
 MAX_IMAGE_ID_CHARS = 1000

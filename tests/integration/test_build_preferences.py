@@ -76,6 +76,33 @@ def test_keyword_pairs_carry_exact_reference_similarities(indexed_world):
     assert read_again("pairs").num_rows == pairs.num_rows
 
 
+def test_retrieve_with_chooses_the_query_that_finds_the_candidates(indexed_world):
+    """The retrieve stage called on a dict batch: its candidates are the exact top K of the
+    original, the rewritten, or the renormalised sum of both embeddings, computed here."""
+    from actors.retrieve import CandidateRetriever
+
+    root, _ = indexed_world
+    scored = pq.read_table(root / "index_corpus" / "scored")
+    ids = np.array(scored["image_id"].to_pylist(), dtype=object)
+    emb = np.stack(scored["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 3, emb.shape[1])).astype(np.float32)
+    q /= np.linalg.norm(q, axis=2, keepdims=True)
+    batch = {"query_id": np.array(["a", "b", "c"], dtype=object),
+             "query_embedding": q[0], "rewritten_embedding": q[1]}  # fmt: skip
+    both = q[0] + q[1]
+    both /= np.linalg.norm(both, axis=1, keepdims=True)
+    for retrieve_with, query in (("original", q[0]), ("rewritten", q[1]),
+                                 ("original+rewritten", both)):  # fmt: skip
+        stage = CandidateRetriever(str(root / "index_corpus"), 40, 4, 4, 2, retrieve_with)
+        got = stage(dict(batch))["candidate_ids"].to_pylist()
+        expected = np.argsort(-(query @ emb.T), axis=1)[:, :40]
+        for row, top in zip(got, expected, strict=True):
+            assert set(row) == set(ids[top]), retrieve_with
+    with pytest.raises(ValueError, match="retrieve_with"):
+        CandidateRetriever(str(root / "index_corpus"), 40, 4, 4, 2, "neither")
+
+
 def test_too_few_candidates_are_skipped_with_a_reason(indexed_world):
     _, manifest, read = run(indexed_world, "build_preferences.top_k=10")
     errors = read("errors").to_pylist()

@@ -14,6 +14,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -30,7 +31,7 @@ from tests.helpers import indexed_world as make_indexed_world
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
-SYSTEMS = ["base", "base+rewrite", "aligned"]
+SYSTEMS = ["base", "base+rewrite", "rerank", "steer", "aligned", "aligned+rerank"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,7 @@ def world(ray_session, tmp_path_factory):
     pq.write_table(table.set_column(1, "image", pa.array(images, pa.binary())), shard)
     overrides += [
         f"evaluate.systems.aligned.pretrained={aligned}",
+        f"evaluate.systems.aligned+rerank.pretrained={aligned}",
         "evaluate.report_queries=3",
         "evaluate.judge.compare=[[aligned, base], [base+rewrite, base], [base, base]]",
     ]
@@ -70,8 +72,9 @@ def oracle_run(world):
     return run(world)
 
 
-def brute_force_top(config, pretrained: str, texts: list[str], k: int) -> np.ndarray:
-    """The top k corpus rows per text, computed here without Ray, FAISS or the job's code."""
+def brute_force_embeddings(config, pretrained: str, texts: list[str]):
+    """(corpus ids, image embeddings, text embeddings), computed here without Ray, FAISS or the
+    job's code (images rounded to float16 as the job stores them)."""
     clip = build_clip(ModelConfig(name="micro-clip", pretrained=pretrained))
     corpus = pq.read_table(Path(config.output_dir) / "world" / "images")
     pixels = np.stack([decode_image(b, 32, 10**8) for b in corpus["image"].to_pylist()])
@@ -79,7 +82,13 @@ def brute_force_top(config, pretrained: str, texts: list[str], k: int) -> np.nda
         x = pixels_to_tensor(pixels, clip.mean, clip.std, "cpu")
         img = torch.nn.functional.normalize(clip.model.encode_image(x), dim=-1).half().float()
         txt = torch.nn.functional.normalize(clip.model.encode_text(clip.tokenizer(texts)), dim=-1)
-    return corpus["image_id"].to_numpy(zero_copy_only=False), (txt @ img.T).topk(k).indices.numpy()
+    return corpus["image_id"].to_numpy(zero_copy_only=False), img.numpy(), txt.numpy()
+
+
+def brute_force_top(config, pretrained: str, texts: list[str], k: int) -> np.ndarray:
+    """The top k corpus rows per text, computed here without Ray, FAISS or the job's code."""
+    ids, img, txt = brute_force_embeddings(config, pretrained, texts)
+    return ids, torch.from_numpy(txt @ img.T).topk(k).indices.numpy()
 
 
 def test_metrics_match_an_independent_computation(world, oracle_run):
@@ -121,13 +130,58 @@ def test_metrics_match_an_independent_computation(world, oracle_run):
         relevant = [
             (gt.loc[ids[j], "colour"] == q.colour)
             and (gt.loc[ids[j], "shape"] == q.shape)
-            and (q.background is None or gt.loc[ids[j], "background"] == q.background)
+            and (pd.isna(q.background) or gt.loc[ids[j], "background"] == q.background)
             for i, q in enumerate(held.itertuples())
             for j in top[i]
         ]
         assert metrics["systems"][name]["true_precision@5"] == pytest.approx(
             np.mean(relevant), abs=0.02
         )
+
+
+def test_baselines_match_an_independent_computation(world, oracle_run):
+    """rerank: the base model's top `depth` ordered by (1-w) z(similarity) + w aesthetic;
+    steer: the query plus w times the mean embedding of the best-rated share, renormalised; both
+    written out here with numpy from the scored shards and this test's own embeddings."""
+    config, result = oracle_run
+    systems = result["metrics"]["systems"]
+    queries = pq.read_table(Path(config.output_dir) / "world" / "queries.parquet").to_pandas()
+    held = queries[queries.split == "heldout"]["query"].tolist()
+    gt = pq.read_table(Path(config.output_dir) / "world" / "ground_truth.parquet").to_pandas()
+    ids, img, txt = brute_force_embeddings(config, config.model.pretrained, held)
+    scored = pq.read_table(Path(config.output_dir) / "index_corpus" / "scored").to_pandas()
+    aesthetic = scored.set_index("image_id")["aesthetic"].reindex(ids).to_numpy(np.float64)
+    true = gt.set_index("image_id")["true_aesthetic"].reindex(ids).to_numpy()
+
+    rerank = config.evaluate.systems["rerank"].rerank
+    sim = txt @ img.T
+    expected = []
+    for q in range(len(held)):
+        cand = np.argsort(-sim[q], kind="stable")[: rerank.depth]
+        s = sim[q][cand]
+        score = (1 - rerank.weight) * (s - s.mean()) / s.std() + rerank.weight * np.nan_to_num(
+            aesthetic[cand]
+        )
+        expected.append(cand[np.argsort(-score, kind="stable")[:5]])
+    expected = np.array(expected)
+    assert systems["rerank"]["true_aesthetic@5"] == pytest.approx(true[expected].mean(), abs=0.01)
+    assert systems["rerank"]["aesthetic@5"] == pytest.approx(
+        np.nanmean(aesthetic[expected]), abs=0.02
+    )
+    assert systems["rerank"]["aesthetic@5"] > systems["base"]["aesthetic@5"]
+
+    steer = config.evaluate.systems["steer"].steer
+    finite = np.flatnonzero(np.isfinite(aesthetic))
+    best = finite[np.argsort(-aesthetic[finite])[: round(steer.top_share * len(finite))]]
+    moved = txt + steer.weight * img[best].mean(axis=0)
+    moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+    top = np.argsort(-(moved @ img.T), axis=1, kind="stable")[:, :5]
+    assert systems["steer"]["true_aesthetic@5"] == pytest.approx(true[top].mean(), abs=0.01)
+    assert systems["steer"]["aesthetic@5"] > systems["base"]["aesthetic@5"]
+    # The model's own recall is untouched by either; aligned+rerank re-ranks the aligned model.
+    assert systems["rerank"]["recall@5"] == systems["base"]["recall@5"]
+    assert systems["aligned+rerank"]["recall@5"] == systems["aligned"]["recall@5"]
+    assert systems["aligned+rerank"]["aesthetic@5"] > systems["aligned"]["aesthetic@5"]
 
 
 def test_oracle_judge_and_order_consistency(oracle_run):

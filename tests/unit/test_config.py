@@ -86,6 +86,18 @@ def test_keyed_sections_take_any_name_and_check_inside():
         load_config(None, ["index_corpus.scorers.lowlevel.wieght=2"])
 
 
+def test_baseline_systems_are_checked_when_the_config_loads():
+    cfg = load_config(REPO / "configs/demo.yaml")
+    assert cfg.evaluate.systems["rerank"].rerank.depth >= cfg.evaluate.k
+    assert cfg.evaluate.systems["steer"].steer.weight > 0
+    with pytest.raises(ConfigError, match=r"systems\.rerank\.rerank\.depth \(3\) is under k"):
+        load_config(REPO / "configs/demo.yaml", ["evaluate.systems.rerank.rerank.depth=3"])
+    with pytest.raises(ConfigError, match=r"top_share"):
+        load_config(REPO / "configs/demo.yaml", ["evaluate.systems.steer.steer.top_share=0"])
+    with pytest.raises(ConfigError, match=r"retrieve_with"):
+        load_config(None, ["build_preferences.retrieve_with=both"])
+
+
 def test_section_cannot_be_overwritten_by_a_value():
     with pytest.raises(ConfigError, match="world"):
         load_config(None, ["world=3"])

@@ -22,11 +22,9 @@ from serve.images import CorpusImages
 from serve.search import (
     BadRequest,
     SearchLimits,
-    blend,
     check_image_id,
     content_type,
     parse_search_request,
-    rank,
 )
 
 LIMITS = SearchLimits(models=("aligned", "base"), default_model="aligned", rewrite_available=True)
@@ -85,19 +83,6 @@ def test_rewrite_refused_when_no_rewriter_is_configured():
     assert parse_search_request({"q": "x", "rewrite": "false"}, limits).rewrite is False
     with pytest.raises(BadRequest, match="no rewriter configured"):
         parse_search_request({"q": "x", "rewrite": "true"}, limits)
-
-
-def test_blend_is_z_similarity_and_aesthetic_weighted():
-    sim = np.array([0.30, 0.20, 0.10, 0.25])
-    aes = np.array([-1.0, 2.0, 0.5, np.nan])
-    z = (sim - sim.mean()) / sim.std()
-    np.testing.assert_allclose(blend(sim, aes, 0.25), 0.75 * z + 0.25 * np.array([-1, 2, 0.5, 0]))
-    assert rank(sim, aes, 4, rerank=False, weight=0.9).tolist() == [0, 3, 1, 2]
-    assert rank(sim, aes, 4, rerank=True, weight=0.0).tolist() == [0, 3, 1, 2]
-    assert rank(sim, aes, 2, rerank=True, weight=1.0).tolist() == [1, 2]
-    # One candidate, or equal similarities: no division by zero, aesthetics decide.
-    assert rank(np.array([0.2, 0.2]), np.array([0.0, 1.0]), 2, True, 0.5).tolist() == [1, 0]
-    assert np.isfinite(blend(np.array([0.2]), np.array([1.0]), 0.5)).all()
 
 
 @pytest.mark.parametrize("image_id", ["img-000001", "shard/0001.jpg", "a..b.jpg", "x y.png"])

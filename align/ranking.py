@@ -1,0 +1,94 @@
+"""The query-time aesthetic baselines people run today, one implementation each, used by
+evaluate's systems and by serving:
+
+- re-rank (the cascade the paper argues against): retrieve the top `depth` by similarity, order
+  them by (1 - w) z(similarity) + w aesthetic, keep k;
+- steer (clip-retrieval's `aesthetic_score` / `aesthetic_weight`): add w times an "aesthetic
+  direction" to the query embedding and renormalise. The direction is the mean embedding of the
+  corpus's best-rated images (clip-retrieval ships such embeddings per LAION rating; we build it
+  from the corpus's own aesthetic scores).
+
+Both are cheap per query (no LLM call, no training) and both need the corpus's aesthetic scores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def blend(
+    similarity: np.ndarray, aesthetic: np.ndarray, weight: float, found: np.ndarray | None = None
+) -> np.ndarray:
+    """Re-rank score of candidates: (1 - weight) * z(similarity) + weight * aesthetic.
+
+    Works on one query's candidates (N,) or a batch (Q, N): similarity is z-scored over each
+    query's candidates, so the weight means the same for every query and model; index_corpus's
+    aesthetic is already a z-score over the corpus. A missing aesthetic (NaN) counts as the
+    corpus mean (0). `found` (bool, same shape) marks real candidates; the others (FAISS's
+    padding) take no part in the z-score and score -inf.
+    """
+    sim = np.asarray(similarity, dtype=np.float64)
+    found = np.ones(sim.shape, dtype=bool) if found is None else np.asarray(found, dtype=bool)
+    n = np.maximum(found.sum(axis=-1, keepdims=True), 1)
+    mean = np.where(found, sim, 0.0).sum(axis=-1, keepdims=True) / n
+    centred = np.where(found, sim - mean, 0.0)
+    std = np.sqrt((centred**2).sum(axis=-1, keepdims=True) / n)
+    z = np.divide(centred, std, out=np.zeros_like(sim), where=std > 0)
+    aes = np.nan_to_num(np.asarray(aesthetic, dtype=np.float64), nan=0.0)
+    return np.where(found, (1.0 - weight) * z + weight * aes, -np.inf)
+
+
+def rank(
+    similarity: np.ndarray, aesthetic: np.ndarray, k: int, rerank: bool, weight: float
+) -> np.ndarray:
+    """Positions of the top k candidates (last axis): by similarity, or by `blend` when
+    re-ranking. Ties keep the retrieval order."""
+    score = blend(similarity, aesthetic, weight) if rerank else np.asarray(similarity)
+    return np.argsort(-score, axis=-1, kind="stable")[..., :k]
+
+
+def rerank_rows(
+    candidates: np.ndarray, similarity: np.ndarray, aesthetic: np.ndarray, k: int, weight: float
+) -> np.ndarray:
+    """The re-rank baseline for a batch of queries.
+
+    Args:
+        candidates: (Q, depth) corpus rows by similarity (-1: no result, as FAISS pads).
+        similarity: (Q, depth) their similarities.
+        aesthetic: (corpus,) aesthetic score of every corpus row (NaN: unscored).
+        k, weight: rows kept and the blend's weight.
+    Returns:
+        (Q, k) corpus rows, -1 where fewer than k candidates were found.
+    """
+    found = candidates >= 0
+    aes = np.where(found, aesthetic[np.maximum(candidates, 0)], np.nan)
+    order = np.argsort(-blend(similarity, aes, weight, found), axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(candidates, order, axis=1)
+
+
+def aesthetic_direction(
+    embeddings: np.ndarray, aesthetic: np.ndarray, top_share: float
+) -> np.ndarray:
+    """The mean L2-normalised embedding of the corpus's best-rated images: the `top_share` of
+    scored images with the highest aesthetic score (float32, (d,), not normalised, as
+    clip-retrieval adds its rating embeddings).
+
+    Raises:
+        ValueError: no image has a score, or top_share is outside (0, 1].
+    """
+    if not 0.0 < top_share <= 1.0:
+        raise ValueError(f"top_share must be in (0, 1] (got {top_share})")
+    scored = np.flatnonzero(np.isfinite(aesthetic))
+    if not len(scored):
+        raise ValueError("no image of the corpus has an aesthetic score to steer towards")
+    take = max(1, int(round(top_share * len(scored))))
+    best = scored[np.argsort(-aesthetic[scored], kind="stable")[:take]]
+    emb = np.asarray(embeddings[best], dtype=np.float32)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return emb.mean(axis=0)
+
+
+def steer(queries: np.ndarray, direction: np.ndarray, weight: float) -> np.ndarray:
+    """clip-retrieval's aesthetic steering: q + weight * direction, renormalised (float32)."""
+    steered = np.asarray(queries, dtype=np.float32) + weight * np.asarray(direction, np.float32)
+    return steered / np.maximum(np.linalg.norm(steered, axis=-1, keepdims=True), 1e-12)

@@ -1,0 +1,69 @@
+"""The query-time baselines (align/ranking.py) against computations written out here."""
+
+import numpy as np
+import pytest
+
+from align.ranking import aesthetic_direction, blend, rank, rerank_rows, steer
+
+
+def test_blend_is_z_similarity_and_aesthetic_weighted():
+    sim = np.array([0.9, 0.5, 0.4, 0.8])
+    aes = np.array([-1.0, 2.0, 0.5, np.nan])
+    z = (sim - sim.mean()) / sim.std()
+    np.testing.assert_allclose(blend(sim, aes, 0.25), 0.75 * z + 0.25 * np.array([-1, 2, 0.5, 0]))
+    assert rank(sim, aes, 4, rerank=False, weight=0.9).tolist() == [0, 3, 1, 2]
+    assert rank(sim, aes, 4, rerank=True, weight=0.0).tolist() == [0, 3, 1, 2]
+    assert rank(sim, aes, 2, rerank=True, weight=1.0).tolist() == [1, 2]
+    # Equal similarities: z is 0, aesthetics decide; one candidate: finite.
+    assert rank(np.array([0.2, 0.2]), np.array([0.0, 1.0]), 2, True, 0.5).tolist() == [1, 0]
+    assert np.isfinite(blend(np.array([0.2]), np.array([1.0]), 0.5)).all()
+
+
+def test_rerank_rows_matches_a_per_query_loop_and_skips_padding():
+    rng = np.random.default_rng(0)
+    corpus_aes = rng.normal(size=50)
+    corpus_aes[7] = np.nan
+    candidates = np.stack([rng.permutation(50)[:12] for _ in range(4)])
+    candidates[1, 0] = 7  # an unscored candidate counts as the corpus mean
+    similarity = -np.sort(-rng.uniform(0.1, 0.9, size=(4, 12)), axis=1)
+    candidates[3, 9:] = -1  # FAISS's padding: fewer results than asked
+    similarity[3, 9:] = -3.4e38
+    got = rerank_rows(candidates, similarity, corpus_aes, k=5, weight=0.6)
+    for q in range(4):
+        real = candidates[q] >= 0
+        sim = similarity[q][real]
+        aes = np.nan_to_num(corpus_aes[candidates[q][real]], nan=0.0)
+        score = 0.4 * (sim - sim.mean()) / sim.std() + 0.6 * aes
+        expected = candidates[q][real][np.argsort(-score, kind="stable")[:5]]
+        assert got[q].tolist() == expected.tolist()
+    # Fewer real candidates than k: the padding stays at the end, never chosen before a result.
+    few = rerank_rows(candidates[3:, :], np.where(candidates[3:] >= 0, similarity[3:], -3.4e38),
+                      corpus_aes, k=12, weight=0.6)  # fmt: skip
+    assert (few[0, :9] >= 0).all() and (few[0, 9:] == -1).all()
+    # Weight 0 keeps the retrieval order.
+    assert (rerank_rows(candidates, similarity, corpus_aes, 5, 0.0) == candidates[:, :5]).all()
+
+
+def test_steering_adds_the_mean_of_the_best_rated_and_renormalises():
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(40, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    aes = rng.normal(size=40)
+    aes[[3, 5]] = np.nan
+    direction = aesthetic_direction(emb.astype(np.float16), aes, top_share=0.1)
+    scored = [i for i in range(40) if not np.isnan(aes[i])]
+    best = sorted(scored, key=lambda i: -aes[i])[: round(0.1 * len(scored))]
+    np.testing.assert_allclose(direction, emb[best].mean(axis=0), atol=2e-3)
+    q = rng.normal(size=(3, 8)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    moved = steer(q, direction, 0.5)
+    expected = q + 0.5 * direction
+    np.testing.assert_allclose(moved, expected / np.linalg.norm(expected, axis=1, keepdims=True),
+                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(np.linalg.norm(moved, axis=1), 1.0, atol=1e-6)
+    assert (moved @ direction > q @ direction).all()  # towards the best-rated images
+    np.testing.assert_allclose(steer(q, direction, 0.0), q, atol=1e-6)
+    with pytest.raises(ValueError, match="no image"):
+        aesthetic_direction(emb, np.full(40, np.nan), 0.1)
+    with pytest.raises(ValueError, match="top_share"):
+        aesthetic_direction(emb, aes, 0.0)
