@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from actors import require_batch_columns
+from align.config import RETRIEVE_WITH
 from align.pairing import NotEnoughCandidates, grid_pairs
 
 REQUIRED = {
@@ -25,9 +26,6 @@ LIST_COLUMNS = (
     "chosen_id", "rejected_id", "chosen_ref_sim", "rejected_ref_sim",
     "chosen_aesthetic", "rejected_aesthetic", "chosen_cell", "rejected_cell",
 )  # fmt: skip
-
-
-RETRIEVE_WITH = ("rewritten", "original+rewritten", "original")
 
 
 def retrieval_query(original: np.ndarray, rewritten: np.ndarray, retrieve_with: str) -> np.ndarray:

@@ -259,6 +259,10 @@ class GridConfig(Section):
     stride: int = Field(2, ge=1, description="Take every stride-th candidate by relevance.")
 
 
+# The queries build_preferences can retrieve its candidates with (actors/retrieve.py).
+RETRIEVE_WITH = ("rewritten", "original+rewritten", "original")
+
+
 class BuildPreferencesConfig(Section):
     """The build_preferences job: rewrite, retrieve, re-rank, pairs."""
 
@@ -270,7 +274,7 @@ class BuildPreferencesConfig(Section):
         "{output_dir}/index_corpus", description="Output of index_corpus: index and scored shards."
     )
     top_k: int = Field(64, ge=1, description="Candidates retrieved per rewritten query.")
-    retrieve_with: Literal["rewritten", "original+rewritten", "original"] = Field(
+    retrieve_with: Literal[RETRIEVE_WITH] = Field(
         "rewritten",
         description="The query that retrieves the candidates: the rewritten one (the paper), "
         "the sum of both embeddings renormalised (keeps the content of the original and the "

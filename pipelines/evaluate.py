@@ -507,11 +507,10 @@ def evaluate(config: Config) -> dict:
                 facts = query_facts(config, texts)
         text_emb = embedded[key][1 if system.rewrite else 0]
         if system.steer:
-            aesthetic = (
-                scores["aesthetic"]
-                if gallery is galleries[systems[0].model_key]
-                else (corpus_scores(config, gallery.ids)["aesthetic"])
-            )
+            # The scores are indexed by the first system's gallery rows: map this gallery's rows
+            # onto them rather than read the scored shards again.
+            own_rows = remap_rows(np.arange(len(gallery.ids))[None], gallery, galleries, systems[0])
+            aesthetic = take_or_nan(scores["aesthetic"], own_rows[0])
             direction = ranking.aesthetic_direction(
                 gallery.embeddings, aesthetic, system.steer.top_share
             )
