@@ -42,7 +42,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 unit: $(STAMP)
-	$(PY) -m pytest tests/unit $(ARGS)
+	$(PY) -m pytest tests/unit tests/serve $(ARGS)
 
 integration: $(STAMP) browser
 	$(PY) -m pytest tests/integration $(ARGS)

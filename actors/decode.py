@@ -7,6 +7,7 @@ reason, and zero pixels that later stages skip.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 from actors import require_batch_columns
 from align.images import ImageDecodeError, decode_image
@@ -73,3 +74,47 @@ def decode_columns(
             pixels[i] = decode_image(data, image_size, max_pixels)
         out[target] = pixels
     return out
+
+
+def check_decode_batch(
+    batch: dict[str, np.ndarray], *, image_size: int, max_pixels: int, keep_bytes: bool = False
+) -> dict:
+    """Check stage (CPU tasks) before a fine-tune: does each image decode, has it a caption (when
+    the table has captions), and its encoded size. The pixels are dropped; with `keep_bytes`
+    the bytes stay, for the pair stage's broadcast."""
+    from align.pair_checks import has_text
+
+    require_batch_columns(batch, {"image": "encoded image bytes"}, "check_decode")
+    decoded = decode_batch(batch, image_size=image_size, max_pixels=max_pixels)
+    captions = batch.get("caption")
+    has_caption = (
+        has_text(pa.array(captions, pa.string())).to_numpy(zero_copy_only=False)
+        if captions is not None
+        else np.zeros(len(batch["image_id"]), dtype=bool)
+    )
+    out = {
+        "image_id": batch["image_id"],
+        "status": decoded["status"],
+        "error": decoded["error"],
+        "has_caption": has_caption,
+        "nbytes": np.array([len(b or b"") for b in batch["image"]], dtype=np.int64),
+    }
+    if keep_bytes:
+        out["image"] = batch["image"]
+    return out
+
+
+def concat_checks(tables: list[pa.Table]) -> pa.Table:
+    """The check stage's blocks as one table (its columns, empty, when no image was found)."""
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return pa.table(
+            {
+                "image_id": pa.array([], pa.string()),
+                "status": pa.array([], pa.string()),
+                "error": pa.array([], pa.string()),
+                "has_caption": pa.array([], pa.bool_()),
+                "nbytes": pa.array([], pa.int64()),
+            }
+        )
+    return pa.concat_tables(tables, promote_options="permissive")

@@ -11,12 +11,17 @@ from __future__ import annotations
 import base64
 
 import numpy as np
+import pyarrow as pa
 
 from actors import require_batch_columns
 from actors.llm import build_chat_processor, completion
+from align import io
 from align.config import JudgeConfig
 from align.evaluation import SIMILAR, parse_ranker_answer
 from align.images import ImageDecodeError, jpeg_thumbnail
+from align.log import get_logger
+
+log = get_logger("judge")
 
 REQUIRED = {
     "request_id": "id of the judge request",
@@ -79,3 +84,44 @@ def build_llm_judge(cfg: JudgeConfig, k: int):
         multimodal=True,
         key_prefix="evaluate.judge",
     )
+
+
+def llm_judge_answers(
+    judge: JudgeConfig, k: int, requests: list[dict], image_ids: np.ndarray, corpus: str,
+    max_pixels: int, num_cpus: float,
+) -> dict[str, str]:  # fmt: skip
+    """request_id -> first|second|similar from a vision LLM (http or vllm), through
+    ray.data.llm, for requests whose rows are positions in `image_ids`; the images are read from
+    the corpus and sent as data URLs (prepared in CPU tasks of `num_cpus`)."""
+    import ray.data
+
+    needed = {image_ids[r] for req in requests for r in (*req["first"], *req["second"])}
+    images = io.read_image_table(corpus, np.array(sorted(needed)), ["image_id", "image"])
+    by_id = dict(zip(images["image_id"].to_pylist(), images["image"].to_pylist(), strict=True))
+    table = pa.table(
+        {
+            "request_id": [r["request_id"] for r in requests],
+            "query": [r["query"] for r in requests],
+            "images": [
+                [by_id.get(image_ids[i], b"") for i in (*r["first"], *r["second"])]
+                for r in requests
+            ],
+        }
+    )
+    ds = ray.data.from_arrow(table).map_batches(
+        attach_data_urls,
+        fn_kwargs={"image_size": judge.image_size, "max_pixels": max_pixels},
+        batch_format="numpy",
+        batch_size=judge.batch_size,
+        num_cpus=num_cpus,
+    )
+    ds = build_llm_judge(judge, k)(ds)
+    answers = {}
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for rid, answer, error in zip(
+            batch["request_id"], batch["answer"], batch["error"], strict=True
+        ):
+            answers[str(rid)] = str(answer)
+            if error:
+                log.warning("judge request %s: %s", rid, error)
+    return answers

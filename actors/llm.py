@@ -85,10 +85,14 @@ class _ErrorAnswer:
     status, reason = 200, "OK"
 
     def __init__(self, message: str):
+        self.message = message
         self._body = {"error": {"message": message, "type": "request_failed"}}
 
-    async def json(self) -> dict:
+    async def json(self, **_) -> dict:
         return self._body
+
+    def release(self) -> None:
+        pass
 
     async def __aenter__(self):
         return self
@@ -150,6 +154,36 @@ class TolerantSession:
         return _TolerantPost(self._session, url, kwargs, self.retries, self.wait_s)
 
 
+async def chat_completion(
+    session, url: str, body: dict, headers: dict, retries: int, wait_s: float
+) -> tuple[str | None, str | None]:
+    """(completion text, error) of one OpenAI-style chat request, with the retry policy of the
+    batch stages (retryable statuses and network errors, exponential backoff) and the same
+    parsing of choices[0]: the online client (serve's query rewriter). Never raises for what
+    the endpoint does; the error never names its host."""
+    import asyncio
+
+    import aiohttp
+
+    kwargs = {"json": body, "headers": headers}
+    response = await _TolerantPost(session, url, kwargs, retries, wait_s)
+    if isinstance(response, _ErrorAnswer):
+        return None, response.message
+    try:
+        if response.status != 200:
+            return None, f"HTTP {response.status}"  # 400/401/403: refused, not retried
+        # content_type=None: read JSON whatever the header says; HTML, a list or a non-string
+        # content all end as "no usable completion".
+        text = chat_content(await response.json(content_type=None))
+        return text, None if text is not None else "the endpoint's answer has no text completion"
+    except ValueError:  # not JSON (an HTML error page, a proxy's banner)
+        return None, "the endpoint's answer is not JSON"
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        return None, network_error(e)
+    finally:
+        response.release()
+
+
 def completion(row: dict, backend: str) -> tuple[str | None, str | None]:
     """(completion text, error) of one answered row, for either backend."""
     if backend == "http":
@@ -175,6 +209,36 @@ def vllm_processor_config(vllm, multimodal: bool = False):
     )
 
 
+def _http_processor(http, messages: Callable[[dict], list[dict]], carry, key_prefix: str):
+    """(processor config, preprocess) of the http backend: OpenAI chat payloads, retried in
+    TolerantSession."""
+    from ray.data.llm import HttpRequestProcessorConfig
+
+    config = HttpRequestProcessorConfig(
+        url=http.url,
+        headers=api_key_headers(http, f"{key_prefix}.http"),
+        batch_size=http.batch_size,
+        concurrency=http.concurrency,
+        # Retries happen in TolerantSession, which answers a final failure with an error
+        # body: postprocess then handles that row alone, and the job goes on.
+        max_retries=0,
+        session_factory=functools.partial(TolerantSession, http.max_retries, 0.5),
+    )
+
+    def preprocess(row: dict) -> dict:
+        return {
+            **{c: row[c] for c in carry},
+            "payload": {
+                "model": http.model,
+                "messages": messages(row),
+                "max_tokens": http.max_tokens,
+                "temperature": http.temperature,
+            },
+        }
+
+    return config, preprocess
+
+
 def build_chat_processor(
     backend: str,
     http,
@@ -198,31 +262,7 @@ def build_chat_processor(
     from ray.data.llm import build_processor
 
     if backend == "http":
-        from ray.data.llm import HttpRequestProcessorConfig
-
-        headers = api_key_headers(http, f"{key_prefix}.http")
-        config = HttpRequestProcessorConfig(
-            url=http.url,
-            headers=headers,
-            batch_size=http.batch_size,
-            concurrency=http.concurrency,
-            # Retries happen in TolerantSession, which answers a final failure with an error
-            # body: postprocess then handles that row alone, and the job goes on.
-            max_retries=0,
-            session_factory=functools.partial(TolerantSession, http.max_retries, 0.5),
-        )
-
-        def preprocess(row: dict) -> dict:
-            return {
-                **{c: row[c] for c in carry},
-                "payload": {
-                    "model": http.model,
-                    "messages": messages(row),
-                    "max_tokens": http.max_tokens,
-                    "temperature": http.temperature,
-                },
-            }
-
+        config, preprocess = _http_processor(http, messages, carry, key_prefix)
         return build_processor(config, preprocess=preprocess, postprocess=postprocess)
     if backend != "vllm":
         raise ValueError(f"backend {backend!r} does not call an LLM (http or vllm)")

@@ -7,6 +7,7 @@ original query and says why in `fallback`; it is never fatal.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 from actors import require_batch_columns
 from actors.llm import build_chat_processor, completion
@@ -74,3 +75,33 @@ def build_llm_rewriter(cfg: RewriteConfig):
         carry=("query_id", "query"),
         postprocess=postprocess,
     )
+
+
+def rewrite_texts(rw: RewriteConfig, texts: list[str]) -> tuple[list[str], int]:
+    """Each text rewritten by the rewrite stage, in input order, and how many rewrites fell back
+    to the original (evaluate's rewritten systems)."""
+    import ray.data
+
+    table = pa.table({"query_id": [str(i) for i in range(len(texts))], "query": texts})
+    out = dict.fromkeys(range(len(texts)), "")
+    fallbacks = 0
+    ds = rewrite_stage(rw, ray.data.from_arrow(table))
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for qid, text, fallback in zip(
+            batch["query_id"], batch["rewritten"], batch["fallback"], strict=True
+        ):
+            out[int(qid)] = str(text)
+            fallbacks += bool(fallback)
+    return [out[i] for i in range(len(texts))], fallbacks
+
+
+def rewrite_stage(rw: RewriteConfig, ds):
+    """The rewrite stage for a Dataset of (query_id, query): adds `rewritten` and `fallback`."""
+    if rw.backend == "keywords":
+        return ds.map_batches(
+            keyword_rewrite_batch,
+            fn_kwargs={"variant": rw.variant, "keywords": rw.keywords},
+            batch_format="numpy",
+            num_cpus=rw.num_cpus,
+        )
+    return build_llm_rewriter(rw)(ds)

@@ -7,6 +7,8 @@ every shard is done. Drops the pixels: nothing after this stage needs them.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from actors import require_batch_columns
 from align.aesthetics import build_scorer
@@ -34,3 +36,28 @@ class AestheticScorer:
                 column[ok] = scorer(batch["pixels"][ok], batch["embedding"][ok])
             out[SCORER_COLUMN_PREFIX + scorer.name] = column
         return out
+
+
+def scored_to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
+    """After the scoring stage (a task): the scored numpy batch -> Arrow, the embedding as
+    list<float16> (null on error rows), the error column null on ok rows."""
+    emb = np.asarray(batch["embedding"], dtype=np.float16)
+    dim = emb.shape[1]
+    ok = batch["status"] == "ok"
+    # Error rows are null lists, which must take no values: offsets advance on ok rows only.
+    offsets = np.concatenate([[0], np.cumsum(ok * dim)]).astype(np.int32)
+    embedding = pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(emb[ok].reshape(-1), type=pa.float16()), mask=pa.array(~ok)
+    )
+    columns = {
+        "image_id": pa.array(batch["image_id"], pa.string()),
+        "embedding": embedding,
+        "status": pa.array(batch["status"], pa.string()),
+        "error": pc.if_else(
+            pa.array(ok), pa.scalar(None, pa.string()), pa.array(batch["error"].astype(str))
+        ),
+    }
+    for name, values in batch.items():
+        if name.startswith(SCORER_COLUMN_PREFIX):
+            columns[name] = pa.array(values, pa.float32())
+    return pa.table(columns)

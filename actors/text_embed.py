@@ -7,8 +7,11 @@ Texts longer than the text tower's context are truncated as CLIP does; `truncate
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 from actors import load_clip_for_actor, require_batch_columns
+from align.config import ModelConfig, PoolConfig
+from align.stages import actor_pool
 
 QUERY_COLUMNS = ("query", "rewritten")
 
@@ -42,3 +45,30 @@ class ClipTextEmbedder:
         out = {**batch, **{f"{c}_embedding": self.embed(batch[c]) for c in self.columns}}
         out["truncated"] = np.logical_or.reduce([self._too_long(batch[c]) for c in self.columns])
         return out
+
+
+def embed_texts(model: ModelConfig, texts: list[str], embed: PoolConfig) -> np.ndarray:
+    """(len(texts), d) float32 L2-normalised text embeddings, in input order, embedded in an
+    actor pool and brought to the driver."""
+    import ray.data
+
+    table = pa.table({"row": np.arange(len(texts)), "text": pa.array(texts, pa.string())})
+    step = embed.batch_size
+    blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
+    ds = ray.data.from_arrow(blocks).map_batches(
+        ClipTextEmbedder,
+        fn_constructor_kwargs={
+            "model": model.model_dump(),
+            "threads": embed.threads,
+            "columns": ("text",),
+        },
+        batch_format="numpy",
+        **actor_pool(embed),
+    )
+    rows, embeddings = [], []
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        rows.append(batch["row"])
+        embeddings.append(batch["text_embedding"])
+    out = np.zeros((len(texts), embeddings[0].shape[1]), np.float32)
+    out[np.concatenate(rows)] = np.concatenate(embeddings)
+    return out

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from align import io
+from align import io, paths
 from align.errors import UserError
 
 
@@ -38,8 +38,11 @@ class RayConfig(Section):
 
 
 class WorldConfig(Section):
-    """The synthetic aesthetic world (align.world)."""
+    """The synthetic aesthetic world (align.world), made by the make_world job."""
 
+    output: str = Field(
+        paths.WORLD, description="make_world writes the world here (align/paths.py: its files)."
+    )
     seed: int = 0
     num_images: int = Field(6000, ge=1)
     image_size: int = Field(64, ge=16, le=512, description="Rendered side length in pixels.")
@@ -135,12 +138,10 @@ class IndexConfig(Section):
 class IndexCorpusConfig(Section):
     """The index_corpus job: decode, embed, score, write shards, build the index."""
 
-    input: str = Field(
-        "{output_dir}/world/images", description="Path or URI; {output_dir} expands."
-    )
+    input: str = Field(paths.WORLD_IMAGES, description="Path or URI; {output_dir} expands.")
     input_format: Literal["parquet", "folder", "webdataset"] = "parquet"
     output: str = Field(
-        "{output_dir}/index_corpus",
+        paths.INDEX_CORPUS,
         description="Scored shards, index, errors, manifest; one folder per model indexed.",
     )
     id_column: str = "image_id"
@@ -153,9 +154,6 @@ class IndexCorpusConfig(Section):
         "a resumed run skips when done.",
     )
     images_per_unit: int = Field(20_000, ge=1, description="Images per unit for folder input.")
-    max_image_pixels: int = Field(
-        64_000_000, ge=1, description="Decompression-bomb guard: larger images are error rows."
-    )
     max_member_bytes: int = Field(
         64 * 2**20,
         ge=1,
@@ -231,6 +229,7 @@ class RewriteConfig(Section):
     )
     keywords: int = Field(5, ge=1, description="Keywords (k_list) or aspects (kw_dict) added.")
     max_chars: int = Field(400, ge=1, description="Longer completions fall back to the query.")
+    num_cpus: float = Field(0.25, ge=0, description="CPUs of a keywords-backend rewrite task.")
     http: HttpRewriteConfig = HttpRewriteConfig()
     vllm: VllmRewriteConfig = VllmRewriteConfig()
 
@@ -266,12 +265,13 @@ RETRIEVE_WITH = ("rewritten", "original+rewritten", "original")
 class BuildPreferencesConfig(Section):
     """The build_preferences job: rewrite, retrieve, re-rank, pairs."""
 
-    queries: str = Field(
-        "{output_dir}/world/queries.parquet", description="Parquet, JSONL or text (one per line)."
+    output: str = Field(
+        paths.BUILD_PREFERENCES, description="pairs/, candidates/, rewrites/, errors/, manifest."
     )
+    queries: str = Field(paths.WORLD_QUERIES, description="Parquet, JSONL or text (one per line).")
     split: str | None = Field("train", description="Keep rows of this split (if a split column).")
     index_corpus_dir: str = Field(
-        "{output_dir}/index_corpus", description="Output of index_corpus: index and scored shards."
+        paths.INDEX_CORPUS, description="Output of index_corpus: index and scored shards."
     )
     top_k: int = Field(64, ge=1, description="Candidates retrieved per rewritten query.")
     retrieve_with: Literal[RETRIEVE_WITH] = Field(
@@ -358,14 +358,14 @@ class FinetuneConfig(Section):
         description="dpo: L_dpo + contrastive_weight * L_contrastive (alignment); contrastive: "
         "CLIP InfoNCE on image-caption pairs alone (pretraining the demo's base model).",
     )
-    pairs: str = Field("{output_dir}/build_preferences/pairs", description="Pairs shards.")
+    pairs: str = Field(paths.PAIRS, description="Pairs shards.")
     images: str = Field(
-        "{output_dir}/world/images", description="Image shards holding the pairs' image bytes."
+        paths.WORLD_IMAGES, description="Image shards holding the pairs' image bytes."
     )
     captions: str = Field(
-        "{output_dir}/world/images", description="Image-caption shards for the contrastive term."
+        paths.WORLD_IMAGES, description="Image-caption shards for the contrastive term."
     )
-    output: str = Field("{output_dir}/finetune", description="Run storage, export, metrics.")
+    output: str = Field(paths.FINETUNE, description="Run storage, export, metrics.")
     contrastive_weight: float = Field(
         0.5, ge=0, description="lambda of L_dpo + lambda * L_contrastive (0: no caption stream)."
     )
@@ -411,9 +411,9 @@ class FinetuneConfig(Section):
 class TrainScorerConfig(Section):
     """The train_scorer job: the rated_cnn aesthetic scorer, learned from people's ratings."""
 
-    ratings: str = Field("{output_dir}/world/ratings.parquet", description="The ratings contract.")
-    images: str = Field("{output_dir}/world/images", description="Images contract (bytes).")
-    output: str = Field("{output_dir}/aesthetic_scorer", description="model.pt, metrics.json.")
+    ratings: str = Field(paths.WORLD_RATINGS, description="The ratings contract.")
+    images: str = Field(paths.WORLD_IMAGES, description="Images contract (bytes).")
+    output: str = Field(paths.AESTHETIC_SCORER, description="model.pt, metrics.json.")
     image_size: int = Field(32, ge=16, description="Input side; a multiple of 16.")
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(64, ge=2)
@@ -508,6 +508,9 @@ class JudgeConfig(Section):
         0.02, ge=0, description="Rows closer than this in oracle quality are similar."
     )
     image_size: int = Field(224, ge=16, description="Longest side of images sent to an LLM.")
+    batch_size: int = Field(
+        16, ge=1, description="Requests per task that prepares their images (http, vllm)."
+    )
     http: HttpJudgeConfig = HttpJudgeConfig()
     vllm: VllmJudgeConfig = VllmJudgeConfig()
 
@@ -515,36 +518,36 @@ class JudgeConfig(Section):
 class EvaluateConfig(Section):
     """The evaluate job: named systems compared on retrieval, aesthetics, HPIR and a judge."""
 
-    output: str = Field("{output_dir}/evaluate", description="metrics.json, report.html, ...")
+    output: str = Field(paths.EVALUATE, description="metrics.json, report.html, ...")
     systems: dict[str, EvalSystemConfig] = Field(
         default_factory=lambda: {
             "base": EvalSystemConfig(),
             "base+rewrite": EvalSystemConfig(rewrite=True),
-            "aligned": EvalSystemConfig(pretrained="{output_dir}/finetune/model.pt"),
+            "aligned": EvalSystemConfig(pretrained=paths.ALIGNED_MODEL),
         }
     )
-    queries: str = Field("{output_dir}/world/queries.parquet", description="The query set.")
+    queries: str = Field(paths.WORLD_QUERIES, description="The query set.")
     split: str | None = Field("heldout", description="Keep queries of this split.")
     corpus: str = Field(
-        "{output_dir}/world/images",
+        paths.WORLD_IMAGES,
         description="Parquet with image_id and image bytes (the images contract): what systems "
         "without an index_corpus_dir search, and the images the judge and report show.",
     )
     scores: str = Field(
-        "{output_dir}/index_corpus",
+        paths.INDEX_CORPUS,
         description="index_corpus output whose scorers give aesthetic@k (fixed for every system).",
     )
     captions: str | None = Field(
-        "{output_dir}/world/heldout_images",
+        paths.WORLD_HELDOUT_IMAGES,
         description="Held-out image-caption pairs (images contract) for recall@k (None: skip).",
     )
     ground_truth: str | None = Field(
-        "{output_dir}/world/ground_truth.parquet",
+        paths.WORLD_GROUND_TRUTH,
         description="The synthetic world's ground truth: true_aesthetic@k, true_precision@k and "
         "the oracle judge (None for a real corpus).",
     )
     hpir: str | None = Field(
-        "{output_dir}/world/hpir.parquet", description="HPIR file (the hpir contract; None: skip)."
+        paths.WORLD_HPIR, description="HPIR file (the hpir contract; None: skip)."
     )
     k: int = Field(5, ge=1, description="Top-k for aesthetic@k, true_*@k and the judge's rows.")
     recall_ks: tuple[int, ...] = (1, 5, 10)
@@ -567,10 +570,27 @@ class EvaluateConfig(Section):
         return self
 
 
+# Where the pretrain section differs from finetune's defaults (also under a `pretrain:` section
+# of a file that leaves them out).
+PRETRAIN_DEFAULTS = {
+    "objective": "contrastive",
+    "output": paths.PRETRAIN,
+    "max_steps": 300,
+    "captions_per_batch": 128,
+    "optim": {"lr": 1e-3, "warmup_steps": 10},
+}
+
+
 class Config(Section):
     """Root config shared by every job; each job reads the sections it needs."""
 
     output_dir: str = Field("outputs/demo", description="Every job writes under this path or URI.")
+    max_image_pixels: int = Field(
+        64_000_000,
+        ge=1,
+        description="Decompression-bomb guard of every decoder (index_corpus, train_scorer, "
+        "finetune, evaluate and its report): larger images are error rows.",
+    )
     ray: RayConfig = RayConfig()
     world: WorldConfig = WorldConfig()
     model: ModelConfig = ModelConfig()
@@ -580,16 +600,19 @@ class Config(Section):
     train_scorer: TrainScorerConfig = TrainScorerConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     pretrain: FinetuneConfig = Field(
-        default_factory=lambda: FinetuneConfig(
-            objective="contrastive",
-            output="{output_dir}/pretrain",
-            max_steps=300,
-            captions_per_batch=128,
-            optim=OptimConfig(lr=1e-3, warmup_steps=10),
-        ),
+        default_factory=lambda: FinetuneConfig(**PRETRAIN_DEFAULTS),
         description="The pretrain job (and the demo's first training step): CLIP InfoNCE on "
         "image-caption pairs from model.pretrained (None: random init); same keys as finetune.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pretrain_section_defaults(cls, data):
+        # A `pretrain:` section in a file replaces the default section whole, and its keys would
+        # otherwise default to the finetune job's: it would write into finetune's output.
+        if isinstance(data, dict) and isinstance(data.get("pretrain"), dict):
+            data = {**data, "pretrain": {**PRETRAIN_DEFAULTS, **data["pretrain"]}}
+        return data
 
     @model_validator(mode="after")
     def _pretrain_is_contrastive(self):

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from align.config import IndexConfig
+from align.config import IndexConfig, ModelConfig
 from align.errors import InputNotFound
 
 INDEX_FILE = "index.faiss"
@@ -225,3 +225,93 @@ def load_corpus(index_corpus_dir: str):
         table["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float32),
         vectors.astype(np.float16),
     )
+
+
+def check_index(model: ModelConfig, index_corpus_dir: str) -> dict:
+    """The index manifest of an index_corpus output, checked before any work: a missing index,
+    or one built with another model, other weights or another dimension, fails here."""
+    from align import io
+    from align.models import ModelLoadError, check_model, weights_fingerprint
+
+    manifest_path = f"{index_corpus_dir}/index/{INDEX_MANIFEST}"
+    io.require_exists(manifest_path, "index (run index_corpus first)")
+    index_manifest = io.read_json(manifest_path)
+    facts = check_model(model)
+    built_with = index_manifest["model"]["name"]
+    if built_with != model.name or index_manifest["model"].get("pretrained") != model.pretrained:
+        raise ModelLoadError(
+            f"index at {index_corpus_dir} was built with model {built_with!r} "
+            f"(pretrained={index_manifest['model'].get('pretrained')!r}) but the config's model is "
+            f"{model.name!r} (pretrained={model.pretrained!r})"
+        )
+    built_weights = index_manifest.get("weights")
+    if built_weights is not None and built_weights != weights_fingerprint(model):
+        raise ModelLoadError(
+            f"index at {index_corpus_dir} was built with other weights than "
+            f"{model.pretrained} has now ({built_weights} then, "
+            f"{weights_fingerprint(model)} now): the checkpoint was rewritten since; "
+            f"index the corpus again"
+        )
+    if index_manifest["dim"] != facts.embed_dim:
+        raise ModelLoadError(
+            f"index dimension {index_manifest['dim']} does not match the model's {facts.embed_dim}"
+        )
+    return index_manifest
+
+
+def build_index_shard(files: list[str], index_dir: str, shard: int, cfg: IndexConfig) -> dict:
+    """Build and save the index over some scored shards and measure its recall@10 (the body of
+    index_corpus's per-shard Ray task); returns its manifest entry and its ids."""
+    import faiss
+
+    from align import io
+
+    vectors, ids = read_scored_embeddings(files)
+    spec = choose_index(len(vectors), vectors.shape[1], cfg)
+    t0 = time.perf_counter()
+    index = build_index(vectors, spec, seed=cfg.seed)
+    build_s = time.perf_counter() - t0
+    recall = measure_recall(index, vectors, cfg.recall_queries, k=10, seed=cfg.seed)
+    name = SHARD_FILE.format(shard)
+    io.write_bytes(f"{index_dir}/{name}", faiss.serialize_index(index).tobytes())
+    return {
+        "file": name,
+        "count": len(vectors),
+        "spec": spec.to_dict(),
+        "build_s": round(build_s, 3),
+        "recall": recall,
+        "ids": ids,
+    }
+
+
+def write_id_map_and_manifest(index_dir: str, shards: list[dict], model: ModelConfig) -> dict:
+    """After every shard is built (`build_index_shard`, in order): the global id map (row ->
+    image id, aesthetic) and `_index.json`, which names the model and its weights."""
+    import pyarrow as pa
+
+    from align import io
+    from align.models import weights_fingerprint
+
+    offset, id_tables = 0, []
+    for shard in shards:
+        shard["offset"] = offset
+        ids = shard.pop("ids")
+        rows = pa.array(np.arange(offset, offset + ids.num_rows), pa.int64())
+        id_tables.append(
+            pa.table({"row": rows, "image_id": ids["image_id"], "aesthetic": ids["aesthetic"]})
+        )
+        offset += ids.num_rows
+    io.write_parquet(pa.concat_tables(id_tables), f"{index_dir}/id_map.parquet")
+    index_manifest = {
+        "model": model.model_dump(),
+        # The weights themselves (a checkpoint rewritten at the same path is another model).
+        "weights": weights_fingerprint(model),
+        "dim": shards[0]["spec"]["dim"],
+        "count": offset,
+        "spec": shards[0]["spec"],
+        "shards": shards,
+        "recall_at_10": float(np.mean([s["recall"]["recall_at_k"] for s in shards])),
+        "metric": "inner product on L2-normalised embeddings (cosine)",
+    }
+    io.write_json(f"{index_dir}/{INDEX_MANIFEST}", index_manifest)
+    return index_manifest

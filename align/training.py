@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -107,46 +109,56 @@ def step_losses(
         weight = 1.0 if cfg.objective == "contrastive" else cfg.contrastive_weight
         total = total + weight * contrastive
     if p:
-        query = text_features[:p].float()
-        policy_chosen = (query * image_features[:p].float()).sum(-1)
-        policy_rejected = (query * image_features[p : 2 * p].float()).sum(-1)
-        ref_chosen, ref_rejected = inputs.chosen_ref, inputs.rejected_ref
-        if reference_model is not None:
-            with torch.no_grad():
-                r_img, r_txt, _ = clip_forward(
-                    reference_model,
-                    torch.cat([inputs.chosen_images, inputs.rejected_images]),
-                    inputs.queries,
-                )
-            ref_chosen = (r_txt.float() * r_img[:p].float()).sum(-1)
-            ref_rejected = (r_txt.float() * r_img[p:].float()).sum(-1)
-            if inputs.chosen_ref is not None:
-                # How far the stored similarities are from the reference model's own: ~1e-3
-                # (float16 index embeddings) when the pairs were made by this model.
-                gap = torch.cat(
-                    [ref_chosen - inputs.chosen_ref, ref_rejected - inputs.rejected_ref]
-                )
-                metrics["ref_sim_gap"] = gap.abs().mean().detach()
-        temperature = (
-            1.0 / logit_scale.detach().float()
-            if cfg.dpo.temperature == "logit_scale"
-            else cfg.dpo.temperature
-        )
-        dpo, dpo_metrics = retrieval_dpo_loss(
-            policy_chosen,
-            policy_rejected,
-            ref_chosen.float(),
-            ref_rejected.float(),
-            beta=cfg.dpo.beta,
-            temperature=temperature,
-            label_smoothing=cfg.dpo.label_smoothing,
-            ipo=cfg.dpo.ipo,
-        )
-        metrics["dpo_loss"] = dpo.detach()
+        dpo, dpo_metrics = _dpo_term(inputs, cfg, image_features, text_features, logit_scale,
+                                     reference_model)  # fmt: skip
         metrics.update(dpo_metrics)
         total = total + dpo
     metrics["loss"] = total.detach()
     return total, metrics
+
+
+def _dpo_term(inputs: StepInputs, cfg: FinetuneConfig, image_features, text_features,
+              logit_scale, reference_model):  # fmt: skip
+    """Retrieval DPO over the step's pairs: policy similarities from this forward, reference
+    similarities stored with the pairs or recomputed by the frozen reference model."""
+    p = inputs.num_pairs
+    metrics = {}
+    query = text_features[:p].float()
+    policy_chosen = (query * image_features[:p].float()).sum(-1)
+    policy_rejected = (query * image_features[p : 2 * p].float()).sum(-1)
+    ref_chosen, ref_rejected = inputs.chosen_ref, inputs.rejected_ref
+    if reference_model is not None:
+        with torch.no_grad():
+            r_img, r_txt, _ = clip_forward(
+                reference_model,
+                torch.cat([inputs.chosen_images, inputs.rejected_images]),
+                inputs.queries,
+            )
+        ref_chosen = (r_txt.float() * r_img[:p].float()).sum(-1)
+        ref_rejected = (r_txt.float() * r_img[p:].float()).sum(-1)
+        if inputs.chosen_ref is not None:
+            # How far the stored similarities are from the reference model's own: ~1e-3
+            # (float16 index embeddings) when the pairs were made by this model.
+            gap = torch.cat([ref_chosen - inputs.chosen_ref, ref_rejected - inputs.rejected_ref])
+            metrics["ref_sim_gap"] = gap.abs().mean().detach()
+    temperature = (
+        1.0 / logit_scale.detach().float()
+        if cfg.dpo.temperature == "logit_scale"
+        else cfg.dpo.temperature
+    )
+    dpo, dpo_metrics = retrieval_dpo_loss(
+        policy_chosen,
+        policy_rejected,
+        ref_chosen.float(),
+        ref_rejected.float(),
+        beta=cfg.dpo.beta,
+        temperature=temperature,
+        label_smoothing=cfg.dpo.label_smoothing,
+        ipo=cfg.dpo.ipo,
+    )
+    metrics["dpo_loss"] = dpo.detach()
+    metrics.update(dpo_metrics)
+    return dpo, metrics
 
 
 def lr_multiplier(step: int, optim: OptimConfig, max_steps: int) -> float:
@@ -214,3 +226,37 @@ def plot_metrics(records: list[dict], title: str) -> bytes:
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def throughput(records: list[dict], warmup: int = 2) -> dict:
+    """Median pairs/s and captions/s over the steps after the first `warmup` (compilation,
+    stream start-up)."""
+    timed = [r for r in records[warmup:] if r.get("time_s")] or records
+    if not timed:
+        return {}
+    step_s = statistics.median(r["time_s"] for r in timed)
+    return {
+        "step_s": round(step_s, 4),
+        "pairs_per_s": round(timed[-1]["pairs"] / step_s, 2),
+        "captions_per_s": round(timed[-1]["captions"] / step_s, 2),
+    }
+
+
+def endless_batches(shard, batch_size: int, shuffle_buffer: int, seed: int) -> Iterator[dict]:
+    """Full batches from a Ray Data shard, epoch after epoch (each epoch re-runs the stream).
+    Every worker's shard holds the same number of rows, so the workers step in lockstep."""
+    epoch = 0
+    while True:
+        produced = 0
+        for batch in shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=shuffle_buffer or None,
+            local_shuffle_seed=seed + epoch if shuffle_buffer else None,
+        ):
+            produced += 1
+            yield batch
+        if not produced:
+            raise RuntimeError(f"a data shard produced no full batch of {batch_size} rows")
+        epoch += 1

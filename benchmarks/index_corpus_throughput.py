@@ -27,7 +27,7 @@ def bare_loop(images_dir: str, model_name: str, batch_size: int) -> tuple[int, f
     import torch
 
     from align.aesthetics import lowlevel_score
-    from align.config import ModelConfig
+    from align.config import Config, ModelConfig
     from align.images import decode_image
     from align.models import build_clip
 
@@ -42,7 +42,7 @@ def bare_loop(images_dir: str, model_name: str, batch_size: int) -> tuple[int, f
         for start in range(0, len(data), batch_size):
             pixels = np.stack(
                 [
-                    decode_image(b, clip.image_size, 64_000_000)
+                    decode_image(b, clip.image_size, Config().max_image_pixels)
                     for b in data[start : start + batch_size]
                 ]
             )

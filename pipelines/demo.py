@@ -17,11 +17,11 @@ import sys
 
 import numpy as np
 
-from align import io
+from align import io, paths
+from align.cli import run_job
 from align.config import Config, ScorerConfig
 from align.log import get_logger
 from pipelines.build_preferences import build_preferences
-from pipelines.common import run_job
 from pipelines.evaluate import evaluate
 from pipelines.finetune import finetune
 from pipelines.index_corpus import index_corpus
@@ -30,11 +30,10 @@ from pipelines.pretrain import pretrain
 from pipelines.train_scorer import train_scorer
 
 log = get_logger("demo")
-ALIGNED_INDEX = "{output_dir}/index_corpus_aligned"
 
 
 def summarise_world(config: Config) -> str:
-    gt = io.read_parquet(f"{world_dir(config)}/ground_truth.parquet")
+    gt = io.read_parquet(f"{world_dir(config)}/{paths.GROUND_TRUTH}")
     true = gt["true_aesthetic"].to_numpy()
     corr_low = np.corrcoef(true, gt["low_level"].to_numpy())[0, 1]
     corr_high = np.corrcoef(true, gt["high_level"].to_numpy())[0, 1]
@@ -115,7 +114,7 @@ def demo(config: Config) -> None:
         update={
             "model": config.model.model_copy(update={"pretrained": manifest["export"]}),
             "index_corpus": config.index_corpus.model_copy(
-                update={"output": ALIGNED_INDEX, "scorers": scorers}
+                update={"output": paths.INDEX_CORPUS_ALIGNED, "scorers": scorers}
             ),
         }
     )

@@ -14,39 +14,19 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
 
 import numpy as np
 
+from align import paths
 from align.config import Config
 from align.images import pixels_to_tensor
-from align.training import STEP_METRICS, StepInputs
+from align.training import STEP_METRICS, StepInputs, endless_batches
 
 STATE_FILE = "trainer_state.json"
 DDP_FILE = "ddp_state.pt"
 ENGINE_TAG = "engine"
 SUMMARY_FILE = "train_summary.json"
-
-
-def endless_batches(shard, batch_size: int, shuffle_buffer: int, seed: int) -> Iterator[dict]:
-    """Full batches from a Ray Data shard, epoch after epoch (each epoch re-runs the stream).
-    Every worker's shard holds the same number of rows, so the workers step in lockstep."""
-    epoch = 0
-    while True:
-        produced = 0
-        for batch in shard.iter_batches(
-            batch_size=batch_size,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=shuffle_buffer or None,
-            local_shuffle_seed=seed + epoch if shuffle_buffer else None,
-        ):
-            produced += 1
-            yield batch
-        if not produced:
-            raise RuntimeError(f"a data shard produced no full batch of {batch_size} rows")
-        epoch += 1
 
 
 class Trainer:
@@ -239,7 +219,7 @@ class Trainer:
                 gather = deepspeed.zero.GatheredParameters(list(self.module.parameters()))
             with gather:
                 if self.rank == 0:
-                    export_checkpoint(self.module, f"{out}/model.pt")
+                    export_checkpoint(self.module, f"{out}/{paths.MODEL_FILE}")
         if self.rank == 0:
             io.write_bytes(f"{out}/metrics.jsonl", metrics_jsonl(self.records))
             io.write_json(f"{out}/{SUMMARY_FILE}", {**self._summary(), "stopped": stopped})
@@ -283,38 +263,13 @@ class Trainer:
             averaged, all_finite = self._all_reduce_metrics(metrics, bool(torch.isfinite(loss)))
             if all_finite:
                 self.state["bad_in_a_row"] = 0
-                if self.engine is not None:
-                    self.engine.backward(loss)
-                    with torch.no_grad():  # DeepSpeed's gloo all-gather fails under autograd
-                        self.engine.step()
-                else:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.optim.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(
-                            self.module.parameters(), cfg.optim.grad_clip
-                        )
-                    self.optimizer.step()
-                    self.scheduler.step()
+                self._update(loss)
             else:
                 # Skip the step on every worker: no backward, no update.
                 self.state["skipped_steps"] += 1
                 self.state["bad_in_a_row"] += 1
             self.state["step"] = step + 1
-            self.records.append(
-                {
-                    "step": step + 1,
-                    **averaged,
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "skipped": not all_finite,
-                    "pairs": inputs.num_pairs * self.world,
-                    "captions": inputs.num_captions * self.world,
-                    "time_s": time.perf_counter() - started,
-                    "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20
-                    if self.use_gpu
-                    else None,
-                }
-            )
+            self._record(averaged, all_finite, inputs, started)
             progress.update(1)
             if self.state["bad_in_a_row"] >= cfg.max_bad_steps:
                 self.finish(
@@ -330,6 +285,39 @@ class Trainer:
                 self.save(self._summary())
         progress.close()
         self.finish()
+
+    def _update(self, loss) -> None:
+        """Backward and optimiser step: DeepSpeed's engine, or DDP with optional clipping."""
+        import torch
+
+        if self.engine is not None:
+            self.engine.backward(loss)
+            with torch.no_grad():  # DeepSpeed's gloo all-gather fails under autograd
+                self.engine.step()
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def _record(self, averaged: dict, finite: bool, inputs: StepInputs, started: float) -> None:
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() / 2**20 if self.use_gpu else None
+        self.records.append(
+            {
+                "step": self.state["step"],
+                **averaged,
+                "lr": self.scheduler.get_last_lr()[0],
+                "skipped": not finite,
+                "pairs": inputs.num_pairs * self.world,
+                "captions": inputs.num_captions * self.world,
+                "time_s": time.perf_counter() - started,
+                "peak_gpu_mb": peak,
+            }
+        )
 
     def _forward(self, inputs: StepInputs):
         import torch

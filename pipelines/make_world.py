@@ -17,18 +17,18 @@ import sys
 
 import pyarrow as pa
 
-from align import io, world
+from align import io, paths, world
+from align.cli import run_job
 from align.config import Config, WorldConfig
 from align.log import get_logger
 from align.manifest import JobManifest
 from align.runtime import init_ray
-from pipelines.common import run_job
 
 log = get_logger("make_world")
 
 
 def world_dir(config: Config) -> str:
-    return config.path("world")
+    return config.expand(config.world.output)
 
 
 def _render_and_write(cfg: WorldConfig, shard: int, images_dir: str, heldout: bool) -> pa.Table:
@@ -46,7 +46,10 @@ def make_world(config: Config) -> dict:
     init_ray(config.ray)
     render = ray.remote(num_cpus=1)(_render_and_write)
     refs = {}
-    for heldout, images_dir in ((False, f"{out}/images"), (True, f"{out}/heldout_images")):
+    for heldout, images_dir in (
+        (False, f"{out}/{paths.IMAGES}"),
+        (True, f"{out}/{paths.HELDOUT_IMAGES}"),
+    ):
         n_shards = world.num_shards(config.world, heldout)
         # A re-run with fewer images must not leave shards of the old run behind.
         io.delete_files_except(
@@ -64,13 +67,13 @@ def make_world(config: Config) -> dict:
         ground_truth = pa.concat_tables(ray.get(refs[False]))
         ray.get(refs[True])
     with manifest.stage("write"):
-        io.write_parquet(ground_truth, f"{out}/ground_truth.parquet")
+        io.write_parquet(ground_truth, f"{out}/{paths.GROUND_TRUTH}")
         queries = world.make_queries(config.world)
-        io.write_parquet(queries, f"{out}/queries.parquet")
+        io.write_parquet(queries, f"{out}/{paths.QUERIES}")
         hpir = world.make_hpir(config.world, ground_truth, queries)
-        io.write_parquet(hpir, f"{out}/hpir.parquet")
+        io.write_parquet(hpir, f"{out}/{paths.HPIR}")
         ratings = world.make_ratings(config.world, ground_truth)
-        io.write_parquet(ratings, f"{out}/ratings.parquet")
+        io.write_parquet(ratings, f"{out}/{paths.RATINGS}")
     splits = queries.column("split").to_pylist()
     manifest.extra["world"] = {
         "shards": len(refs[False]),

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 
+from align.cli import run_job
 from align.config import Config
-from pipelines.common import run_job
 from pipelines.finetune import finetune
 
 

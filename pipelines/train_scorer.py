@@ -22,14 +22,15 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from align import aesthetics, io
+from align import aesthetics, io, paths
+from align.cli import run_job
 from align.config import Config, TrainScorerConfig
 from align.contracts import ERRORS, RATINGS, conform, require_columns
 from align.errors import InputNotFound
 from align.log import get_logger
 from align.manifest import JobManifest, empty_output_dir
 from align.runtime import init_ray
-from pipelines.common import collect_ok_rows, run_job, task_pool
+from align.stages import collect_ok_rows, task_pool
 
 log = get_logger("train_scorer")
 
@@ -57,7 +58,7 @@ def decode_rated(config: Config, ratings: pa.Table) -> tuple[np.ndarray, np.ndar
     blocks = [images.slice(i, step) for i in range(0, images.num_rows, step)] or [images]
     ds = ray.data.from_arrow(blocks).map_batches(
         decode_batch,
-        fn_kwargs={"image_size": ts.image_size, "max_pixels": 64_000_000},
+        fn_kwargs={"image_size": ts.image_size, "max_pixels": config.max_image_pixels},
         **task_pool(ts.decode),
     )
     decoded, decode_errors = collect_ok_rows(ds, ["image_id", "pixels"], "decode")
@@ -152,7 +153,7 @@ def train_scorer(config: Config) -> dict:
         result = ray.get(task.remote(pixels, rating, ts))
     net = aesthetics.rated_cnn(ts.image_size)
     net.load_state_dict(result["state_dict"])
-    aesthetics.save_rated_cnn(net, ts.image_size, f"{out}/model.pt")
+    aesthetics.save_rated_cnn(net, ts.image_size, f"{out}/{paths.MODEL_FILE}")
     metrics = {**result["metrics"], "seconds": time.perf_counter() - t0}
     io.write_json(f"{out}/metrics.json", metrics)
     empty_output_dir(f"{out}/errors", "train_scorer")
@@ -160,7 +161,7 @@ def train_scorer(config: Config) -> dict:
         io.write_parquet(
             conform(pa.Table.from_pylist(errors), ERRORS), f"{out}/errors/part-0.parquet"
         )
-    manifest.extra.update({"export": f"{out}/model.pt", "metrics": metrics})
+    manifest.extra.update({"export": f"{out}/{paths.MODEL_FILE}", "metrics": metrics})
     log.info(
         "rated_cnn: validation Pearson %.3f, Spearman %.3f on %d held-out ratings",
         metrics["validation_pearson"],

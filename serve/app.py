@@ -62,26 +62,39 @@ def load_serve_config(path: str) -> dict:
 
 
 def deploy(config: dict, host: str | None = None, port: int | None = None, timeout_s=300) -> str:
-    """Deploy a Serve config on the connected Ray cluster as `serve run CONFIG` does; returns the
-    HTTP base URL once every application is RUNNING.
+    """Deploy a Serve config on the connected Ray cluster with Serve's own command line (`serve
+    run --non-blocking CONFIG` against this cluster: public API only, Serve applies the
+    deployments' options itself); returns the HTTP base URL once every application is RUNNING.
 
     Raises:
-        RuntimeError: an application failed to deploy (the message is Serve's, e.g. a
-            ServeConfigError from `build_app`), or it was not running within timeout_s.
+        RuntimeError: `serve run` refused the config, an application failed to deploy (the
+            message is Serve's, e.g. a ServeConfigError from `build_app`), or it was not running
+            within timeout_s.
     """
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import ray
     from ray import serve
-    from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(config)
+    schema = ServeDeploySchema.model_validate(config)  # a malformed config fails here, clearly
     http = schema.http_options.model_dump(exclude_unset=True)
     http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
-    client = serve_start(
-        http_options=http,
-        proxy_location=schema.proxy_location,
-        global_logging_config=schema.logging_config,
-    )
-    client.deploy_apps(schema)
+    config = {**config, "http_options": http}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="serve-") as f:
+        json.dump(config, f)  # JSON is YAML
+        f.flush()
+        command = [
+            str(Path(sys.executable).with_name("serve")), "run", "--non-blocking",
+            "--address", ray.get_runtime_context().gcs_address, f.name,
+        ]  # fmt: skip
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"serve run failed: {(proc.stderr or proc.stdout)[-2000:]}")
     names = [app.name for app in schema.applications]
     deadline = time.monotonic() + timeout_s
     while True:

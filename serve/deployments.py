@@ -185,7 +185,7 @@ class QueryRewriter:
     async def _ask_llm(self, query: str) -> dict:
         import aiohttp
 
-        from actors.llm import RETRYABLE_STATUS, backoff_s, chat_content, network_error
+        from actors.llm import chat_completion
         from actors.rewrite import checked_completion, rewrite_messages
 
         http = self.cfg.method.http
@@ -199,27 +199,9 @@ class QueryRewriter:
             "max_tokens": http.max_tokens,
             "temperature": http.temperature,
         }
-        text, error = None, None
-        for attempt in range(http.max_retries + 1):
-            if attempt:
-                await asyncio.sleep(backoff_s(attempt, self.cfg.retry_wait_s))
-            try:
-                async with self.session.post(http.url, json=body, headers=self.headers) as r:
-                    if r.status == 200:
-                        # content_type=None: read JSON whatever the header says; HTML or a
-                        # list or a non-string content all end as "no usable completion".
-                        text, error = chat_content(await r.json(content_type=None)), None
-                        if text is None:
-                            error = "the endpoint's answer has no text completion"
-                        break
-                    error = f"HTTP {r.status}"
-                    if r.status not in RETRYABLE_STATUS:
-                        break  # 400/401/403...: the same request would be refused again
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                error = network_error(e)
-            except ValueError:  # not JSON (an HTML error page, a proxy's banner)
-                error, text = "the endpoint's answer is not JSON", None
-                break
+        text, error = await chat_completion(
+            self.session, http.url, body, self.headers, http.max_retries, self.cfg.retry_wait_s
+        )
         rewritten, fallback = checked_completion(query, text, error, self.cfg.method.max_chars)
         return {"rewritten": rewritten, "fallback": fallback}
 

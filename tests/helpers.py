@@ -160,3 +160,37 @@ class HeadlessChromium:
         data = base64.b64decode((await self.send("Page.captureScreenshot", format="png"))["data"])
         path.write_bytes(data)
         return data
+
+
+class ScriptedEndpoint:
+    """An OpenAI-compatible endpoint on loopback that answers each call from a script."""
+
+    def __init__(self, answers: list[tuple[int, str, bytes]]):
+        import http.server
+        import threading
+
+        self.answers, self.calls = list(answers), []
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                endpoint.calls.append(dict(self.headers))
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                status, kind, body = endpoint.answers[
+                    min(len(endpoint.calls), len(endpoint.answers)) - 1
+                ]
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/chat/completions"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()

@@ -83,7 +83,7 @@ def test_folder_with_bad_files_accounts_for_every_row(ray_session, bad_corpus, t
             f"index_corpus.input={bad_corpus}",
             "index_corpus.input_format=folder",
             "index_corpus.images_per_unit=4",
-            "index_corpus.max_image_pixels=4000000",
+            "max_image_pixels=4000000",
             "index_corpus.index.type=hnsw",
             *SMALL,
         ],

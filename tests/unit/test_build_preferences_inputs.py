@@ -8,7 +8,7 @@ import pytest
 
 from actors.rewrite import checked_completion
 from align.contracts import ContractError
-from pipelines.build_preferences import check_queries, read_queries
+from align.queries import check_queries, read_queries
 
 
 def test_text_file_one_query_per_line_with_an_undecodable_line(tmp_path):
@@ -97,8 +97,8 @@ def test_an_index_built_before_its_checkpoint_was_rewritten_is_refused(tmp_path)
     import torch
 
     from align.config import ModelConfig, load_config
+    from align.index import check_index
     from align.models import ModelLoadError, build_clip, weights_fingerprint
-    from pipelines.build_preferences import check_index
 
     ckpt = tmp_path / "model.pt"
     torch.save(build_clip(ModelConfig(name="micro-clip")).model.state_dict(), ckpt)
@@ -110,7 +110,7 @@ def test_an_index_built_before_its_checkpoint_was_rewritten_is_refused(tmp_path)
         "weights": weights_fingerprint(config.model),
     }
     (tmp_path / "index" / "_index.json").write_text(json.dumps(manifest))
-    check_index(config, str(tmp_path))  # the weights it was built with: fine
+    check_index(config.model, str(tmp_path))  # the weights it was built with: fine
     os.utime(ckpt, ns=(1, 1))  # a retrained model.pt at the same path
     with pytest.raises(ModelLoadError, match="checkpoint was rewritten since"):
-        check_index(config, str(tmp_path))
+        check_index(config.model, str(tmp_path))

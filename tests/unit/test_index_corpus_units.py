@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 
 from align import io
 from align.config import load_config
-from pipelines.index_corpus import DONE_MARKER, unit_done, unit_inputs
+from align.resume import DONE_MARKER, unit_done, unit_inputs
 
 
 def test_unit_is_redone_when_the_weights_or_the_input_change(tmp_path):
@@ -34,7 +34,7 @@ def test_parquet_image_columns_are_read_or_refused_before_work(tmp_path):
 
     from align.config import IndexCorpusConfig
     from align.contracts import ContractError
-    from pipelines.index_corpus import _struct_bytes, parquet_image_layout
+    from align.sources import parquet_image_layout, struct_bytes
 
     ic = IndexCorpusConfig()
     binary = tmp_path / "binary.parquet"
@@ -53,7 +53,7 @@ def test_parquet_image_columns_are_read_or_refused_before_work(tmp_path):
     )
     pq.write_table(hf, tmp_path / "hf.parquet")
     assert parquet_image_layout(ic, [str(tmp_path / "hf.parquet")]) == "struct"
-    assert _struct_bytes(hf, "image")["image"].to_pylist() == [b"\xff\xd8"]
+    assert struct_bytes(hf, "image")["image"].to_pylist() == [b"\xff\xd8"]
 
     ints = tmp_path / "ints.parquet"
     pq.write_table(pa.table({"image_id": ["a"], "image": [7]}), ints)
@@ -85,7 +85,7 @@ def _tar(path, members: dict, mode="w"):
 
 
 def test_webdataset_tars_stream_with_bombs_and_cuts_as_error_rows(tmp_path):
-    from pipelines.index_corpus import tar_samples
+    from align.sources import tar_samples
 
     members = {
         "000000001.jpg": b"\xff\xd8one",

@@ -11,12 +11,11 @@ import pyarrow.fs as pafs
 import pytest
 
 from align import io
+from align.cli import run_job
 from align.config import Config, ConfigError
 from align.contracts import ContractError
 from align.errors import InputNotFound, OutputWriteError, UserError
 from align.manifest import MANIFEST_NAME, JobManifest
-from pipelines.__main__ import JOBS
-from pipelines.common import run_job
 from tests.helpers import REPO
 
 
@@ -58,7 +57,7 @@ def test_a_library_error_exits_1_with_traceback_naming_the_file(tmp_path):
     """Through the real command line: exit 1 and the traceback names the missing file."""
     code = (
         "import sys, pyarrow.fs as f\n"
-        "from pipelines.common import run_job\n"
+        "from align.cli import run_job\n"
         "body = lambda c: f.LocalFileSystem().open_input_stream('/nonexistent/model.pt')\n"
         f"sys.exit(run_job('unit', body, ['--config', {str(REPO / 'configs/demo.yaml')!r}]))\n"
     )
@@ -91,24 +90,6 @@ def test_a_bad_config_file_is_one_line(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "max_stepz" in err
 
 
-@pytest.mark.parametrize("job", JOBS)
-def test_every_job_runs_through_the_console_entry_point(job):
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipelines", job, "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"pipelines.{job}" in proc.stdout and "--config" in proc.stdout
-
-
-def test_every_job_module_is_in_the_console_entry_point():
-    jobs = {p.stem for p in (REPO / "pipelines").glob("*.py") if "def main(" in p.read_text()}
-    assert jobs - {"__main__"} == set(JOBS)
-
-
 def test_a_starting_job_removes_the_stale_manifest(tmp_path):
     stale = tmp_path / MANIFEST_NAME
     stale.write_text(json.dumps({"job": "finetune", "counts": {}}))
@@ -116,24 +97,6 @@ def test_a_starting_job_removes_the_stale_manifest(tmp_path):
     assert not stale.exists()
     manifest.write(str(tmp_path), rows_in=1, rows_out=1, rows_error=0)
     assert json.loads(stale.read_text())["job"] == "finetune"
-
-
-def test_a_failed_job_leaves_no_manifest(tmp_path):
-    """finetune fails on its missing pairs after it has started: the old manifest is gone."""
-    from pipelines.finetune import main
-
-    out = tmp_path / "finetune"
-    out.mkdir()
-    (out / MANIFEST_NAME).write_text("{}")
-    code = main(
-        [
-            "--config",
-            str(REPO / "configs" / "demo.yaml"),
-            f"output_dir={tmp_path}",
-            "model.pretrained=null",
-        ]
-    )
-    assert code == 2 and not (out / MANIFEST_NAME).exists()
 
 
 def test_writers_use_their_own_temporary_names(tmp_path):

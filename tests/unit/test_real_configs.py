@@ -36,8 +36,8 @@ def test_config_builds_its_object_graph_without_downloads(path, overrides):
     from ray.train import ScalingConfig
 
     from actors.llm import vllm_processor_config
+    from align.stages import actor_pool, task_pool
     from align.training import deepspeed_config
-    from pipelines.common import actor_pool, task_pool
 
     config = load_config(path, overrides)
     if config.model.pretrained and "{output_dir}" in config.model.pretrained:

@@ -12,6 +12,7 @@ from align.config import ConfigError, FinetuneConfig, ModelConfig, OptimConfig, 
 from align.images import pixels_to_tensor
 from align.losses import clip_contrastive_loss
 from align.models import build_clip
+from align.pair_checks import pair_errors, usable_pairs
 from align.training import (
     StepInputs,
     clip_forward,
@@ -21,7 +22,6 @@ from align.training import (
     read_metrics_jsonl,
     step_losses,
 )
-from pipelines.finetune import pair_errors, usable_pairs
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_pretrain_section_must_stay_contrastive():
 
 
 def test_a_second_run_resumes_only_when_its_inputs_are_unchanged(tmp_path):
-    from pipelines.finetune import start_over_if_inputs_changed
+    from align.resume import start_over_if_inputs_changed
 
     ckpt = tmp_path / "base.pt"
     ckpt.write_bytes(b"weights v1")

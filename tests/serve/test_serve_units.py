@@ -26,6 +26,7 @@ from serve.search import (
     content_type,
     parse_search_request,
 )
+from tests.helpers import REPO, ScriptedEndpoint
 
 LIMITS = SearchLimits(models=("aligned", "base"), default_model="aligned", rewrite_available=True)
 
@@ -322,40 +323,6 @@ def test_nan_scores_answer_null_and_host_names_parse():
     assert "'sha256-" in csp and "https://cdn.example.com" in csp and "'unsafe-eval'" not in csp
 
 
-class _Endpoint:
-    """An OpenAI-compatible endpoint on loopback that answers each call from a script."""
-
-    def __init__(self, answers: list[tuple[int, str, bytes]]):
-        import http.server
-        import threading
-
-        self.answers, self.calls = list(answers), []
-        endpoint = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                endpoint.calls.append(dict(self.headers))
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status, kind, body = endpoint.answers[
-                    min(len(endpoint.calls), len(endpoint.answers)) - 1
-                ]
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/chat/completions"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-
-
 def _rewriter(url: str, **http):
     from serve.deployments import QueryRewriter
 
@@ -395,7 +362,7 @@ def _ok(content) -> tuple[int, str, bytes]:
 def test_unusable_endpoint_answers_fall_back_to_the_query(answer):
     import asyncio
 
-    endpoint = _Endpoint([answer])
+    endpoint = ScriptedEndpoint([answer])
     try:
         result = asyncio.run(_rewriter(endpoint.url).rewrite("a red star"))
     finally:
@@ -407,8 +374,8 @@ def test_unusable_endpoint_answers_fall_back_to_the_query(answer):
 def test_retries_back_off_skip_refusals_and_never_name_the_host():
     import asyncio
 
-    refused = _Endpoint([(401, "application/json", b'{"error": "bad key"}')])
-    flaky = _Endpoint(
+    refused = ScriptedEndpoint([(401, "application/json", b'{"error": "bad key"}')])
+    flaky = ScriptedEndpoint(
         [(503, "text/plain", b"busy"), (503, "text/plain", b"busy"), _ok("a lovely red star")]
     )
     try:
@@ -453,3 +420,21 @@ def test_api_keys_go_only_where_the_config_says(monkeypatch):
 def test_rewriters_that_cannot_work_are_refused_naming_the_key(method, message):
     with pytest.raises(ServeConfigError, match=f"rewriter.method.*{message}"):
         parse_args(_args(rewriter={"method": method}))
+
+
+SERVE_CONFIGS = [
+    p for p in sorted((REPO / "configs").glob("*.yaml")) if "\napplications:" in p.read_text()
+]
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=[p.name for p in SERVE_CONFIGS])
+def test_every_serve_yaml_in_configs_validates(path):
+    """Serve configs (`applications:`) against Serve's own schema, and each application's args
+    against the search app's."""
+    from serve.app import load_serve_config
+
+    text = path.read_text()
+    assert text.startswith("#") and "serve run configs/" in text.split("\n\n")[0]
+    for app in load_serve_config(path)["applications"]:
+        assert app["import_path"] == "serve.app:build_app"
+        parse_args(app["args"])

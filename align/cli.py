@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from align.config import Config, PoolConfig, load_config
+from align.config import Config, load_config
 from align.errors import UserError
 
 
@@ -52,45 +52,3 @@ def run_job(job: str, body: Callable[[Config], object], argv: list[str] | None =
         print(f"{job}: error: {message}", file=sys.stderr)
         return 2
     return 0
-
-
-def actor_pool(stage: PoolConfig) -> dict:
-    """map_batches arguments for an actor-pool stage, from its config."""
-    import ray.data
-
-    return {
-        "batch_size": stage.batch_size,
-        "compute": ray.data.ActorPoolStrategy(size=stage.concurrency),
-        "num_cpus": stage.num_cpus,
-        "num_gpus": stage.num_gpus,
-    }
-
-
-def task_pool(stage: PoolConfig) -> dict:
-    """map_batches arguments for a task stage (CPU only), from its config."""
-    import ray.data
-
-    return {
-        "batch_size": stage.batch_size,
-        "compute": ray.data.TaskPoolStrategy(size=stage.concurrency),
-        "num_cpus": stage.num_cpus,
-    }
-
-
-def collect_ok_rows(ds, keep: list[str], stage: str) -> tuple[dict, list[dict]]:
-    """Bring a Dataset with `image_id`, `status` and `error` to the driver: the `keep` columns of
-    its ok rows, concatenated (None when there are none), and an error row for every other row."""
-    import numpy as np
-
-    parts: dict[str, list] = {c: [] for c in keep}
-    errors: list[dict] = []
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        ok = batch["status"] == "ok"
-        for c in keep:
-            parts[c].append(batch[c][ok])
-        errors += [
-            {"row_id": str(i), "stage": stage, "error": str(e)}
-            for i, e in zip(batch["image_id"][~ok], batch["error"][~ok], strict=True)
-        ]
-    empty = not any(len(x) for x in parts[keep[0]])
-    return {c: None if empty else np.concatenate(v) for c, v in parts.items()}, errors

@@ -1,0 +1,66 @@
+"""Ray Data plumbing every job shares: map_batches arguments from a stage's config, and the
+ok rows and error rows of a stage brought back to the driver."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from align import io
+from align.config import PoolConfig
+
+
+def actor_pool(stage: PoolConfig) -> dict:
+    """map_batches arguments for an actor-pool stage, from its config."""
+    import ray.data
+
+    return {
+        "batch_size": stage.batch_size,
+        "compute": ray.data.ActorPoolStrategy(size=stage.concurrency),
+        "num_cpus": stage.num_cpus,
+        "num_gpus": stage.num_gpus,
+    }
+
+
+def task_pool(stage: PoolConfig) -> dict:
+    """map_batches arguments for a task stage (CPU only), from its config."""
+    import ray.data
+
+    return {
+        "batch_size": stage.batch_size,
+        "compute": ray.data.TaskPoolStrategy(size=stage.concurrency),
+        "num_cpus": stage.num_cpus,
+    }
+
+
+def collect_ok_rows(ds, keep: list[str], stage: str) -> tuple[dict, list[dict]]:
+    """Bring a Dataset with `image_id`, `status` and `error` to the driver: the `keep` columns of
+    its ok rows, concatenated (None when there are none), and an error row for every other row."""
+    import numpy as np
+
+    parts: dict[str, list] = {c: [] for c in keep}
+    errors: list[dict] = []
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        ok = batch["status"] == "ok"
+        for c in keep:
+            parts[c].append(batch[c][ok])
+        errors += [
+            {"row_id": str(i), "stage": stage, "error": str(e)}
+            for i, e in zip(batch["image_id"][~ok], batch["error"][~ok], strict=True)
+        ]
+    empty = not any(len(x) for x in parts[keep[0]])
+    return {c: None if empty else np.concatenate(v) for c, v in parts.items()}, errors
+
+
+def parquet_files_stream(files: list[str], columns: list[str], num_cpus: float):
+    """Read Parquet files in Ray tasks of `num_cpus` each, one file per block.
+
+    The training streams read this way rather than with ray.data.read_parquet, whose file-listing
+    task reserves a whole CPU: beside CPU training workers on a small machine it never gets one.
+    """
+    import ray.data
+
+    def read(batch: dict) -> pa.Table:
+        return pa.concat_tables([io.read_parquet(f, columns=columns) for f in batch["path"]])
+
+    paths = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    return paths.map_batches(read, batch_size=1, batch_format="numpy", num_cpus=num_cpus)
