@@ -194,3 +194,4 @@ class ScriptedEndpoint:
 
     def close(self):
         self.server.shutdown()
+        self.server.server_close()  # the port refuses from now on (a closed endpoint)
