@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/demo.yaml
 ARGS ?=
+CLIP_RETRIEVAL := 2.45.0
 
 .PHONY: demo test lint unit integration world env browser clean
 
@@ -22,6 +23,9 @@ $(STAMP): pyproject.toml
 	    "torch==$$(sed -n 's/.*"torch==\([^"]*\)".*/\1/p' pyproject.toml)" \
 	    "torchvision==$$(sed -n 's/.*"torchvision==\([^"]*\)".*/\1/p' pyproject.toml)"
 	$(PY) -m pip install -q -e '.[dev]'
+	# clip-retrieval's ClipClient and clip-front build, for the tests of our clip-back API: without
+	# its dependencies (its server's pins clash with ours; the client needs only requests).
+	$(PY) -m pip install -q --no-deps "clip-retrieval==$(CLIP_RETRIEVAL)"
 	$(PY) -c "import torchvision, open_clip, ray, faiss, deepspeed; print('environment ok: torch', __import__('torch').__version__)"
 	touch $@
 

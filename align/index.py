@@ -170,6 +170,26 @@ class ShardedIndex:
         return np.take_along_axis(s, order, axis=1), np.take_along_axis(r, order, axis=1)
 
 
+def reconstruct_rows(index, rows: np.ndarray) -> np.ndarray:
+    """The stored vectors of some rows ((n, d) float32; approximate for a PQ index), as
+    clip-retrieval's search_and_reconstruct gives them for deduplication."""
+    import faiss
+
+    rows = np.asarray(rows, dtype=np.int64)
+    if isinstance(index, ShardedIndex):
+        out = np.zeros((len(rows), index.d), np.float32)
+        for shard, offset in zip(index.indexes, index.offsets, strict=True):
+            mine = (rows >= offset) & (rows < offset + shard.ntotal)
+            if mine.any():
+                out[mine] = reconstruct_rows(shard, rows[mine] - offset)
+        return out
+    try:
+        return index.reconstruct_batch(rows)
+    except RuntimeError:  # an IVF index reconstructs through a direct map, made once
+        faiss.extract_index_ivf(index).make_direct_map()
+        return index.reconstruct_batch(rows)
+
+
 def load_index(index_dir: str):
     """Load what index_corpus wrote: one index, or a ShardedIndex over several.
 
@@ -259,14 +279,22 @@ def check_index(model: ModelConfig, index_corpus_dir: str) -> dict:
     return index_manifest
 
 
-def build_index_shard(files: list[str], index_dir: str, shard: int, cfg: IndexConfig) -> dict:
+def build_index_shard(
+    files: list[str], index_dir: str, shard: int, cfg: IndexConfig, rating_edges=None
+) -> dict:
     """Build and save the index over some scored shards and measure its recall@10 (the body of
-    index_corpus's per-shard Ray task); returns its manifest entry and its ids."""
+    index_corpus's per-shard Ray task); returns its manifest entry, its ids and, given the
+    corpus's rating edges, its sums of embeddings per rating level (align.ranking)."""
     import faiss
 
     from align import io
+    from align.ranking import rating_level_sums
 
     vectors, ids = read_scored_embeddings(files)
+    level_sums = None
+    if rating_edges is not None:
+        aesthetic = ids["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float64)
+        level_sums = rating_level_sums(vectors, aesthetic, np.asarray(rating_edges))
     spec = choose_index(len(vectors), vectors.shape[1], cfg)
     t0 = time.perf_counter()
     index = build_index(vectors, spec, seed=cfg.seed)
@@ -281,6 +309,7 @@ def build_index_shard(files: list[str], index_dir: str, shard: int, cfg: IndexCo
         "build_s": round(build_s, 3),
         "recall": recall,
         "ids": ids,
+        "rating_level_sums": level_sums,
     }
 
 
@@ -293,6 +322,10 @@ def write_id_map_and_manifest(index_dir: str, shards: list[dict], model: ModelCo
     from align.models import weights_fingerprint
 
     offset, id_tables = 0, []
+    level_sums = [s.pop("rating_level_sums", None) for s in shards]
+    rating_file = None
+    if level_sums and all(ls is not None for ls in level_sums):
+        rating_file = write_rating_embeddings(index_dir, level_sums)
     for shard in shards:
         shard["offset"] = offset
         ids = shard.pop("ids")
@@ -312,6 +345,38 @@ def write_id_map_and_manifest(index_dir: str, shards: list[dict], model: ModelCo
         "shards": shards,
         "recall_at_10": float(np.mean([s["recall"]["recall_at_k"] for s in shards])),
         "metric": "inner product on L2-normalised embeddings (cosine)",
+        # clip-back's aesthetic_score 0-9: mean embedding per rating level (align.ranking).
+        "rating_embeddings": rating_file,
     }
     io.write_json(f"{index_dir}/{INDEX_MANIFEST}", index_manifest)
     return index_manifest
+
+
+RATING_EMBEDDINGS = "rating_embeddings.npy"
+
+
+def write_rating_embeddings(index_dir: str, level_sums: list[tuple]) -> str:
+    """The corpus's rating embeddings ((levels, d) float32, .npy) from every shard's sums."""
+    import io as _io
+
+    from align import io
+    from align.ranking import rating_embeddings
+
+    sums = sum(s for s, _ in level_sums)
+    counts = sum(c for _, c in level_sums)
+    buffer = _io.BytesIO()
+    np.save(buffer, rating_embeddings(sums, counts))
+    io.write_bytes(f"{index_dir}/{RATING_EMBEDDINGS}", buffer.getvalue())
+    return RATING_EMBEDDINGS
+
+
+def read_rating_embeddings(index_dir: str, manifest: dict) -> np.ndarray | None:
+    """The rating embeddings an index was built with, or None (an index built before them)."""
+    import io as _io
+
+    from align import io
+
+    name = manifest.get("rating_embeddings")
+    if not name:
+        return None
+    return np.load(_io.BytesIO(io.read_bytes(f"{index_dir}/{name}")))

@@ -92,3 +92,58 @@ def steer(queries: np.ndarray, direction: np.ndarray, weight: float) -> np.ndarr
     """clip-retrieval's aesthetic steering: q + weight * direction, renormalised (float32)."""
     steered = np.asarray(queries, dtype=np.float32) + weight * np.asarray(direction, np.float32)
     return steered / np.maximum(np.linalg.norm(steered, axis=-1, keepdims=True), 1e-12)
+
+
+# clip-retrieval's `aesthetic_score` names a rating level, 0 (worst) to 9 (best), and steers the
+# query towards the mean embedding of images people rated at that level. Built here from the
+# corpus's own aesthetic scores: level l holds the images between the l-th and (l+1)-th
+# quantile of the combined score (level 9: the best-rated tenth).
+RATING_LEVELS = 10
+
+
+def rating_edges(aesthetic: np.ndarray, levels: int = RATING_LEVELS) -> np.ndarray:
+    """The (levels - 1,) score quantiles that split the scored images into rating levels.
+
+    Raises:
+        ValueError: no image has a score.
+    """
+    scored = np.asarray(aesthetic, dtype=np.float64)
+    scored = scored[np.isfinite(scored)]
+    if not len(scored):
+        raise ValueError("no image of the corpus has an aesthetic score to rate")
+    return np.quantile(scored, np.arange(1, levels) / levels)
+
+
+def rating_level_sums(
+    embeddings: np.ndarray, aesthetic: np.ndarray, edges: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per rating level, the sum of its images' L2-normalised embeddings (float64, (levels, d))
+    and their count: sums of shards add up, so shards built apart give the corpus's means."""
+    levels = len(edges) + 1
+    emb = np.asarray(embeddings, dtype=np.float64)
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    scored = np.isfinite(aesthetic)
+    level = np.searchsorted(edges, np.asarray(aesthetic)[scored], side="right")
+    sums = np.zeros((levels, emb.shape[1]))
+    np.add.at(sums, level, emb[scored])
+    return sums, np.bincount(level, minlength=levels)
+
+
+def rating_embeddings(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The mean embedding of each rating level (float32, not renormalised, as clip-retrieval's
+    rating embeddings); a level without images is zero (steering towards it changes nothing)."""
+    return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+
+
+def near_duplicates(embeddings: np.ndarray, threshold: float) -> np.ndarray:
+    """Bool per row: a near-duplicate of an earlier row (cosine >= threshold, transitively, as
+    clip-retrieval's `deduplicate`). Rows come best first, so the best of each group stays."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    emb = np.asarray(embeddings, dtype=np.float32)
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    _, group = connected_components(csr_matrix(emb @ emb.T >= threshold), directed=False)
+    first = np.full(group.max() + 1 if len(group) else 0, len(group))
+    np.minimum.at(first, group, np.arange(len(group)))
+    return np.arange(len(group)) != first[group]

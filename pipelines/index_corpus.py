@@ -32,6 +32,7 @@ from align.index import build_index_shard, write_id_map_and_manifest
 from align.log import get_logger
 from align.manifest import JobManifest
 from align.models import ModelFacts, check_model, model_id
+from align.ranking import rating_edges
 from align.resume import DONE_MARKER, unit_done, unit_inputs
 from align.runtime import init_ray
 from align.sources import (
@@ -221,8 +222,11 @@ def build_indexes(config: Config, out: str) -> dict:
     files = io.list_files(f"{out}/scored", ".parquet")
     groups = [g for g in np.array_split(np.array(files, dtype=object), cfg.num_shards) if len(g)]
     index_dir = f"{out}/index"
+    # Rating levels split the whole corpus's scores: edges here, per-level sums in each shard.
+    aesthetic = pa.concat_tables([io.read_parquet(f, columns=["aesthetic"]) for f in files])
+    edges = rating_edges(aesthetic["aesthetic"].to_numpy(zero_copy_only=False).astype(float))
     task = ray.remote(num_cpus=1)(build_index_shard)
-    shards = ray.get([task.remote(list(g), index_dir, i, cfg) for i, g in enumerate(groups)])
+    shards = ray.get([task.remote(list(g), index_dir, i, cfg, edges) for i, g in enumerate(groups)])
     return write_id_map_and_manifest(index_dir, shards, config.model)
 
 

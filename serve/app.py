@@ -17,6 +17,14 @@ from serve.config import parse_args, resolve_models
 from serve.deployments import ImageStore, QueryRewriter, SearchIngress, TextEncoder, VectorIndex
 
 
+def model_facts(model: dict) -> dict:
+    from align.config import ModelConfig
+    from align.models import check_model
+
+    facts = check_model(ModelConfig.model_validate(model))
+    return {"image_size": facts.image_size, "dim": facts.embed_dim}
+
+
 def build_app(args: dict) -> Application:
     """The search app from its args (serve.config.ServeArgs).
 
@@ -46,6 +54,10 @@ def build_app(args: dict) -> Application:
         "image_url_template": cfg.image_url_template,
         "max_body_bytes": cfg.max_body_bytes,
         "allowed_hosts": cfg.allowed_hosts,
+        "max_knn_body_bytes": cfg.max_knn_body_bytes,
+        "max_image_pixels": cfg.max_image_pixels,
+        # Per model, what an image or embedding query must match.
+        "model_facts": {n: model_facts(m.model) for n, m in models.items()},
     }
     return SearchIngress.bind(encoder, index, images, rewriter, settings)
 

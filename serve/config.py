@@ -91,6 +91,14 @@ class ServeArgs(Section):
     max_body_bytes: int = Field(
         64 * 1024, ge=1024, description="Request bodies over this many bytes get 413."
     )
+    max_knn_body_bytes: int = Field(
+        4 * 2**20,
+        ge=1024,
+        description="The same limit for clip-back's /knn-service, whose body may hold an image.",
+    )
+    max_image_pixels: int = Field(
+        64_000_000, ge=1, description="Decompression-bomb guard of image queries."
+    )
     allowed_hosts: list[str] | None = Field(
         None,
         description="Host header names the app answers (DNS-rebinding guard); '*' allows any. "

@@ -31,6 +31,13 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from align.ranking import rank
+from serve.clip_back import (
+    CORS_HEADERS,
+    indice_names,
+    knn_answer,
+    parse_knn_request,
+    parse_metadata_request,
+)
 from serve.search import (
     BadRequest,
     SearchLimits,
@@ -64,6 +71,19 @@ class TextEncoder:
         for embedder in self.embedders.values():  # first call pays for lazy initialisation
             embedder.embed(["warm up"])
 
+    def encode_pixels(self, model: str, pixels: np.ndarray) -> np.ndarray:
+        """An image query (uint8 pixels at the model's size, decoded by the ingress) -> its
+        L2-normalised embedding (clip-back's image queries)."""
+        import torch
+
+        from align.images import pixels_to_tensor
+
+        clip = self.embedders[model].clip
+        with torch.inference_mode():
+            x = pixels_to_tensor(pixels[None], clip.mean, clip.std, "cpu", torch.float32)
+            emb = torch.nn.functional.normalize(clip.model.encode_image(x).float(), dim=-1)
+        return emb[0].numpy().astype(np.float16)
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def encode(self, models: list[str], texts: list[str]) -> list[np.ndarray]:
         out: list = [None] * len(texts)
@@ -81,12 +101,14 @@ class VectorIndex:
     """Top-n search of each model's FAISS index (loaded once per replica), batched."""
 
     def __init__(self, index_dirs: dict[str, str], batching: dict):
-        from align.index import load_index
+        from align.index import load_index, read_rating_embeddings
 
         self.indexes, self.ids, self.aesthetic, self.facts_ = {}, {}, {}, {}
+        self.ratings = {}
         for name, index_dir in index_dirs.items():
             index, id_map, manifest = load_index(index_dir)
             self.indexes[name] = index
+            self.ratings[name] = read_rating_embeddings(index_dir, manifest)
             self.ids[name] = np.asarray(id_map["image_id"].to_pylist(), dtype=object)
             self.aesthetic[name] = (
                 id_map["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float32)
@@ -97,6 +119,44 @@ class VectorIndex:
 
     def facts(self) -> dict:
         return self.facts_
+
+    def has_ratings(self, model: str) -> bool:
+        return self.ratings[model] is not None
+
+    def knn(self, model: str, vector: np.ndarray, depth: int, score, weight: float, dedup: bool):
+        """clip-back's search: the query steered towards rating level `score` (if given), the top
+        `depth`, near-duplicates (clip-back's threshold) dropped when `dedup`."""
+        from align.index import reconstruct_rows
+        from align.ranking import near_duplicates, steer
+        from serve.clip_back import DEDUP_THRESHOLD
+
+        index = self.indexes[model]
+        query = np.asarray(vector, dtype=np.float32)[None]
+        if score is not None:
+            query = steer(query, self.ratings[model][score], weight)
+        similarity, rows = index.search(np.ascontiguousarray(query), min(depth, index.ntotal))
+        keep = rows[0] >= 0
+        similarity, rows = similarity[0][keep], rows[0][keep]
+        if dedup and len(rows):
+            unique = ~near_duplicates(reconstruct_rows(index, rows), DEDUP_THRESHOLD)
+            similarity, rows = similarity[unique], rows[unique]
+        return {
+            "rows": rows,
+            "similarity": similarity.astype(np.float32),
+            "ids": self.ids[model][rows].tolist(),
+            "aesthetic": self.aesthetic[model][rows],
+        }
+
+    def rows(self, model: str, rows: list[int]) -> dict:
+        """Image ids and aesthetic scores of index rows (clip-back's /metadata); -1 past the end."""
+        rows = np.asarray(rows, dtype=np.int64)
+        valid = (rows >= 0) & (rows < len(self.ids[model]))
+        safe = np.where(valid, rows, 0)
+        return {
+            "valid": valid,
+            "ids": np.where(valid, self.ids[model][safe], None).tolist(),
+            "aesthetic": self.aesthetic[model][safe],
+        }
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def search(
@@ -420,9 +480,10 @@ class SearchIngress:
             raise BadRequest(400, "each field may be given once")
         return await self._search(request, fields)
 
-    async def _body(self, request: Request) -> bytes:
-        """The request body, refused with 413 past max_body_bytes before more is read."""
-        limit = self.settings["max_body_bytes"]
+    async def _body(self, request: Request, limit: int | None = None) -> bytes:
+        """The request body, refused with 413 past `limit` (max_body_bytes) before more is
+        read."""
+        limit = limit or self.settings["max_body_bytes"]
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise BadRequest(413, f"request body is {declared} bytes; the limit is {limit}")
@@ -433,18 +494,119 @@ class SearchIngress:
                 raise BadRequest(413, f"request body is over the limit of {limit} bytes")
         return bytes(body)
 
-    @api.post("/search")
-    async def search_post(self, request: Request) -> JSONResponse:
-        self._authorise(request)  # before a byte of the body is read
+    async def _json_body(self, request: Request, limit: int | None = None):
+        """The body as JSON whatever the Content-Type (ClipClient sends none, clip-front
+        text/plain)."""
         try:
-            fields = json.loads(await self._body(request))
+            return json.loads(await self._body(request, limit))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadRequest(400, f"malformed JSON body: {e}") from None
         except RecursionError:
             raise BadRequest(400, "malformed JSON body: nested too deeply") from None
+
+    @api.post("/search")
+    async def search_post(self, request: Request) -> JSONResponse:
+        self._authorise(request)  # before a byte of the body is read
+        fields = await self._json_body(request)
         if not isinstance(fields, dict):
             raise BadRequest(400, "the JSON body must be an object of search fields")
         return await self._search(request, fields)
+
+    # -----------------------------------------------------------------------------------------
+    # clip-retrieval's back-end API (serve/clip_back.py): ClipClient and clip-front unchanged.
+
+    def _knn_headers(self) -> dict:
+        return {**self._cache_headers(0), **CORS_HEADERS}
+
+    def _metadata(self, request: Request, image_id: str, aesthetic: float) -> dict:
+        url = self._image_url(request, image_id)
+        if url.startswith("/"):  # clip-front runs on another origin: absolute URLs
+            url = str(request.base_url).rstrip("/") + url
+        return {"url": url, "image_path": image_id, "aesthetic": _finite(aesthetic)}
+
+    @api.options("/knn-service")
+    @api.options("/metadata")
+    @api.options("/indices-list")
+    async def cors_preflight(self, request: Request) -> Response:
+        return Response(status_code=204, headers=CORS_HEADERS)
+
+    @api.get("/indices-list")
+    async def indices_list(self, request: Request) -> JSONResponse:
+        self._authorise(request)
+        return JSONResponse(indice_names(self.limits.models), headers=self._knn_headers())
+
+    async def _knn_vector(self, req) -> np.ndarray:
+        from align.images import ImageDecodeError, decode_image
+
+        if req.text is not None:
+            return await _call(lambda: self.encoder.encode.remote(req.model, req.text))
+        if req.image is not None:
+            size = self.settings["model_facts"][req.model]["image_size"]
+            try:
+                pixels = decode_image(req.image, size, self.settings["max_image_pixels"])
+            except ImageDecodeError as e:
+                raise BadRequest(400, f"'image' does not decode: {e}") from None
+            return await _call(lambda: self.encoder.encode_pixels.remote(req.model, pixels))
+        return np.asarray(req.embedding, dtype=np.float32)
+
+    @api.post("/knn-service")
+    async def knn_service(self, request: Request) -> JSONResponse:
+        self._authorise(request)
+        fields = await self._json_body(request, self.settings["max_knn_body_bytes"])
+        dims = {n: f["dim"] for n, f in self.settings["model_facts"].items()}
+        req = parse_knn_request(
+            fields, self.limits.models, dims, self.limits.max_k, self.limits.max_query_chars
+        )
+        if req.aesthetic_score is not None and not await _call(
+            lambda: self.index.has_ratings.remote(req.model)
+        ):
+            raise BadRequest(
+                400, f"'aesthetic_score': the index of {req.model!r} has no rating embeddings "
+                "(built before them): run index_corpus again",
+            )  # fmt: skip
+        vector = await self._knn_vector(req)
+        depth = max(req.num_result_ids, self.settings["rerank_depth"] if req.rerank else 0)
+        found = await _call(
+            lambda: self.index.knn.remote(
+                req.model,
+                vector,
+                depth,
+                req.aesthetic_score,
+                req.aesthetic_weight,
+                req.deduplicate,
+            )  # fmt: skip
+        )
+        n = min(req.num_result_ids, len(found["rows"]))
+        order = (
+            rank(found["similarity"], found["aesthetic"], n, True, self.settings["rerank_weight"])
+            if req.rerank
+            else np.arange(n)
+        )
+        metadata = [
+            self._metadata(request, found["ids"][i], found["aesthetic"][i])
+            for i in order[: req.num_images]
+        ]
+        answer = knn_answer(
+            found["rows"][order], found["similarity"][order], metadata, req.num_images
+        )
+        return JSONResponse(answer, headers=self._knn_headers())
+
+    @api.post("/metadata")
+    async def metadata(self, request: Request) -> JSONResponse:
+        self._authorise(request)
+        fields = await self._json_body(request, self.settings["max_body_bytes"])
+        model, ids = parse_metadata_request(fields, self.limits.models, 10 * self.limits.max_k)
+        found = await _call(lambda: self.index.rows.remote(model, ids))
+        answer = [
+            {
+                "id": i,
+                "metadata": self._metadata(request, found["ids"][j], found["aesthetic"][j])
+                if found["valid"][j]
+                else {},
+            }
+            for j, i in enumerate(ids)
+        ]
+        return JSONResponse(answer, headers=self._knn_headers())
 
     @api.get("/images/{image_id:path}")
     async def image(self, request: Request, image_id: str) -> Response:

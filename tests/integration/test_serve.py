@@ -331,3 +331,122 @@ def test_hardened_http_answers(served):
         assert status == 400 and "attacker.example" in json.loads(body)["error"], path
     status, _, _ = client.request("GET", "/secured/search?q=star", headers={**evil, **key})
     assert status == 200  # a keyed server may sit behind any name
+
+
+# ---------------------------------------------------------------------------------------------
+# clip-retrieval's back-end API, driven by clip-retrieval's own ClipClient
+
+
+def _clip_client():
+    """clip-retrieval's ClipClient from the installed wheel (pinned in the Makefile), loaded by
+    path: the package's __init__ imports its server and that server's dependencies."""
+    import importlib.util
+
+    package = importlib.util.find_spec("clip_retrieval")
+    path = Path(package.submodule_search_locations[0]) / "clip_client.py"
+    spec = importlib.util.spec_from_file_location("clip_retrieval_client", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ClipClient
+
+
+def _exact_top(vectors: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(vectors @ query), kind="stable")[:k]
+
+
+def test_clip_client_text_image_and_embedding_queries(served, tmp_path):
+    client, root = served
+    ClipClient = _clip_client()
+    url = f"http://127.0.0.1:{client.port}/knn-service"
+    vectors, ids, _ = _stored(root, "index_corpus")
+    plain = ClipClient(url=url, indice_name="base", num_images=8, aesthetic_weight=0.0,
+                       deduplicate=False)  # fmt: skip
+    found = plain.query(text="a red star")
+    top = _exact_top(vectors, _embed(root / "micro.pt", "a red star"), 8)
+    assert [r["id"] for r in found] == top.tolist()  # clip-back's ids: rows of the index
+    assert [r["image_path"] for r in found] == ids[top].tolist()
+    assert all(r["url"].startswith("http://127.0.0.1:") for r in found)
+    image_status, kind, _ = client.request("GET", found[0]["url"].split(str(client.port), 1)[1])
+    assert image_status == 200 and kind.startswith("image/")
+    # An image query: the image itself comes first.
+    corpus = io.read_parquet(str(root / "world/images"), columns=["image_id", "image"])
+    (tmp_path / "query.jpg").write_bytes(corpus["image"][7].as_py())
+    by_image = plain.query(image=str(tmp_path / "query.jpg"))
+    assert by_image[0]["image_path"] == corpus["image_id"][7].as_py()
+    assert by_image[0]["similarity"] > 0.99
+    # An embedding query: a stored vector finds its own row first.
+    by_embedding = plain.query(embedding_input=vectors[5].tolist())
+    assert by_embedding[0]["id"] == 5 and len(by_embedding) == 8
+
+
+def test_clip_client_aesthetic_score_steers_towards_the_rating_level(served):
+    """aesthetic_score 9 with weight 0.5: the query plus half the mean embedding of the corpus's
+    best-rated tenth, renormalised (computed here from the stored vectors and scores)."""
+    client, root = served
+    ClipClient = _clip_client()
+    url = f"http://127.0.0.1:{client.port}/knn-service"
+    vectors, _, aesthetic = _stored(root, "index_corpus")
+    edges = np.quantile(aesthetic, np.arange(1, 10) / 10)
+    best = vectors[np.searchsorted(edges, aesthetic, side="right") == 9]
+    rating9 = (best / np.linalg.norm(best, axis=1, keepdims=True)).mean(axis=0)
+    query = _embed(root / "micro.pt", "a red star")
+    steered = query + 0.5 * rating9
+    steered /= np.linalg.norm(steered)
+    found = ClipClient(url=url, indice_name="base", num_images=8, aesthetic_score=9,
+                       aesthetic_weight=0.5, deduplicate=False).query(text="a red star")  # fmt: skip
+    assert [r["id"] for r in found] == _exact_top(vectors, steered, 8).tolist()
+    assert np.mean(aesthetic[[r["id"] for r in found]]) > np.mean(
+        aesthetic[_exact_top(vectors, query, 8)]
+    )
+
+
+def test_clip_client_deduplicate_and_the_rest_of_the_api(served):
+    client, root = served
+    ClipClient = _clip_client()
+    url = f"http://127.0.0.1:{client.port}/knn-service"
+    vectors, _, _ = _stored(root, "index_corpus")
+    # Two stored copies of a vector's neighbourhood: deduplicate drops every result within
+    # cosine 0.94 of a better one, as clip-back does (checked here on the stored vectors).
+    found = ClipClient(url=url, indice_name="base", num_images=20, aesthetic_weight=0.0,
+                       deduplicate=True).query(embedding_input=vectors[3].tolist())  # fmt: skip
+    rows = [r["id"] for r in found]
+    exact = _exact_top(vectors, vectors[3], 20)
+    v = vectors[exact] / np.linalg.norm(vectors[exact], axis=1, keepdims=True)
+    sim = v @ v.T
+    keep = [i for i in range(20) if not any(sim[i, j] >= 0.94 for j in range(i))]
+    kept_first = [int(exact[i]) for i in keep]
+    assert rows == kept_first[: len(rows)] and rows[0] == 3 and len(rows) < 20
+    # indices-list, re-rank as an index, num_result_ids past num_images, /metadata, CORS.
+    status, _, body = client.request("GET", "/indices-list")
+    assert status == 200 and json.loads(body) == ["base", "other", "base+rerank", "other+rerank"]
+    fields = {"text": "a blue circle", "indice_name": "base+rerank", "num_images": 3,
+              "num_result_ids": 6, "modality": "image"}  # fmt: skip
+    status, _, body = client.request(
+        "POST", "/knn-service", json.dumps(fields).encode(), {"Content-Type": "text/plain"}
+    )
+    answer = json.loads(body)
+    assert status == 200 and len(answer) == 6
+    assert all("url" in r for r in answer[:3]) and all(set(r) == {"id", "similarity"}
+                                                      for r in answer[3:])  # fmt: skip
+    status, headers_kind, body = client.request(
+        "POST", "/metadata", json.dumps({"ids": [r["id"] for r in answer[3:]],
+                                         "indice_name": "base+rerank"}).encode(),
+    )  # fmt: skip
+    metadata = json.loads(body)
+    assert status == 200 and [m["id"] for m in metadata] == [r["id"] for r in answer[3:]]
+    assert all(m["metadata"]["url"].startswith("http://") for m in metadata)
+    conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=60)
+    conn.request("OPTIONS", "/knn-service")
+    preflight = conn.getresponse()
+    assert preflight.status == 204 and preflight.getheader("Access-Control-Allow-Origin") == "*"
+    conn.close()
+    for bad, message in (
+        ({**fields, "modality": "text"}, "modality"),
+        ({**fields, "use_mclip": True}, "use_mclip"),
+        ({**fields, "indice_name": "nope"}, "indice_name"),
+        ({**fields, "embedding_input": [1.0, 2.0]}, "exactly one"),
+        ({"indice_name": "base", "embedding_input": [1.0, 2.0]}, "embedding_input"),
+        ({**fields, "aesthetic_score": 12}, "aesthetic_score"),
+    ):
+        status, _, body = client.request("POST", "/knn-service", json.dumps(bad).encode())
+        assert status == 400 and message in json.loads(body)["error"], body

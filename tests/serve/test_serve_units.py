@@ -438,3 +438,43 @@ def test_every_serve_yaml_in_configs_validates(path):
     for app in load_serve_config(path)["applications"]:
         assert app["import_path"] == "serve.app:build_app"
         parse_args(app["args"])
+
+
+def test_knn_requests_read_as_clip_back_reads_them():
+    from serve.clip_back import knn_answer, parse_knn_request, parse_metadata_request
+    from serve.search import BadRequest
+
+    models, dims = ("base", "aligned"), {"base": 4, "aligned": 4}
+    req = parse_knn_request(
+        {"text": "a red star", "image": None, "indice_name": "aligned+rerank", "num_images": 5,
+         "aesthetic_score": "", "aesthetic_weight": "", "use_safety_model": True},
+        models, dims, max_k=100, max_query_chars=50,
+    )  # fmt: skip
+    assert (req.model, req.rerank, req.text, req.num_result_ids) == (
+        "aligned",
+        True,
+        "a red star",
+        5,
+    )
+    assert req.aesthetic_score is None and not req.deduplicate
+    req = parse_knn_request(
+        {"embedding_input": [1, 0, 0, 0], "indice_name": "base", "aesthetic_score": 9,
+         "aesthetic_weight": "0.25", "num_images": 2, "num_result_ids": 7},
+        models, dims, max_k=100, max_query_chars=50,
+    )  # fmt: skip
+    assert (req.embedding, req.aesthetic_score, req.aesthetic_weight) == ([1.0, 0, 0, 0], 9, 0.25)
+    for bad in ({"indice_name": "base"}, {"indice_name": "base", "text": "x", "num_images": 0},
+                {"indice_name": "base", "image": "not base64!"},
+                {"indice_name": "base", "text": "x", "image_url": "http://169.254.169.254/"},
+                {"indice_name": "base", "text": "x", "surprise": 1}):  # fmt: skip
+        with pytest.raises(BadRequest):
+            parse_knn_request(bad, models, dims, max_k=100, max_query_chars=50)
+    answer = knn_answer([4, 9, 2], [0.9, 0.8, 0.7], [{"url": "u4"}, {"url": "u9"}], num_images=2)
+    assert answer == [{"url": "u4", "id": 4, "similarity": 0.9},
+                      {"url": "u9", "id": 9, "similarity": 0.8}, {"id": 2, "similarity": 0.7}]  # fmt: skip
+    assert parse_metadata_request({"ids": [1, 2], "indice_name": "base"}, models, 10) == (
+        "base",
+        [1, 2],
+    )
+    with pytest.raises(BadRequest):
+        parse_metadata_request({"ids": ["1"], "indice_name": "base"}, models, 10)

@@ -67,3 +67,36 @@ def test_steering_adds_the_mean_of_the_best_rated_and_renormalises():
         aesthetic_direction(emb, np.full(40, np.nan), 0.1)
     with pytest.raises(ValueError, match="top_share"):
         aesthetic_direction(emb, aes, 0.0)
+
+
+def test_rating_embeddings_from_shards_equal_the_corpus_means():
+    """Level sums of two shards add up to the corpus's mean normalised embedding per level."""
+    from align.ranking import rating_edges, rating_embeddings, rating_level_sums
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(200, 6))
+    aesthetic = rng.normal(size=200)
+    aesthetic[7] = np.nan  # unscored: in no level
+    edges = rating_edges(aesthetic)
+    parts = [
+        rating_level_sums(emb[s], aesthetic[s], edges) for s in (slice(0, 90), slice(90, None))
+    ]
+    sums, counts = parts[0][0] + parts[1][0], parts[0][1] + parts[1][1]
+    got = rating_embeddings(sums, counts)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    order = np.argsort(np.where(np.isnan(aesthetic), np.inf, aesthetic))[:199]
+    top_tenth = order[-20:]  # 199 scored: the best 20 or so sit in level 9
+    assert counts.sum() == 199 and got.shape == (10, 6)
+    level9 = unit[np.isfinite(aesthetic) & (aesthetic > edges[-1])]
+    np.testing.assert_allclose(got[9], level9.mean(axis=0), atol=1e-6)
+    assert set(np.flatnonzero(np.isfinite(aesthetic) & (aesthetic > edges[-1]))) <= set(top_tenth)
+
+
+def test_near_duplicates_keep_the_best_of_each_group_transitively():
+    from align.ranking import near_duplicates
+
+    base = np.eye(4)
+    rows = np.stack([base[0], base[1], base[0] + 0.05 * base[2], base[3], base[1] + 0.01])
+    # row 2 ~ row 0, row 4 ~ row 1; rows 0, 1 and 3 are the first of their groups.
+    assert near_duplicates(rows, 0.94).tolist() == [False, False, True, False, True]
+    assert not near_duplicates(rows, 0.9999).any()

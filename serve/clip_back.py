@@ -1,0 +1,161 @@
+"""clip-retrieval's back-end API (its `clip_back.py`), answered by the search app, without Ray:
+what a `/knn-service` or `/metadata` request asks, checked, and its answer shaped as clip-back
+shapes it, so ClipClient and clip-front work against this server unchanged.
+
+Index names (`indice_name`, `GET /indices-list`): each served model, and `<model>+rerank` (our
+aesthetic re-rank of its top results), so one client compares the plain model, the re-rank and
+the aligned model. `aesthetic_score` (0-9) and `aesthetic_weight` keep clip-back's meaning: the
+query moves towards the mean embedding of the corpus's images at that rating level (built by
+index_corpus from the corpus's own scores: align.ranking.rating_*) and is renormalised.
+
+What this back-end cannot honour, answered as clip-back answers without the model: no safety
+model and no violence detector are loaded, so `use_safety_model` and `use_violence_detector` filter
+nothing (ClipClient sends them on by default). A multilingual text model (`use_mclip`), caption
+search (`modality: "text"`) and `image_url` (the server fetching any URL) are refused with 400.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from dataclasses import dataclass
+
+from serve.search import BadRequest, _as_bool, _as_float, _as_int
+
+RERANK_SUFFIX = "+rerank"
+# clip-back's near-duplicate threshold (cosine) for `deduplicate`.
+DEDUP_THRESHOLD = 0.94
+KNN_FIELDS = (
+    "text", "image", "image_url", "embedding_input", "modality", "num_images", "num_result_ids",
+    "indice_name", "deduplicate", "use_safety_model", "use_violence_detector", "aesthetic_score",
+    "aesthetic_weight", "use_mclip",
+)  # fmt: skip
+# CORS: a clip-front page served from another origin calls these routes.
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Content-Type",
+}
+
+
+@dataclass(frozen=True)
+class KnnRequest:
+    model: str
+    rerank: bool
+    text: str | None
+    image: bytes | None
+    embedding: list[float] | None
+    num_images: int
+    num_result_ids: int
+    deduplicate: bool
+    aesthetic_score: int | None
+    aesthetic_weight: float
+
+
+def indice_names(models: tuple[str, ...]) -> list[str]:
+    """Every index name a client may ask for: each model, then each model re-ranked."""
+    return [*models, *(m + RERANK_SUFFIX for m in models)]
+
+
+def _optional(fields: dict, name: str):
+    """clip-back reads "" as not given."""
+    value = fields.get(name, "")
+    return None if value == "" or value is None else value
+
+
+def parse_indice(name, models: tuple[str, ...]) -> tuple[str, bool]:
+    """(model, rerank) of an index name; 400 naming the names served."""
+    if not isinstance(name, str) or name not in indice_names(models):
+        raise BadRequest(
+            400, f"unknown indice_name {name!r}; this server has {', '.join(indice_names(models))}"
+        )
+    return name.removesuffix(RERANK_SUFFIX), name.endswith(RERANK_SUFFIX)
+
+
+def _query_input(fields: dict, dim: int, max_query_chars: int):
+    """(text, image bytes, embedding): exactly one of them."""
+    text, image, embedding = (_optional(fields, n) for n in ("text", "image", "embedding_input"))
+    if _optional(fields, "image_url") is not None:
+        raise BadRequest(400, "'image_url' is not served: send the image itself as 'image'")
+    given = [n for n, v in (("text", text), ("image", image), ("embedding_input", embedding))
+             if v is not None]  # fmt: skip
+    if len(given) != 1:
+        raise BadRequest(400, "give exactly one of 'text', 'image' and 'embedding_input'")
+    if text is not None:
+        if not isinstance(text, str) or not text.strip():
+            raise BadRequest(400, "'text' must be a non-empty string")
+        if len(text) > max_query_chars:
+            raise BadRequest(400, f"'text' is {len(text)} characters; limit {max_query_chars}")
+        return text.strip(), None, None
+    if image is not None:
+        try:
+            return None, base64.b64decode(image, validate=True), None
+        except (binascii.Error, TypeError, ValueError):
+            raise BadRequest(400, "'image' must be a base64-encoded image") from None
+    ok = isinstance(embedding, list) and len(embedding) == dim
+    ok = ok and all(isinstance(x, int | float) and not isinstance(x, bool) for x in embedding)
+    if not ok or not all(math.isfinite(x) for x in embedding):
+        raise BadRequest(400, f"'embedding_input' must be a list of {dim} finite numbers")
+    return None, None, [float(x) for x in embedding]
+
+
+def parse_knn_request(
+    fields: dict, models: tuple[str, ...], dims: dict[str, int], max_k: int, max_query_chars: int
+) -> KnnRequest:
+    """Check a /knn-service body the way clip-back reads it (`num_result_ids` defaults to
+    `num_images`, "" means not given), with a 400 naming the field for anything else; `dims`:
+    each model's embedding width (for `embedding_input`)."""
+    if not isinstance(fields, dict):
+        raise BadRequest(400, "the JSON body must be an object")
+    unknown = sorted(set(fields) - set(KNN_FIELDS))
+    if unknown:
+        raise BadRequest(400, f"unknown field(s) {', '.join(unknown)}")
+    model, rerank = parse_indice(fields.get("indice_name"), models)
+    if fields.get("modality", "image") != "image":
+        raise BadRequest(400, "only modality 'image' is served (there is no caption index)")
+    if _as_bool("use_mclip", fields.get("use_mclip", False)):
+        raise BadRequest(400, "'use_mclip' is not served: no multilingual text model here")
+    text, image, embedding = _query_input(fields, dims[model], max_query_chars)
+    num_images = _as_int("num_images", fields.get("num_images", 40))
+    num_result_ids = _as_int("num_result_ids", fields.get("num_result_ids", num_images))
+    for name, n in (("num_images", num_images), ("num_result_ids", num_result_ids)):
+        if not 1 <= n <= max_k:
+            raise BadRequest(400, f"'{name}' must be between 1 and {max_k} (got {n})")
+    score = _optional(fields, "aesthetic_score")
+    weight = _optional(fields, "aesthetic_weight")
+    if score is not None:
+        score = _as_int("aesthetic_score", score)
+        if not 0 <= score <= 9:
+            raise BadRequest(400, f"'aesthetic_score' must be between 0 and 9 (got {score})")
+    weight = _as_float("aesthetic_weight", weight) if weight is not None else 0.5
+    return KnnRequest(
+        model, rerank, text, image, embedding, num_images, num_result_ids,
+        _as_bool("deduplicate", fields.get("deduplicate", False)), score, weight,
+    )  # fmt: skip
+
+
+def knn_answer(rows, similarity, metadata: list[dict], num_images: int) -> list[dict]:
+    """clip-back's answer: one item per result, best first; the first `num_images` carry their
+    metadata, the rest only id and similarity (a client asks /metadata for them later)."""
+    out = []
+    for i, (row, sim) in enumerate(zip(rows, similarity, strict=True)):
+        item = dict(metadata[i]) if i < num_images else {}
+        item.update({"id": int(row), "similarity": float(sim)})
+        out.append(item)
+    return out
+
+
+def parse_metadata_request(fields: dict, models: tuple[str, ...], max_ids: int):
+    """(model, ids) of a /metadata body: `{"ids": [...], "indice_name": ...}`."""
+    if not isinstance(fields, dict):
+        raise BadRequest(400, "the JSON body must be an object")
+    model, _ = parse_indice(fields.get("indice_name"), models)
+    ids = fields.get("ids")
+    if not isinstance(ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in ids
+    ):
+        raise BadRequest(400, "'ids' must be a list of integer ids (from /knn-service)")
+    if len(ids) > max_ids:
+        raise BadRequest(400, f"'ids' holds {len(ids)} ids; the limit is {max_ids}")
+    return model, ids
