@@ -119,9 +119,13 @@ def parse_knn_request(
     text, image, embedding = _query_input(fields, dims[model], max_query_chars)
     num_images = _as_int("num_images", fields.get("num_images", 40))
     num_result_ids = _as_int("num_result_ids", fields.get("num_result_ids", num_images))
-    for name, n in (("num_images", num_images), ("num_result_ids", num_result_ids)):
-        if not 1 <= n <= max_k:
-            raise BadRequest(400, f"'{name}' must be between 1 and {max_k} (got {n})")
+    if not 1 <= num_images <= max_k:
+        raise BadRequest(400, f"'num_images' must be between 1 and {max_k} (got {num_images})")
+    if num_result_ids < 1:
+        raise BadRequest(400, f"'num_result_ids' must be at least 1 (got {num_result_ids})")
+    # clip-front asks 3,000 ids (their metadata comes later through /metadata): at most max_k
+    # are answered, as clip-back answers fewer than asked when the index runs out.
+    num_result_ids = min(num_result_ids, max_k)
     score = _optional(fields, "aesthetic_score")
     weight = _optional(fields, "aesthetic_weight")
     if score is not None:

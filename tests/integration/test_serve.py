@@ -450,3 +450,62 @@ def test_clip_client_deduplicate_and_the_rest_of_the_api(served):
     ):
         status, _, body = client.request("POST", "/knn-service", json.dumps(bad).encode())
         assert status == 400 and message in json.loads(body)["error"], body
+
+
+_DEEP_IMAGES = """(() => {
+  const found = [];
+  const walk = (root) => root.querySelectorAll('*').forEach((el) => {
+    if (el.tagName === 'IMG') found.push(el);
+    if (el.shadowRoot) walk(el.shadowRoot);
+  });
+  walk(document);
+  return found.filter((img) => img.src.includes('/images/'))
+              .map((img) => [img.src, img.complete && img.naturalWidth > 0]);
+})()"""
+
+
+def test_clip_front_build_searches_this_backend_in_headless_chromium(served, tmp_path):
+    """clip-retrieval's own front-end build (from the pinned wheel), served from another origin,
+    pointed at this app with ?back=: it lists our indices, runs the query and its images load."""
+    import functools
+    import http.server
+    import importlib.util
+    import threading
+
+    client, root = served
+    package = Path(importlib.util.find_spec("clip_retrieval").submodule_search_locations[0])
+    build = package.parent / "front" / "build"
+    assert (build / "index.html").is_file(), build
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(build))
+    handler.log_message = lambda *a: None
+    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    back = f"http://127.0.0.1:{client.port}"
+    page_url = (
+        f"http://127.0.0.1:{front.server_port}/?back={urllib.parse.quote(back, safe='')}"
+        f"&index=base&query={urllib.parse.quote('a red star')}"
+    )
+
+    async def scenario():
+        async with HeadlessChromium(tmp_path / "profile") as page:
+            await page.navigate(page_url)
+            # clip-front hides near-duplicates by default (deduplicate on): on this corpus and
+            # random-init model most top results are within cosine 0.94 of the first.
+            await page.wait_for(f"{_DEEP_IMAGES}.filter(([, ok]) => ok).length >= 1", 60)
+            images = await page.evaluate(_DEEP_IMAGES)
+            shot = await page.screenshot(tmp_path / "clip-front.png")
+            return images, shot
+
+    try:
+        images, shot = asyncio.run(scenario())
+    finally:
+        front.shutdown()
+        front.server_close()
+    print("clip-front screenshot:", tmp_path / "clip-front.png")
+    vectors, ids, _ = _stored(root, "index_corpus")
+    # clip-front asks with its own defaults (aesthetic steering off, dedup and safety on): the
+    # first image it shows is our best match for the query, loaded from our /images.
+    top = _exact_top(vectors, _embed(root / "micro.pt", "a red star"), 1)
+    assert images and images[0][1]
+    assert images[0][0] == f"{back}/images/{urllib.parse.quote(str(ids[top[0]]), safe='/')}"
+    assert shot.startswith(b"\x89PNG") and len(shot) > 10_000
