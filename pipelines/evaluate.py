@@ -77,7 +77,7 @@ class Paths:
         ev = config.evaluate
         optional = lambda p: config.expand(p) if p else None  # noqa: E731
         return cls(
-            out=config.expand(ev.output),
+            out=output_dir(config),
             queries=config.expand(ev.queries),
             corpus=config.expand(ev.corpus),
             scores=config.expand(ev.scores),
