@@ -6,10 +6,13 @@ reason, and zero pixels that later stages skip.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 
 from actors import require_batch_columns
+from align.contracts import SOURCE_METADATA
 from align.images import ImageDecodeError, decode_image
 
 REQUIRED = {"image_id": "id of the image"}
@@ -36,7 +39,8 @@ def decode_batch(
 ) -> dict[str, np.ndarray]:
     """Decode a batch. Reads `image_column` (bytes) or else `path_column` (paths). A reader that
     could not produce a row's bytes says why in an optional `read_error` column: such rows
-    are error rows with that reason."""
+    are error rows with that reason. The source's caption, url and sha256 pass through; the
+    sha256 of the bytes read is computed where the source gave none (exact duplicates)."""
     source = image_column if image_column and image_column in batch else path_column
     require_batch_columns(
         batch, {**REQUIRED, source or "image": "encoded image bytes or a path"}, "decode"
@@ -46,16 +50,31 @@ def decode_batch(
     status = np.full(n, "ok", dtype=object)
     error = np.full(n, "", dtype=object)  # "" not None: an all-None column loses its type
     read_errors = batch.get("read_error")
+    # "" for none, not None: an all-None column loses its type between stages.
+    metadata = {
+        c: np.array(["" if v is None else str(v) for v in batch[c]], dtype=object)
+        for c in SOURCE_METADATA
+        if c in batch
+    }
+    sha256 = metadata.setdefault("sha256", np.full(n, "", dtype=object))
     for i, item in enumerate(batch[source]):  # PIL decodes one image at a time
         if read_errors is not None and read_errors[i]:
             status[i], error[i] = "error", str(read_errors[i])
             continue
         try:
             data = _read(item) if source == path_column else item
+            if not sha256[i] and data:
+                sha256[i] = hashlib.sha256(data).hexdigest()
             pixels[i] = decode_image(data, image_size, max_pixels)
         except ImageDecodeError as e:
             status[i], error[i] = "error", str(e)
-    return {"image_id": batch["image_id"], "pixels": pixels, "status": status, "error": error}
+    return {
+        "image_id": batch["image_id"],
+        "pixels": pixels,
+        "status": status,
+        "error": error,
+        **metadata,
+    }
 
 
 def decode_columns(

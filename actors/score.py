@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from actors import require_batch_columns
 from align.aesthetics import build_scorer
-from align.contracts import SCORER_COLUMN_PREFIX
+from align.contracts import SCORER_COLUMN_PREFIX, SOURCE_METADATA
 
 REQUIRED = {
     "pixels": "uint8 pixels from the decode stage",
@@ -57,6 +57,9 @@ def scored_to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
             pa.array(ok), pa.scalar(None, pa.string()), pa.array(batch["error"].astype(str))
         ),
     }
+    for name in SOURCE_METADATA:  # decode writes "" for none: null here
+        values = pa.array(batch.get(name, np.full(len(ok), "", dtype=object)), pa.string())
+        columns[name] = pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
     for name, values in batch.items():
         if name.startswith(SCORER_COLUMN_PREFIX):
             columns[name] = pa.array(values, pa.float32())

@@ -132,6 +132,11 @@ class IndexConfig(Section):
         description=">1: per-shard indexes built in parallel, searched by fan-out and merge.",
     )
     recall_queries: int = Field(200, ge=1, description="Sampled queries for measured recall@10.")
+    drop_exact_duplicates: bool = Field(
+        False,
+        description="Leave images whose bytes (sha256) equal an earlier image's out of the "
+        "index; they are listed in index/duplicates.parquet either way.",
+    )
     seed: int = 0
 
 

@@ -25,6 +25,8 @@ class Column:
     type: pa.DataType
     description: str
     nullable: bool = False
+    # A column a source may not supply: `conform` writes it as nulls where it is missing.
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,22 @@ SCORED = Contract(
         Column("aesthetic", pa.float32(), "combined aesthetic, z-scored (null: error)", True),
         Column("status", pa.string(), "'ok' or 'error'"),
         Column("error", pa.string(), "reason when status is 'error'", nullable=True),
+        # What the source said about the image (img2dataset's .txt/.json sidecars or parquet
+        # columns), carried to search results: null where the source has none.
+        Column("caption", pa.string(), "caption or alt text of the source", True, True),
+        Column("url", pa.string(), "where the source downloaded the image from", True, True),
+        Column(
+            "sha256",
+            pa.string(),
+            "hex SHA-256 of the image (img2dataset's, of the download; else of the bytes read): "
+            "equal hashes are exact duplicates (null: not read)",
+            nullable=True,
+            optional=True,
+        ),
     ),
 )
+# Columns of SCORED a source may supply (align.sources), in this order.
+SOURCE_METADATA = ("caption", "url", "sha256")
 # Scored shards also carry one float32 column per aesthetic scorer, named with this prefix.
 SCORER_COLUMN_PREFIX = "aesthetic_"
 
@@ -117,6 +133,8 @@ INDEX_ID_MAP = Contract(
         Column("row", pa.int64(), "row of the vector in the FAISS index"),
         Column("image_id", pa.string(), "id of the image at that row"),
         Column("aesthetic", pa.float32(), "combined aesthetic score of the image"),
+        Column("caption", pa.string(), "caption from the scored shard", nullable=True),
+        Column("url", pa.string(), "source URL from the scored shard", nullable=True),
     ),
 )
 
@@ -256,11 +274,15 @@ def require_columns(contract: Contract, available: Iterable[str], stage: str, ne
 def conform(table: pa.Table, contract: Contract, extra_prefix: str | None = None) -> pa.Table:
     """Select and cast `table` to the contract's columns, in order (stable shard schemas).
 
-    Columns starting with `extra_prefix` (e.g. the per-scorer columns) are kept after them.
+    Columns starting with `extra_prefix` (e.g. the per-scorer columns) are kept after them;
+    optional columns the table lacks are written as nulls.
 
     Raises:
-        ContractError: when a column is missing.
+        ContractError: when a column that is not optional is missing.
     """
+    for c in contract.columns:
+        if c.optional and c.name not in table.column_names:
+            table = table.append_column(c.name, pa.nulls(table.num_rows, c.type))
     require_columns(contract, table.column_names, stage=f"write {contract.table}")
     extras = [n for n in table.column_names if extra_prefix and n.startswith(extra_prefix)]
     fields = list(contract.schema) + [table.schema.field(n) for n in extras]

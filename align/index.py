@@ -20,6 +20,7 @@ from align.errors import InputNotFound
 INDEX_FILE = "index.faiss"
 SHARD_FILE = "shard-{:03d}.faiss"
 INDEX_MANIFEST = "_index.json"
+DUPLICATES_FILE = "duplicates.parquet"
 
 
 @dataclass
@@ -116,26 +117,82 @@ def measure_recall(index, vectors: np.ndarray, n_queries: int, k: int = 10, seed
     }
 
 
-def read_scored_embeddings(files: list[str]):
-    """Embeddings (float32, n x d) and the (image_id, aesthetic) table of the ok rows of scored
-    shards, in file order: the order index_corpus adds them to the index, so row i of the result
-    is row i of the index."""
+def read_scored_embeddings(files: list[str], exclude=None):
+    """Embeddings (float32, n x d) and the (image_id, aesthetic, caption, url) table of the ok
+    rows of scored shards, in file order, less the image ids in `exclude` (dropped exact
+    duplicates): the order index_corpus adds them to the index, so row i of the result is row i
+    of the index. caption and url are null for shards written before them."""
     import pyarrow as pa
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
     from align import io
 
-    table = pa.concat_tables(
-        [
-            io.read_parquet(f, columns=["image_id", "embedding", "aesthetic", "status"])
-            for f in files
-        ]
-    )
-    table = table.filter(pc.equal(table["status"], "ok"))
+    tables = []
+    for f in files:
+        fs, path = io.filesystem(f)
+        with fs.open_input_file(path) as fh:
+            names = pq.read_schema(fh).names
+        metadata = [c for c in ("caption", "url") if c in names]
+        table = io.read_parquet(
+            f, columns=["image_id", "embedding", "aesthetic", "status", *metadata]
+        )
+        for c in ("caption", "url"):
+            if c not in metadata:
+                table = table.append_column(c, pa.nulls(table.num_rows, pa.string()))
+        tables.append(
+            table.select(["image_id", "embedding", "aesthetic", "status", "caption", "url"])
+        )
+    table = pa.concat_tables(tables)
+    keep = pc.equal(table["status"], "ok")
+    if exclude is not None and len(exclude):
+        values = (
+            exclude.combine_chunks()
+            if isinstance(exclude, pa.ChunkedArray)
+            else pa.array(exclude, pa.string())
+        )
+        keep = pc.and_(keep, pc.invert(pc.is_in(table["image_id"], value_set=values)))
+    table = table.filter(keep)
     emb = table["embedding"].combine_chunks()
     dim = len(emb[0]) if len(emb) else 0
     vectors = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
-    return vectors, table.select(["image_id", "aesthetic"])
+    return vectors, table.select(["image_id", "aesthetic", "caption", "url"])
+
+
+def exact_duplicates(files: list[str]):
+    """The ok rows of scored shards whose sha256 equals an earlier row's (file order): a table
+    (image_id, duplicate_of: the first image with those bytes, sha256)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from align import io
+
+    tables = []
+    for f in files:
+        fs, path = io.filesystem(f)
+        with fs.open_input_file(path) as fh:
+            if "sha256" not in pq.read_schema(fh).names:  # written before hashes were
+                continue
+        tables.append(io.read_parquet(f, columns=["image_id", "sha256", "status"]))
+    empty = pa.table({n: pa.array([], pa.string()) for n in ("image_id", "duplicate_of", "sha256")})
+    if not tables:
+        return empty
+    table = pa.concat_tables(tables)
+    table = table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["sha256"])))
+    hashes = table["sha256"].to_numpy(zero_copy_only=False).astype(str)
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    original = first[inverse.reshape(-1)]
+    duplicate = np.flatnonzero(original != np.arange(len(hashes)))
+    if not len(duplicate):
+        return empty
+    return pa.table(
+        {
+            "image_id": table["image_id"].take(duplicate),
+            "duplicate_of": table["image_id"].take(original[duplicate]),
+            "sha256": table["sha256"].take(duplicate),
+        }
+    )
 
 
 class ShardedIndex:
@@ -235,8 +292,11 @@ def load_corpus(index_corpus_dir: str):
     """
     from align import io
 
-    index, id_map, _ = load_index(f"{index_corpus_dir}/index")
-    vectors, table = read_scored_embeddings(io.list_files(f"{index_corpus_dir}/scored", ".parquet"))
+    index, id_map, manifest = load_index(f"{index_corpus_dir}/index")
+    vectors, table = read_scored_embeddings(
+        io.list_files(f"{index_corpus_dir}/scored", ".parquet"),
+        exclude=dropped_duplicates(f"{index_corpus_dir}/index", manifest),
+    )
     if not table["image_id"].combine_chunks().equals(id_map["image_id"].combine_chunks()):
         raise ValueError(f"scored shards in {index_corpus_dir} do not match its index id map")
     return (
@@ -245,6 +305,15 @@ def load_corpus(index_corpus_dir: str):
         table["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float32),
         vectors.astype(np.float16),
     )
+
+
+def dropped_duplicates(index_dir: str, manifest: dict):
+    """The image ids an index left out as exact duplicates (None: none were)."""
+    from align import io
+
+    if not manifest.get("exact_duplicates", {}).get("dropped"):
+        return None
+    return io.read_parquet(f"{index_dir}/{DUPLICATES_FILE}", columns=["image_id"])["image_id"]
 
 
 def check_index(model: ModelConfig, index_corpus_dir: str) -> dict:
@@ -280,17 +349,18 @@ def check_index(model: ModelConfig, index_corpus_dir: str) -> dict:
 
 
 def build_index_shard(
-    files: list[str], index_dir: str, shard: int, cfg: IndexConfig, rating_edges=None
+    files: list[str], index_dir: str, shard: int, cfg: IndexConfig, rating_edges=None, exclude=None
 ) -> dict:
-    """Build and save the index over some scored shards and measure its recall@10 (the body of
-    index_corpus's per-shard Ray task); returns its manifest entry, its ids and, given the
-    corpus's rating edges, its sums of embeddings per rating level (align.ranking)."""
+    """Build and save the index over some scored shards (less the image ids in `exclude`) and
+    measure its recall@10 (the body of index_corpus's per-shard Ray task); returns its manifest
+    entry, its ids and, given the corpus's rating edges, its sums of embeddings per rating level
+    (align.ranking)."""
     import faiss
 
     from align import io
     from align.ranking import rating_level_sums
 
-    vectors, ids = read_scored_embeddings(files)
+    vectors, ids = read_scored_embeddings(files, exclude)
     level_sums = None
     if rating_edges is not None:
         aesthetic = ids["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float64)
@@ -313,9 +383,12 @@ def build_index_shard(
     }
 
 
-def write_id_map_and_manifest(index_dir: str, shards: list[dict], model: ModelConfig) -> dict:
+def write_id_map_and_manifest(
+    index_dir: str, shards: list[dict], model: ModelConfig, duplicates: dict | None = None
+) -> dict:
     """After every shard is built (`build_index_shard`, in order): the global id map (row ->
-    image id, aesthetic) and `_index.json`, which names the model and its weights."""
+    image id, aesthetic, caption, url) and `_index.json`, which names the model and its weights
+    and what became of exact duplicates (`duplicates`: found, dropped)."""
     import pyarrow as pa
 
     from align import io
@@ -330,9 +403,7 @@ def write_id_map_and_manifest(index_dir: str, shards: list[dict], model: ModelCo
         shard["offset"] = offset
         ids = shard.pop("ids")
         rows = pa.array(np.arange(offset, offset + ids.num_rows), pa.int64())
-        id_tables.append(
-            pa.table({"row": rows, "image_id": ids["image_id"], "aesthetic": ids["aesthetic"]})
-        )
+        id_tables.append(pa.table({"row": rows, **{n: ids[n] for n in ids.column_names}}))
         offset += ids.num_rows
     io.write_parquet(pa.concat_tables(id_tables), f"{index_dir}/id_map.parquet")
     index_manifest = {
@@ -347,6 +418,7 @@ def write_id_map_and_manifest(index_dir: str, shards: list[dict], model: ModelCo
         "metric": "inner product on L2-normalised embeddings (cosine)",
         # clip-back's aesthetic_score 0-9: mean embedding per rating level (align.ranking).
         "rating_embeddings": rating_file,
+        "exact_duplicates": {**(duplicates or {}), "file": DUPLICATES_FILE},
     }
     io.write_json(f"{index_dir}/{INDEX_MANIFEST}", index_manifest)
     return index_manifest

@@ -135,15 +135,59 @@ def rating_embeddings(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
 
 
-def near_duplicates(embeddings: np.ndarray, threshold: float) -> np.ndarray:
-    """Bool per row: a near-duplicate of an earlier row (cosine >= threshold, transitively, as
-    clip-retrieval's `deduplicate`). Rows come best first, so the best of each group stays."""
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import connected_components
-
+def near_duplicates(embeddings: np.ndarray, threshold: float, priority=None) -> np.ndarray:
+    """Bool per row: a near-duplicate, not the one of its group that stays. Rows come best
+    first; each row joins the group of the first earlier group leader within cosine
+    `threshold`, or leads a group of its own (not transitive, unlike clip-retrieval's connected
+    components: a chain of near neighbours does not merge distinct images, and looking at more
+    rows never merges groups, so a deeper search never keeps fewer). Of each group the leader
+    stays or, given `priority`, the row with the highest (the earlier on ties; NaN lowest)."""
     emb = np.asarray(embeddings, dtype=np.float32)
+    n = len(emb)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    _, group = connected_components(csr_matrix(emb @ emb.T >= threshold), directed=False)
-    first = np.full(group.max() + 1 if len(group) else 0, len(group))
-    np.minimum.at(first, group, np.arange(len(group)))
-    return np.arange(len(group)) != first[group]
+    near = emb @ emb.T >= threshold
+    group = np.arange(n)
+    leader = np.zeros(n, dtype=bool)
+    for i in range(n):  # greedy and sequential by definition: one vector op per row
+        hits = np.flatnonzero(near[i, :i] & leader[:i])
+        if len(hits):
+            group[i] = hits[0]
+        else:
+            leader[i] = True
+    place = np.arange(n)
+    if priority is not None:
+        key = np.nan_to_num(np.asarray(priority, dtype=np.float64), nan=-np.inf)
+        place[np.lexsort((np.arange(n), -key))] = np.arange(n)  # highest first
+    best = np.full(n, n)
+    np.minimum.at(best, group, place)
+    return place != best[group]
+
+
+def filter_candidates(
+    aesthetic: np.ndarray,
+    vectors: np.ndarray | None,
+    *,
+    min_aesthetic: float | None = None,
+    dedup_threshold: float | None = None,
+    keep_most_aesthetic: bool = True,
+) -> tuple[np.ndarray, dict]:
+    """The result filters of a search, on candidates in rank order: drop those under
+    `min_aesthetic` (and unscored ones), then collapse near-duplicates (cosine >=
+    `dedup_threshold`, `vectors` needed) keeping the most aesthetic of each group, or the first
+    when not `keep_most_aesthetic` (clip-back's choice). Returns (keep mask, how many each
+    filter dropped)."""
+    aesthetic = np.asarray(aesthetic, dtype=np.float64)
+    keep = np.ones(len(aesthetic), dtype=bool)
+    if min_aesthetic is not None:
+        keep &= np.nan_to_num(aesthetic, nan=-np.inf) >= min_aesthetic
+    below = int((~keep).sum())
+    duplicates = 0
+    if dedup_threshold is not None and keep.any():
+        rows = np.flatnonzero(keep)
+        priority = aesthetic[rows] if keep_most_aesthetic else None
+        duplicate = near_duplicates(np.asarray(vectors)[rows], dedup_threshold, priority)
+        keep[rows[duplicate]] = False
+        duplicates = int(duplicate.sum())
+    return keep, {"below_min_aesthetic": below, "duplicates": duplicates}

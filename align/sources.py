@@ -6,6 +6,7 @@ The job (pipelines/index_corpus.py) builds its Ray Data reads from these."""
 
 from __future__ import annotations
 
+import json
 import tarfile
 import zlib
 
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 
 from align import io
 from align.config import IndexCorpusConfig
-from align.contracts import ContractError
+from align.contracts import SOURCE_METADATA, ContractError
 from align.errors import InputNotFound
 from align.images import IMAGE_EXTENSIONS
 
@@ -81,6 +82,25 @@ def parquet_image_layout(ic: IndexCorpusConfig, files: list[str]) -> str:
     return layouts.pop()
 
 
+IMG2DATASET_STATUS = ("status", "error_message")
+
+
+def source_columns(files: list[str]) -> list[str]:
+    """The columns beyond id and image that every Parquet file of a unit has and index_corpus
+    carries: SOURCE_METADATA (caption, url, sha256), and img2dataset's status and error_message
+    (its parquet output lists failed downloads as rows without an image)."""
+    common = None
+    for f in files:
+        fs, path = io.filesystem(f)
+        with fs.open_input_file(path) as fh:
+            names = set(pq.read_schema(fh).names)
+        common = names if common is None else common & names
+    columns = [c for c in SOURCE_METADATA if c in common]
+    if all(c in common for c in IMG2DATASET_STATUS):
+        columns += IMG2DATASET_STATUS
+    return columns
+
+
 def struct_bytes(table: pa.Table, column: str) -> pa.Table:
     """Hugging Face's image struct {bytes, path} -> its bytes, in place of the struct."""
     index = table.schema.get_field_index(column)
@@ -88,19 +108,41 @@ def struct_bytes(table: pa.Table, column: str) -> pa.Table:
 
 
 TAR_BATCH = 256  # samples per block a tar reader emits: memory is this many images, not a tar
+# The read error of an input row img2dataset listed but could not download or resize.
+NOT_DOWNLOADED = "not downloaded by img2dataset"
+_SAMPLE_COLUMNS = ("image_id", "image", "read_error", *SOURCE_METADATA)
+
+
+def _sidecar_metadata(name: str, data: bytes, sample: dict) -> None:
+    """img2dataset's `{key}.txt` (the caption) and `{key}.json` (url, caption, sha256, ...)."""
+    if name.endswith(".txt"):
+        sample["caption"] = data.decode("utf-8", "replace")
+        return
+    try:
+        meta = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # metadata is a bonus: an unreadable sidecar costs it, not the image
+    if isinstance(meta, dict):
+        for column in SOURCE_METADATA:
+            value = meta.get(column)
+            if isinstance(value, str) and sample.get(column) is None:
+                sample[column] = value
 
 
 def tar_samples(path: str, max_member_bytes: int):
     """Stream a WebDataset tar (as img2dataset writes it, plain or compressed) member by member:
-    yields (image_id, image bytes or None, error or ""), one per sample key. Captions and
-    metadata are not read. A member over `max_member_bytes` (a tar bomb), a sample with no image
-    and a tar cut short become errors; what was read before the cut is kept."""
+    yields one dict per sample key with the SCORED source columns (`image_id`, `image` bytes or
+    None, `read_error` or "", and caption, url, sha256 from the `.txt`/`.json` sidecars). A
+    member over `max_member_bytes` (a tar bomb), a sample with no image and a tar cut short
+    become errors; what was read before the cut is kept."""
     fs, inner = io.filesystem(path)
     current: dict = {}  # samples of the current key: img2dataset writes a key's members together
 
     def flush():
-        for key, (data, error) in current.items():
-            yield key, data, error or ("" if data is not None else "empty file (no image member)")
+        for sample in current.values():
+            if sample["image"] is None and not sample["read_error"]:
+                sample["read_error"] = "empty file (no image member)"
+            yield sample
         current.clear()
 
     with fs.open_input_stream(inner) as stream:
@@ -112,47 +154,120 @@ def tar_samples(path: str, max_member_bytes: int):
                     key, _, ext = member.name.rpartition(".")
                     if key not in current:
                         yield from flush()
-                        current[key] = (None, "")
-                    if f".{ext.lower()}" not in IMAGE_EXTENSIONS:
+                        current[key] = dict.fromkeys(_SAMPLE_COLUMNS) | {
+                            "image_id": key, "read_error": ""
+                        }  # fmt: skip
+                    sample = current[key]
+                    image = f".{ext.lower()}" in IMAGE_EXTENSIONS
+                    if not image and ext.lower() not in ("txt", "json"):
                         continue
                     if member.size > max_member_bytes:
-                        current[key] = (None, f"tar member {member.name} is {member.size} bytes, "
-                                        f"over index_corpus.max_member_bytes={max_member_bytes}")  # fmt: skip
+                        if image:
+                            sample["read_error"] = (
+                                f"tar member {member.name} is {member.size} bytes, over "
+                                f"index_corpus.max_member_bytes={max_member_bytes}"
+                            )
                         continue
                     try:
-                        current[key] = (tar.extractfile(member).read(), "")
+                        data = tar.extractfile(member).read()
                     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-                        current[key] = (None, f"tar member {member.name} unreadable: {e}")
+                        sample["read_error"] = f"tar member {member.name} unreadable: {e}"
                         raise
+                    if image:
+                        sample["image"] = data
+                    else:
+                        _sidecar_metadata(member.name, data, sample)
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             yield from flush()
-            yield f"{path}#unread", None, f"tar cut short or corrupt after the samples above: {e}"
+            yield dict.fromkeys(_SAMPLE_COLUMNS) | {
+                "image_id": f"{path}#unread",
+                "read_error": f"tar cut short or corrupt after the samples above: {e}",
+            }
             return
     yield from flush()
 
 
+def _sidecar(path: str, suffix: str) -> str:
+    """img2dataset's file beside a shard: 00012.tar -> 00012.parquet, 00012_stats.json."""
+    return path[: -len(".tar")] + suffix if path.endswith(".tar") else path + suffix
+
+
+def failed_downloads(path: str):
+    """The rows img2dataset listed for a tar but never wrote into it, from the `{shard}.parquet`
+    beside it (key, status, error_message, url, caption): a table in the tar reader's columns,
+    each with a read error; None when there is no such sidecar."""
+    sidecar = _sidecar(path, ".parquet")
+    if not io.exists(sidecar):
+        return None
+    fs, inner = io.filesystem(sidecar)
+    with fs.open_input_file(inner) as fh:
+        names = pq.read_schema(fh).names
+    if "key" not in names or "status" not in names:
+        return None
+    columns = [c for c in ("key", "status", "error_message", *SOURCE_METADATA) if c in names]
+    table = io.read_parquet(sidecar, columns=columns)
+    return not_downloaded_rows(table.rename_columns(
+        ["image_id" if c == "key" else c for c in columns]
+    ), keep_downloaded=False)  # fmt: skip
+
+
+def not_downloaded_rows(table: pa.Table, keep_downloaded: bool = True) -> pa.Table:
+    """img2dataset's `status` / `error_message` columns -> `read_error` (NOT_DOWNLOADED and
+    why, for each row that is not a success; "" otherwise), and the rows in the tar reader's
+    columns. keep_downloaded=False keeps only the failed rows (a tar's sidecar)."""
+    status = table["status"].cast(pa.string())
+    failed = pc.fill_null(pc.not_equal(status, "success"), True)
+    if not keep_downloaded:
+        table, status, failed = table.filter(failed), status.filter(failed), failed.filter(failed)
+    why = (
+        pc.fill_null(table["error_message"].cast(pa.string()), "")
+        if "error_message" in table.column_names
+        else pa.array([""] * table.num_rows, pa.string())
+    )
+    message = pc.binary_join_element_wise(
+        pa.scalar(f"{NOT_DOWNLOADED} ("), pc.fill_null(status, "no status"), pa.scalar("): "),
+        why, "",
+    )  # fmt: skip
+    read_error = pc.if_else(failed, message, "")
+    out = table.drop_columns([c for c in ("status", "error_message") if c in table.column_names])
+    return out.append_column("read_error", read_error)
+
+
+def stats_failed_downloads(files: list[str]) -> int:
+    """Failed downloads of tars whose failures no sidecar parquet lists, from img2dataset's
+    `{shard}_stats.json` (count - successes): counted in the manifest, there are no rows."""
+    total = 0
+    for path in files:
+        stats = _sidecar(path, "_stats.json")
+        if io.exists(_sidecar(path, ".parquet")) or not io.exists(stats):
+            continue
+        facts = io.read_json(stats)
+        total += max(0, int(facts.get("count", 0)) - int(facts.get("successes", 0)))
+    return total
+
+
 def read_tars(batch: dict, max_member_bytes: int):
-    """map_batches generator: tar paths -> blocks of (image_id, image, read_error)."""
-    rows: dict[str, list] = {"image_id": [], "image": [], "read_error": []}
+    """map_batches generator: tar paths -> blocks of the tar reader's columns, then the rows
+    img2dataset listed beside each tar but could not download (with their read error)."""
+    rows: list[dict] = []
     for path in batch["path"]:
-        for key, data, error in tar_samples(str(path), max_member_bytes):
-            rows["image_id"].append(key)
-            rows["image"].append(data or b"")
-            rows["read_error"].append(error)
-            if len(rows["image_id"]) >= TAR_BATCH:
+        for sample in tar_samples(str(path), max_member_bytes):
+            rows.append(sample)
+            if len(rows) >= TAR_BATCH:
                 yield _tar_block(rows)
-                rows = {"image_id": [], "image": [], "read_error": []}
-    if rows["image_id"]:
+                rows = []
+        failed = failed_downloads(str(path))
+        if failed is not None and failed.num_rows:
+            yield _tar_block(failed.to_pylist())
+    if rows:
         yield _tar_block(rows)
 
 
-def _tar_block(rows: dict) -> pa.Table:
+def _tar_block(rows: list[dict]) -> pa.Table:
+    columns = {c: [r.get(c) for r in rows] for c in _SAMPLE_COLUMNS}
+    columns["image"] = [data or b"" for data in columns["image"]]
     return pa.table(
-        {
-            "image_id": pa.array(rows["image_id"], pa.string()),
-            "image": pa.array(rows["image"], pa.binary()),
-            "read_error": pa.array(rows["read_error"], pa.string()),
-        }
+        {c: pa.array(v, pa.binary() if c == "image" else pa.string()) for c, v in columns.items()}
     )
 
 

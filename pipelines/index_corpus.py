@@ -28,7 +28,12 @@ from align import aesthetics, io
 from align.cli import run_job
 from align.config import Config, IndexCorpusConfig
 from align.contracts import ERRORS, SCORED, SCORER_COLUMN_PREFIX, conform
-from align.index import build_index_shard, write_id_map_and_manifest
+from align.index import (
+    DUPLICATES_FILE,
+    build_index_shard,
+    exact_duplicates,
+    write_id_map_and_manifest,
+)
 from align.log import get_logger
 from align.manifest import JobManifest
 from align.models import ModelFacts, check_model, model_id
@@ -36,10 +41,14 @@ from align.ranking import rating_edges
 from align.resume import DONE_MARKER, unit_done, unit_inputs
 from align.runtime import init_ray
 from align.sources import (
+    NOT_DOWNLOADED,
     count_input_rows,
+    not_downloaded_rows,
     parquet_image_layout,
     plan_units,
     read_tars,
+    source_columns,
+    stats_failed_downloads,
     struct_bytes,
 )
 from align.stages import actor_pool, task_pool
@@ -61,9 +70,12 @@ def read_unit(ic: IndexCorpusConfig, files: list[str], source: str, layout: str 
 
     if ic.input_format == "parquet":
         column = ic.image_column if ic.image_column else ic.path_column
+        extra = source_columns(files)
         ds = ray.data.read_parquet(files, num_cpus=ic.decode.num_cpus).select_columns(
-            [ic.id_column, column]
+            list(dict.fromkeys([ic.id_column, column, *extra]))
         )
+        if "status" in extra:  # img2dataset's parquet output: failed downloads are rows
+            ds = ds.map_batches(not_downloaded_rows, batch_format="pyarrow")
         if layout == "struct":  # parquet_image_layout, checked once for every file before work
             ds = ds.map_batches(struct_bytes, fn_kwargs={"column": column}, batch_format="pyarrow")
         if ic.id_column != "image_id":
@@ -130,15 +142,22 @@ def run_unit(
     io.empty_dir(unit_dir)
     unit_pipeline(config, files, source, model, layout).write_parquet(unit_dir)
     score_columns = [SCORER_COLUMN_PREFIX + n for n in ic.scorers]
-    staged = io.read_parquet(unit_dir, columns=["status", *score_columns])
+    staged = io.read_parquet(unit_dir, columns=["status", "error", *score_columns])
     ok = int(pc.sum(pc.equal(staged["status"], "ok")).as_py() or 0)
     expected = count_input_rows(ic, files)
+    # Rows img2dataset listed but never downloaded: error rows (its sidecars name them), plus
+    # those only its _stats.json counts.
+    not_downloaded = pc.starts_with(pc.fill_null(staged["error"], ""), NOT_DOWNLOADED)
+    failed_downloads = int(pc.sum(not_downloaded).as_py() or 0)
+    if ic.input_format == "webdataset":
+        failed_downloads += stats_failed_downloads(files)
     marker = {
         "files": files,
         "inputs": unit_inputs(config, files),
         "rows_in": expected if expected is not None else staged.num_rows,
         "rows_ok": ok,
         "rows_error": staged.num_rows - ok,
+        "failed_downloads": failed_downloads,
         "score_moments": aesthetics.score_moments(
             {n: staged[SCORER_COLUMN_PREFIX + n].to_numpy(zero_copy_only=False) for n in ic.scorers}
         ),
@@ -187,7 +206,9 @@ def finalise_unit(unit_dir: str, out: str, part: int, weights: dict, stats: dict
     errors = pa.table(
         {
             "row_id": errors["image_id"],
-            "stage": pa.array(["decode"] * errors.num_rows, pa.string()),
+            "stage": pc.if_else(
+                pc.starts_with(errors["error"], NOT_DOWNLOADED), "download", "decode"
+            ),
             "error": errors["error"],
         }
     )
@@ -225,9 +246,16 @@ def build_indexes(config: Config, out: str) -> dict:
     # Rating levels split the whole corpus's scores: edges here, per-level sums in each shard.
     aesthetic = pa.concat_tables([io.read_parquet(f, columns=["aesthetic"]) for f in files])
     edges = rating_edges(aesthetic["aesthetic"].to_numpy(zero_copy_only=False).astype(float))
+    # Exact duplicates (equal sha256) are always recorded; left out of the index by config.
+    duplicates = exact_duplicates(files)
+    io.write_parquet(duplicates, f"{index_dir}/{DUPLICATES_FILE}")
+    exclude = duplicates["image_id"] if cfg.drop_exact_duplicates else None
     task = ray.remote(num_cpus=1)(build_index_shard)
-    shards = ray.get([task.remote(list(g), index_dir, i, cfg, edges) for i, g in enumerate(groups)])
-    return write_id_map_and_manifest(index_dir, shards, config.model)
+    shards = ray.get(
+        [task.remote(list(g), index_dir, i, cfg, edges, exclude) for i, g in enumerate(groups)]
+    )
+    found = {"found": duplicates.num_rows, "dropped": cfg.drop_exact_duplicates}
+    return write_id_map_and_manifest(index_dir, shards, config.model, found)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,10 +294,14 @@ def index_corpus(config: Config) -> dict:
     rows_in = sum(m["rows_in"] for m in markers)
     rows_ok = sum(m["rows_ok"] for m in markers)
     rows_error = sum(m["rows_error"] for m in markers)
+    failed_downloads = sum(m.get("failed_downloads", 0) for m in markers)
     manifest.extra.update(
         {
             "input": source,
             "units": len(units),
+            # Rows the source listed without an image (img2dataset's failed downloads): error
+            # rows where its sidecars name them, counted from its _stats.json otherwise.
+            "failed_downloads": failed_downloads,
             "embed_dim": model.embed_dim,
             "aesthetic": {
                 "combined": "sum_i w_i * z_i / sum_i w_i, each scorer z-scored over the corpus",

@@ -38,7 +38,9 @@ def build_app(args: dict) -> Application:
         {n: m.model for n, m in models.items()}, cfg.encoder_threads, cfg.text_batching.model_dump()
     )
     index = VectorIndex.bind(
-        {n: m.index_dir for n, m in models.items()}, cfg.index_batching.model_dump()
+        {n: m.index_dir for n, m in models.items()},
+        cfg.index_batching.model_dump(),
+        cfg.filters.model_dump(),
     )
     images = ImageStore.bind({n: (m.corpus, m.index_dir) for n, m in models.items()})
     rewriter = QueryRewriter.bind(cfg.rewriter.model_dump()) if cfg.rewriter else None
@@ -54,7 +56,8 @@ def build_app(args: dict) -> Application:
         "image_url_template": cfg.image_url_template,
         "max_body_bytes": cfg.max_body_bytes,
         "allowed_hosts": cfg.allowed_hosts,
-        "max_knn_body_bytes": cfg.max_knn_body_bytes,
+        "max_image_body_bytes": cfg.max_image_body_bytes,
+        "filters": cfg.filters.model_dump(),
         "max_image_pixels": cfg.max_image_pixels,
         # Per model, what an image or embedding query must match.
         "model_facts": {n: model_facts(m.model) for n, m in models.items()},

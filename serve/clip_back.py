@@ -16,12 +16,9 @@ search (`modality: "text"`) and `image_url` (the server fetching any URL) are re
 
 from __future__ import annotations
 
-import base64
-import binascii
-import math
 from dataclasses import dataclass
 
-from serve.search import BadRequest, _as_bool, _as_float, _as_int
+from serve.search import BadRequest, _as_bool, _as_float, _as_int, parse_query_input
 
 RERANK_SUFFIX = "+rerank"
 # clip-back's near-duplicate threshold (cosine) for `deduplicate`.
@@ -74,30 +71,11 @@ def parse_indice(name, models: tuple[str, ...]) -> tuple[str, bool]:
 
 
 def _query_input(fields: dict, dim: int, max_query_chars: int):
-    """(text, image bytes, embedding): exactly one of them."""
-    text, image, embedding = (_optional(fields, n) for n in ("text", "image", "embedding_input"))
+    """(text, image bytes, embedding): exactly one of them ("" is not given, as in clip-back)."""
     if _optional(fields, "image_url") is not None:
         raise BadRequest(400, "'image_url' is not served: send the image itself as 'image'")
-    given = [n for n, v in (("text", text), ("image", image), ("embedding_input", embedding))
-             if v is not None]  # fmt: skip
-    if len(given) != 1:
-        raise BadRequest(400, "give exactly one of 'text', 'image' and 'embedding_input'")
-    if text is not None:
-        if not isinstance(text, str) or not text.strip():
-            raise BadRequest(400, "'text' must be a non-empty string")
-        if len(text) > max_query_chars:
-            raise BadRequest(400, f"'text' is {len(text)} characters; limit {max_query_chars}")
-        return text.strip(), None, None
-    if image is not None:
-        try:
-            return None, base64.b64decode(image, validate=True), None
-        except (binascii.Error, TypeError, ValueError):
-            raise BadRequest(400, "'image' must be a base64-encoded image") from None
-    ok = isinstance(embedding, list) and len(embedding) == dim
-    ok = ok and all(isinstance(x, int | float) and not isinstance(x, bool) for x in embedding)
-    if not ok or not all(math.isfinite(x) for x in embedding):
-        raise BadRequest(400, f"'embedding_input' must be a list of {dim} finite numbers")
-    return None, None, [float(x) for x in embedding]
+    names = ("text", "image", "embedding_input")
+    return parse_query_input({n: _optional(fields, n) for n in names}, names, dim, max_query_chars)
 
 
 def parse_knn_request(

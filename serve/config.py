@@ -67,11 +67,27 @@ class RewriterConfig(Section):
         return self
 
 
+class FiltersConfig(Section):
+    """The result filters of /search (`dedup`, `min_aesthetic`) and clip-back's `deduplicate`:
+    the search goes deeper (4x each time) until k results pass, up to max_depth candidates."""
+
+    dedup_threshold: float = Field(
+        0.94, gt=0.0, le=1.0, description="Cosine at or above which results are duplicates."
+    )
+    max_depth: int = Field(
+        2000,
+        ge=1,
+        description="Most candidates one filtered search looks at (dedup compares them all "
+        "pairwise: max_depth^2 similarities).",
+    )
+
+
 class ServeArgs(Section):
     models: dict[str, ServedModelConfig] = Field(min_length=1)
     default_model: str | None = Field(None, description="None: the first model.")
     rewriter: RewriterConfig | None = RewriterConfig()
     rerank: RerankConfig = RerankConfig()
+    filters: FiltersConfig = FiltersConfig()
     default_k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1)
     max_query_chars: int = Field(1000, ge=1)
@@ -91,10 +107,11 @@ class ServeArgs(Section):
     max_body_bytes: int = Field(
         64 * 1024, ge=1024, description="Request bodies over this many bytes get 413."
     )
-    max_knn_body_bytes: int = Field(
+    max_image_body_bytes: int = Field(
         4 * 2**20,
         ge=1024,
-        description="The same limit for clip-back's /knn-service, whose body may hold an image.",
+        description="The same limit for bodies that may hold a query image: POST /search and "
+        "clip-back's /knn-service.",
     )
     max_image_pixels: int = Field(
         64_000_000, ge=1, description="Decompression-bomb guard of image queries."
@@ -117,6 +134,11 @@ class ServeArgs(Section):
             raise ValueError(f"default_k ({self.default_k}) is over max_k ({self.max_k})")
         if self.rerank.depth < self.max_k:
             raise ValueError(f"rerank.depth ({self.rerank.depth}) is under max_k ({self.max_k})")
+        if self.filters.max_depth < self.rerank.depth:
+            raise ValueError(
+                f"filters.max_depth ({self.filters.max_depth}) is under rerank.depth "
+                f"({self.rerank.depth})"
+            )
         if self.image_url_template is not None and "{image_id}" not in self.image_url_template:
             raise ValueError("image_url_template needs an {image_id} slot")
         return self

@@ -98,13 +98,16 @@ class TextEncoder:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 class VectorIndex:
-    """Top-n search of each model's FAISS index (loaded once per replica), batched."""
+    """Top-n search of each model's FAISS index (loaded once per replica), batched; searches
+    with result filters go deeper until enough results pass."""
 
-    def __init__(self, index_dirs: dict[str, str], batching: dict):
+    def __init__(self, index_dirs: dict[str, str], batching: dict, filters: dict):
+        import pyarrow as pa
+
         from align.index import load_index, read_rating_embeddings
 
         self.indexes, self.ids, self.aesthetic, self.facts_ = {}, {}, {}, {}
-        self.ratings = {}
+        self.ratings, self.metadata = {}, {}
         for name, index_dir in index_dirs.items():
             index, id_map, manifest = load_index(index_dir)
             self.indexes[name] = index
@@ -113,7 +116,16 @@ class VectorIndex:
             self.aesthetic[name] = (
                 id_map["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float32)
             )
+            # Caption and source URL stay Arrow arrays (taken per result), null for an index
+            # built before index_corpus kept them.
+            self.metadata[name] = {
+                c: id_map[c].combine_chunks()
+                if c in id_map.column_names
+                else pa.nulls(id_map.num_rows, pa.string())
+                for c in ("caption", "url")
+            }
             self.facts_[name] = {"images": int(index.ntotal), "index": manifest["spec"]["type"]}
+        self.filters = filters
         self.search.set_max_batch_size(batching["max_batch_size"])
         self.search.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
 
@@ -123,40 +135,81 @@ class VectorIndex:
     def has_ratings(self, model: str) -> bool:
         return self.ratings[model] is not None
 
-    def knn(self, model: str, vector: np.ndarray, depth: int, score, weight: float, dedup: bool):
-        """clip-back's search: the query steered towards rating level `score` (if given), the top
-        `depth`, near-duplicates (clip-back's threshold) dropped when `dedup`."""
-        from align.index import reconstruct_rows
-        from align.ranking import near_duplicates, steer
-        from serve.clip_back import DEDUP_THRESHOLD
-
-        index = self.indexes[model]
-        query = np.asarray(vector, dtype=np.float32)[None]
-        if score is not None:
-            query = steer(query, self.ratings[model][score], weight)
-        similarity, rows = index.search(np.ascontiguousarray(query), min(depth, index.ntotal))
-        keep = rows[0] >= 0
-        similarity, rows = similarity[0][keep], rows[0][keep]
-        if dedup and len(rows):
-            unique = ~near_duplicates(reconstruct_rows(index, rows), DEDUP_THRESHOLD)
-            similarity, rows = similarity[unique], rows[unique]
+    def _found(self, model: str, rows: np.ndarray, similarity: np.ndarray) -> dict:
+        meta = self.metadata[model]
         return {
             "rows": rows,
             "similarity": similarity.astype(np.float32),
             "ids": self.ids[model][rows].tolist(),
             "aesthetic": self.aesthetic[model][rows],
+            "caption": meta["caption"].take(rows).to_pylist(),
+            "source_url": meta["url"].take(rows).to_pylist(),
         }
 
+    def filtered_search(
+        self,
+        model: str,
+        vector: np.ndarray,
+        want: int,
+        depth: int,
+        min_aesthetic: float | None,
+        dedup_threshold: float | None,
+        keep_most_aesthetic: bool = True,
+    ) -> dict:
+        """The top `depth` candidates (at least) that pass the result filters
+        (align.ranking.filter_candidates), searching 4x deeper each time until `want` pass, the
+        index runs out or `filters.max_depth` is reached; "filtered" says what was dropped,
+        how deep it searched and whether that bound stopped it short of `want`."""
+        from align.index import reconstruct_rows
+        from align.ranking import filter_candidates
+
+        index = self.indexes[model]
+        query = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(1, -1))
+        bound = min(self.filters["max_depth"], index.ntotal)
+        depth = min(depth, bound)
+        while True:
+            similarity, rows = index.search(query, depth)
+            hit = rows[0] >= 0
+            similarity, rows = similarity[0][hit], rows[0][hit]
+            vectors = reconstruct_rows(index, rows) if dedup_threshold and len(rows) else None
+            keep, dropped = filter_candidates(
+                self.aesthetic[model][rows], vectors, min_aesthetic=min_aesthetic,
+                dedup_threshold=dedup_threshold, keep_most_aesthetic=keep_most_aesthetic,
+            )  # fmt: skip
+            if keep.sum() >= want or depth >= bound:
+                break
+            depth = min(depth * 4, bound)
+        found = self._found(model, rows[keep], similarity[keep])
+        found["filtered"] = {
+            **dropped,
+            "searched": depth,
+            # Fewer than asked because of the bound, not because the index has no more.
+            "bound_hit": bool(keep.sum() < want and depth < index.ntotal),
+        }
+        return found
+
+    def knn(self, model: str, vector: np.ndarray, want: int, depth: int, score, weight, dedup):
+        """clip-back's search: the query steered towards rating level `score` (if given), the top
+        `depth`, near-duplicates (clip-back's threshold, the first of each group kept) dropped
+        when `dedup`, searching deeper until `want` remain."""
+        from align.ranking import steer
+        from serve.clip_back import DEDUP_THRESHOLD
+
+        query = np.asarray(vector, dtype=np.float32)[None]
+        if score is not None:
+            query = steer(query, self.ratings[model][score], weight)
+        return self.filtered_search(
+            model, query, want, depth, None, DEDUP_THRESHOLD if dedup else None,
+            keep_most_aesthetic=False,
+        )  # fmt: skip
+
     def rows(self, model: str, rows: list[int]) -> dict:
-        """Image ids and aesthetic scores of index rows (clip-back's /metadata); -1 past the end."""
+        """Image ids, aesthetic scores and metadata of index rows (clip-back's /metadata);
+        `valid` is False for rows past the end."""
         rows = np.asarray(rows, dtype=np.int64)
         valid = (rows >= 0) & (rows < len(self.ids[model]))
-        safe = np.where(valid, rows, 0)
-        return {
-            "valid": valid,
-            "ids": np.where(valid, self.ids[model][safe], None).tolist(),
-            "aesthetic": self.aesthetic[model][safe],
-        }
+        found = self._found(model, np.where(valid, rows, 0), np.zeros(len(rows)))
+        return {**found, "valid": valid}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def search(
@@ -172,12 +225,7 @@ class VectorIndex:
             scores, found = index.search(queries, depth)
             for row, s, f in zip(rows, scores, found, strict=True):
                 keep = f[: depths[row]] >= 0
-                hits = f[: depths[row]][keep]
-                out[row] = {
-                    "ids": self.ids[name][hits].tolist(),
-                    "similarity": s[: depths[row]][keep].astype(np.float32),
-                    "aesthetic": self.aesthetic[name][hits],
-                }
+                out[row] = self._found(name, f[: depths[row]][keep], s[: depths[row]][keep])
         return out
 
 
@@ -366,6 +414,7 @@ class SearchIngress:
             max_query_chars=settings["max_query_chars"],
             rewrite_available=rewriter is not None,
             default_weight=settings["rerank_weight"],
+            dims={n: f["dim"] for n, f in settings["model_facts"].items()},
         )
         self.api_key = None
         if settings["api_key_env"]:
@@ -425,6 +474,24 @@ class SearchIngress:
         root = request.scope.get("root_path", "").rstrip("/")
         return f"{root}/images/{quote(image_id, safe='/')}"
 
+    async def _query_vector(self, model: str, text, image, embedding):
+        """What a query is searched with: the encoder's answer for text or an image (handed to
+        the index as is: Serve passes it on without a round trip through this replica), or the
+        given embedding, L2-normalised."""
+        from align.images import ImageDecodeError, decode_image
+
+        if text is not None:
+            return self.encoder.encode.remote(model, text)
+        if image is not None:
+            size = self.settings["model_facts"][model]["image_size"]
+            try:
+                pixels = decode_image(image, size, self.settings["max_image_pixels"])
+            except ImageDecodeError as e:
+                raise BadRequest(400, f"the query image does not decode: {e}") from None
+            return self.encoder.encode_pixels.remote(model, pixels)
+        vector = np.asarray(embedding, dtype=np.float32)
+        return vector / np.linalg.norm(vector)
+
     async def _search(self, request: Request, fields: dict) -> JSONResponse:
         self._authorise(request)
         req = parse_search_request(fields, self.limits)
@@ -436,13 +503,18 @@ class SearchIngress:
             timings["rewrite"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         depth = self.settings["rerank_depth"] if req.rerank else req.k
-        # The encoder's answer goes to the index as an argument: Serve passes it on without
-        # a round trip through this replica.
-        found = await _call(
-            lambda: self.index.search.remote(
-                req.model, self.encoder.encode.remote(req.model, text), depth
-            )
-        )
+        filters = self.settings["filters"]
+
+        async def search():
+            vector = await self._query_vector(req.model, text, req.image, req.embedding)
+            if not req.filtered:
+                return await self.index.search.remote(req.model, vector, depth)
+            return await self.index.filtered_search.remote(
+                req.model, vector, req.k, depth, req.min_aesthetic,
+                filters["dedup_threshold"] if req.dedup else None,
+            )  # fmt: skip
+
+        found = await _call(search)
         order = rank(found["similarity"], found["aesthetic"], req.k, req.rerank, req.weight)
         results = [
             {
@@ -451,6 +523,8 @@ class SearchIngress:
                 "similarity": _finite(found["similarity"][i]),
                 "aesthetic": _finite(found["aesthetic"][i]),
                 "url": self._image_url(request, found["ids"][i]),
+                "caption": found["caption"][i],
+                "source_url": found["source_url"][i],
             }
             for r, i in enumerate(order.tolist())
         ]
@@ -460,12 +534,18 @@ class SearchIngress:
         return JSONResponse(
             {
                 "query": req.q,
+                "query_kind": "text" if req.q else "image" if req.image else "embedding",
                 "rewritten": text if req.rewrite else None,
                 "rewrite_fallback": fallback,
                 "model": req.model,
                 "k": req.k,
                 "rerank": req.rerank,
                 "weight": req.weight if req.rerank else None,
+                "dedup": req.dedup,
+                "min_aesthetic": req.min_aesthetic,
+                # With filters: how many each dropped, how deep the search went, and whether
+                # the depth bound (filters.max_depth) stopped it with fewer than k results.
+                "filtered": found.get("filtered"),
                 "results": results,
                 "timings_ms": {k: round(v * 1000, 2) for k, v in timings.items()},
             },
@@ -496,9 +576,10 @@ class SearchIngress:
 
     async def _json_body(self, request: Request, limit: int | None = None):
         """The body as JSON whatever the Content-Type (ClipClient sends none, clip-front
-        text/plain)."""
+        text/plain), and its size."""
+        body = await self._body(request, limit)
         try:
-            return json.loads(await self._body(request, limit))
+            return json.loads(body), len(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadRequest(400, f"malformed JSON body: {e}") from None
         except RecursionError:
@@ -507,9 +588,18 @@ class SearchIngress:
     @api.post("/search")
     async def search_post(self, request: Request) -> JSONResponse:
         self._authorise(request)  # before a byte of the body is read
-        fields = await self._json_body(request)
+        # The body may hold a query image: read up to the image limit, and hold a body
+        # without one to the JSON limit.
+        fields, size = await self._json_body(request, self.settings["max_image_body_bytes"])
         if not isinstance(fields, dict):
             raise BadRequest(400, "the JSON body must be an object of search fields")
+        limit = self.settings["max_body_bytes"]
+        if size > limit and fields.get("image") is None:
+            raise BadRequest(
+                413, f"request body is {size} bytes; the limit is {limit} "
+                f"(max_image_body_bytes, {self.settings['max_image_body_bytes']}, is for "
+                "bodies that hold a query image)",
+            )  # fmt: skip
         return await self._search(request, fields)
 
     # -----------------------------------------------------------------------------------------
@@ -518,11 +608,20 @@ class SearchIngress:
     def _knn_headers(self) -> dict:
         return {**self._cache_headers(0), **CORS_HEADERS}
 
-    def _metadata(self, request: Request, image_id: str, aesthetic: float) -> dict:
+    def _metadata(self, request: Request, found: dict, i: int) -> dict:
+        """clip-back's metadata of result i: `url` is where this app serves the image (the
+        source may be gone), `caption` and `source_url` what the corpus said about it."""
+        image_id = found["ids"][i]
         url = self._image_url(request, image_id)
         if url.startswith("/"):  # clip-front runs on another origin: absolute URLs
             url = str(request.base_url).rstrip("/") + url
-        return {"url": url, "image_path": image_id, "aesthetic": _finite(aesthetic)}
+        return {
+            "url": url,
+            "image_path": image_id,
+            "caption": found["caption"][i],
+            "source_url": found["source_url"][i],
+            "aesthetic": _finite(found["aesthetic"][i]),
+        }
 
     @api.options("/knn-service")
     @api.options("/metadata")
@@ -535,28 +634,14 @@ class SearchIngress:
         self._authorise(request)
         return JSONResponse(indice_names(self.limits.models), headers=self._knn_headers())
 
-    async def _knn_vector(self, req) -> np.ndarray:
-        from align.images import ImageDecodeError, decode_image
-
-        if req.text is not None:
-            return await _call(lambda: self.encoder.encode.remote(req.model, req.text))
-        if req.image is not None:
-            size = self.settings["model_facts"][req.model]["image_size"]
-            try:
-                pixels = decode_image(req.image, size, self.settings["max_image_pixels"])
-            except ImageDecodeError as e:
-                raise BadRequest(400, f"'image' does not decode: {e}") from None
-            return await _call(lambda: self.encoder.encode_pixels.remote(req.model, pixels))
-        return np.asarray(req.embedding, dtype=np.float32)
-
     @api.post("/knn-service")
     async def knn_service(self, request: Request) -> JSONResponse:
         self._authorise(request)
-        fields = await self._json_body(request, self.settings["max_knn_body_bytes"])
-        dims = {n: f["dim"] for n, f in self.settings["model_facts"].items()}
+        fields, _ = await self._json_body(request, self.settings["max_image_body_bytes"])
         req = parse_knn_request(
-            fields, self.limits.models, dims, self.limits.max_k, self.limits.max_query_chars
-        )
+            fields, self.limits.models, self.limits.dims, self.limits.max_k,
+            self.limits.max_query_chars,
+        )  # fmt: skip
         if req.aesthetic_score is not None and not await _call(
             lambda: self.index.has_ratings.remote(req.model)
         ):
@@ -564,28 +649,23 @@ class SearchIngress:
                 400, f"'aesthetic_score': the index of {req.model!r} has no rating embeddings "
                 "(built before them): run index_corpus again",
             )  # fmt: skip
-        vector = await self._knn_vector(req)
         depth = max(req.num_result_ids, self.settings["rerank_depth"] if req.rerank else 0)
-        found = await _call(
-            lambda: self.index.knn.remote(
-                req.model,
-                vector,
-                depth,
-                req.aesthetic_score,
-                req.aesthetic_weight,
-                req.deduplicate,
+
+        async def knn():
+            vector = await self._query_vector(req.model, req.text, req.image, req.embedding)
+            return await self.index.knn.remote(
+                req.model, vector, req.num_result_ids, depth, req.aesthetic_score,
+                req.aesthetic_weight, req.deduplicate,
             )  # fmt: skip
-        )
+
+        found = await _call(knn)
         n = min(req.num_result_ids, len(found["rows"]))
         order = (
             rank(found["similarity"], found["aesthetic"], n, True, self.settings["rerank_weight"])
             if req.rerank
             else np.arange(n)
         )
-        metadata = [
-            self._metadata(request, found["ids"][i], found["aesthetic"][i])
-            for i in order[: req.num_images]
-        ]
+        metadata = [self._metadata(request, found, i) for i in order[: req.num_images]]
         answer = knn_answer(
             found["rows"][order], found["similarity"][order], metadata, req.num_images
         )
@@ -594,16 +674,11 @@ class SearchIngress:
     @api.post("/metadata")
     async def metadata(self, request: Request) -> JSONResponse:
         self._authorise(request)
-        fields = await self._json_body(request, self.settings["max_body_bytes"])
+        fields, _ = await self._json_body(request, self.settings["max_body_bytes"])
         model, ids = parse_metadata_request(fields, self.limits.models, 10 * self.limits.max_k)
         found = await _call(lambda: self.index.rows.remote(model, ids))
         answer = [
-            {
-                "id": i,
-                "metadata": self._metadata(request, found["ids"][j], found["aesthetic"][j])
-                if found["valid"][j]
-                else {},
-            }
+            {"id": i, "metadata": self._metadata(request, found, j) if found["valid"][j] else {}}
             for j, i in enumerate(ids)
         ]
         return JSONResponse(answer, headers=self._knn_headers())

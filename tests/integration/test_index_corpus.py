@@ -1,5 +1,6 @@
 """index_corpus end to end: real Ray Data actor pools, real open_clip, real FAISS, real Parquet."""
 
+import hashlib
 import io
 import json
 import os
@@ -17,7 +18,7 @@ from PIL import Image
 
 from align.config import load_config
 from align.contracts import ERRORS, SCORED, SCORER_COLUMN_PREFIX
-from align.index import load_index
+from align.index import load_corpus, load_index
 from pipelines.index_corpus import index_corpus
 from pipelines.make_world import make_world
 
@@ -94,9 +95,12 @@ def test_folder_with_bad_files_accounts_for_every_row(ray_session, bad_corpus, t
     assert errors.schema == ERRORS.schema
     rows = {r["image_id"]: r for r in scored.to_pylist()}
     assert set(rows) == set(GOOD) | set(BAD)  # every input row, once
-    for name in GOOD:
+    for name, data in GOOD.items():
         assert rows[name]["status"] == "ok" and len(rows[name]["embedding"]) == 32
         assert np.isfinite(rows[name]["aesthetic"])
+        # Our own hash of the bytes read (a folder has no sidecar), and no caption or url.
+        assert rows[name]["sha256"] == hashlib.sha256(data).hexdigest()
+        assert rows[name]["caption"] is None and rows[name]["url"] is None
     reasons = {r["row_id"]: r["error"] for r in errors.to_pylist()}
     assert set(reasons) == set(BAD)
     for name, (_, reason) in BAD.items():
@@ -111,26 +115,75 @@ def test_folder_with_bad_files_accounts_for_every_row(ray_session, bad_corpus, t
     assert 0.0 <= index_manifest["recall_at_10"] <= 1.0
 
 
-def test_webdataset_tars_and_sharded_index(ray_session, tmp_path):
+# img2dataset's sidecar parquet and .json: the input columns (url, caption), then what its
+# downloader appends, in its order.
+IMG2DATASET_META = (
+    "url", "caption", "key", "status", "error_message", "width", "height", "original_width",
+    "original_height", "sha256",
+)  # fmt: skip
+
+
+def img2dataset_shard(folder: Path, shard: int, samples: list, sidecar_parquet=True):
+    """One shard as img2dataset's WebDatasetSampleWriter writes it: `{shard:05d}.tar` holding
+    `{key}.jpg`, `{key}.txt`, `{key}.json` for each downloaded sample (keys of 9 digits), the
+    `{shard:05d}.parquet` of every sample's metadata (failed downloads too) and
+    `{shard:05d}_stats.json`. samples: (image bytes or None for a failed download, caption)."""
+    import pyarrow as pa
+
+    metas = []
+    with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+        for i, (image, caption) in enumerate(samples):
+            key = f"{shard:05d}{i:04d}"
+            ok = image is not None
+            meta = {
+                "url": f"https://example.com/{key}.jpg",
+                "caption": caption,
+                "key": key,
+                "status": "success" if ok else "failed_to_download",
+                "error_message": None if ok else "HTTP Error 404: Not Found",
+                "width": 48 if ok else None,
+                "height": 40 if ok else None,
+                "original_width": 48 if ok else None,
+                "original_height": 40 if ok else None,
+                "sha256": hashlib.sha256(image).hexdigest() if ok else None,
+            }
+            metas.append(meta)
+            if not ok:
+                continue  # the writer puts only downloaded samples in the tar
+            members = {
+                f"{key}.jpg": image,
+                f"{key}.txt": caption.encode(),
+                f"{key}.json": json.dumps(meta, indent=4).encode(),
+            }
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    if sidecar_parquet:
+        pq.write_table(pa.Table.from_pylist(metas).select(list(IMG2DATASET_META)),
+                       folder / f"{shard:05d}.parquet")  # fmt: skip
+    successes = sum(m["status"] == "success" for m in metas)
+    stats = {"count": len(metas), "successes": successes, "failed_to_download":
+             len(metas) - successes, "failed_to_resize": 0, "duration": 1.0}  # fmt: skip
+    (folder / f"{shard:05d}_stats.json").write_text(json.dumps(stats, indent=4))
+    return metas
+
+
+def test_img2dataset_webdataset_shards_read_in_full(ray_session, tmp_path):
+    """Captions, urls and hashes from the sidecars reach the scored shards and the id map;
+    failed downloads are error rows (from the sidecar parquet) or counted (from _stats.json
+    alone); an exact duplicate across shards is recorded and left out of the index."""
     shards = tmp_path / "wds"
     shards.mkdir()
-    expected = []
-    for s in range(2):
-        with tarfile.open(shards / f"{s:05d}.tar", "w") as tar:
-            for i in range(5):
-                key = f"{s:05d}{i:04d}"
-                members = {
-                    f"{key}.jpg": encode(good_image(10 * s + i), "JPEG"),
-                    f"{key}.txt": b"a caption",
-                    f"{key}.json": b"{}",
-                }
-                if i == 4:
-                    members.pop(f"{key}.jpg")  # img2dataset writes failed downloads like this
-                for name, data in members.items():
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                expected.append(key)
+    image = [encode(good_image(i), "JPEG") for i in range(8)]
+    metas = [
+        *img2dataset_shard(shards, 0, [(image[0], "a red star"), (None, "gone"),
+                                       (image[1], "a blue moon"), (image[2], "a green tree")]),
+        *img2dataset_shard(shards, 1, [(image[3], "a cat"), (image[0], "the red star again"),
+                                       (None, "also gone"), (image[4], "a dog")]),
+        *img2dataset_shard(shards, 2, [(image[5], "a hat"), (None, "only counted")],
+                           sidecar_parquet=False),
+    ]  # fmt: skip
     out = tmp_path / "out"
     config = load_config(
         REPO / "configs/demo.yaml",
@@ -138,26 +191,49 @@ def test_webdataset_tars_and_sharded_index(ray_session, tmp_path):
             f"output_dir={out}",
             f"index_corpus.input={shards}",
             "index_corpus.input_format=webdataset",
-            "index_corpus.files_per_unit=1",
+            "index_corpus.files_per_unit=2",
             "index_corpus.index.num_shards=2",
+            "index_corpus.index.drop_exact_duplicates=true",
             *SMALL,
         ],
     )
     index_corpus(config)
     scored, errors, manifest = read_out(out)
-    assert sorted(scored["image_id"].to_pylist()) == sorted(expected)
-    assert manifest["counts"] == {"rows_in": 10, "rows_out": 8, "rows_error": 2}
-    assert all("empty file" in e for e in errors["error"].to_pylist())
-    index, id_map, index_manifest = load_index(str(out / "index_corpus" / "index"))
-    assert len(index_manifest["shards"]) == 2 and index.ntotal == 8
-    # Fan-out search finds each stored vector as its own best match.
-    vectors = np.array(
-        [r["embedding"] for r in scored.to_pylist() if r["status"] == "ok"], dtype=np.float32
-    )
-    ids = [r["image_id"] for r in scored.to_pylist() if r["status"] == "ok"]
-    _, rows = index.search(vectors, 1)
+    listed = {m["key"]: m for m in metas if m["key"] != "000020001"}  # in no sidecar parquet
+    rows = {r["image_id"]: r for r in scored.to_pylist()}
+    assert set(rows) == set(listed)  # every row a sidecar names, once
+    for key, meta in listed.items():
+        row = rows[key]
+        assert row["status"] == ("ok" if meta["status"] == "success" else "error")
+        assert (row["caption"], row["url"]) == (meta["caption"], meta["url"])
+        assert row["sha256"] == meta["sha256"]
+    download_errors = {r["row_id"]: r for r in errors.to_pylist()}
+    assert set(download_errors) == {"000000001", "000010002"}
+    assert all(r["stage"] == "download" and "HTTP Error 404" in r["error"]
+               for r in download_errors.values())  # fmt: skip
+    assert manifest["counts"] == {"rows_in": 9, "rows_out": 7, "rows_error": 2}
+    assert manifest["failed_downloads"] == 3  # two listed, one only in shard 2's _stats.json
+
+    index_dir = str(out / "index_corpus" / "index")
+    index, id_map, index_manifest = load_index(index_dir)
+    duplicates = pq.read_table(f"{index_dir}/duplicates.parquet").to_pylist()
+    assert duplicates == [
+        {"image_id": "000010001", "duplicate_of": "000000000", "sha256": metas[0]["sha256"]}
+    ]
+    assert index_manifest["exact_duplicates"]["found"] == 1
+    assert len(index_manifest["shards"]) == 2 and index.ntotal == 6
+    assert "000010001" not in id_map["image_id"].to_pylist()
+    by_id = {r["image_id"]: r for r in id_map.to_pylist()}
+    assert by_id["000000002"]["caption"] == "a blue moon"
+    assert by_id["000000002"]["url"] == "https://example.com/000000002.jpg"
+    # What retrieval loads (build_preferences, evaluate) leaves the same duplicate out.
+    _, loaded_ids, _, _ = load_corpus(str(out / "index_corpus"))
+    assert loaded_ids.tolist() == id_map["image_id"].to_pylist()
+    # Fan-out search finds each indexed vector as its own best match.
+    kept = [r for r in scored.to_pylist() if r["status"] == "ok" and r["image_id"] in by_id]
+    _, found = index.search(np.array([r["embedding"] for r in kept], dtype=np.float32), 1)
     row_to_id = dict(zip(id_map["row"].to_pylist(), id_map["image_id"].to_pylist(), strict=True))
-    assert [row_to_id[r] for r in rows[:, 0]] == ids
+    assert [row_to_id[r] for r in found[:, 0]] == [r["image_id"] for r in kept]
 
 
 def test_parquet_with_paths_and_a_missing_file(ray_session, bad_corpus, tmp_path):

@@ -1,6 +1,7 @@
 """The search app's pieces that need no Ray: request checks, re-ranking, image ids and types,
 the image lookup of each corpus layout, the app's args and their resolution from job manifests."""
 
+import base64
 import io as _io
 import json
 import os
@@ -28,7 +29,12 @@ from serve.search import (
 )
 from tests.helpers import REPO, ScriptedEndpoint
 
-LIMITS = SearchLimits(models=("aligned", "base"), default_model="aligned", rewrite_available=True)
+LIMITS = SearchLimits(
+    models=("aligned", "base"),
+    default_model="aligned",
+    rewrite_available=True,
+    dims={"aligned": 4, "base": 3},
+)
 
 
 def _encoded(fmt: str, colour=(200, 30, 30)) -> bytes:
@@ -48,12 +54,31 @@ def test_request_defaults_and_types_from_query_strings_and_json():
     assert (r.k, r.rerank, r.weight, r.model) == (5, True, 1.0, "base")
     r = parse_search_request({"q": "x", "k": 7, "rewrite": True, "weight": 0}, LIMITS)
     assert (r.k, r.rewrite, r.weight) == (7, True, 0.0)
+    assert (r.dedup, r.min_aesthetic, r.filtered) == (False, None, False)
+    # Queries by image and by embedding (of the asked model's width), and the result filters.
+    png = _encoded("PNG")
+    r = parse_search_request({"image": base64.b64encode(png).decode(), "dedup": True}, LIMITS)
+    assert (r.q, r.image, r.embedding, r.dedup, r.filtered) == (None, png, None, True, True)
+    r = parse_search_request(
+        {"embedding": [0, 1, 0.5], "model": "base", "min_aesthetic": -1}, LIMITS
+    )
+    assert (r.embedding, r.min_aesthetic, r.filtered) == ([0.0, 1.0, 0.5], -1.0, True)
+    assert parse_search_request({"q": "x", "min_aesthetic": ""}, LIMITS).min_aesthetic is None
 
 
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({}, "'q' (the query) is required"),
+        ({}, "give exactly one of 'q', 'image' and 'embedding' (got none)"),
+        ({"q": "x", "embedding": [1, 2, 3, 4]}, "(got 'q', 'embedding')"),
+        ({"image": "not base64!"}, "'image' must be a base64-encoded image"),
+        ({"image": ""}, "'image' must be a base64-encoded image"),
+        ({"embedding": [1, 2, 3]}, "'embedding' must be a list of 4 finite numbers"),
+        ({"embedding": "1,2,3,4"}, "'embedding' must be a list of 4 finite numbers"),
+        ({"embedding": [0, 0, 0, 0]}, "'embedding' is all zeros"),
+        ({"embedding": [1, 2, 3], "model": "base", "rewrite": True}, "'rewrite' rewrites text"),
+        ({"q": "x", "dedup": "maybe"}, "'dedup' must be true or false"),
+        ({"q": "x", "min_aesthetic": "nan"}, "'min_aesthetic' must be a finite number"),
         ({"q": ""}, "'q' is empty"),
         ({"q": "\n\t "}, "'q' is empty"),
         ({"q": 3}, "'q' must be a string"),

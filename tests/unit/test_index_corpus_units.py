@@ -84,9 +84,16 @@ def _tar(path, members: dict, mode="w"):
     return path
 
 
-def test_webdataset_tars_stream_with_bombs_and_cuts_as_error_rows(tmp_path):
+def _samples(path, max_member_bytes):
     from align.sources import tar_samples
 
+    return [
+        (r["image_id"], r["image"], r["read_error"])
+        for r in tar_samples(str(path), max_member_bytes)
+    ]
+
+
+def test_webdataset_tars_stream_with_bombs_and_cuts_as_error_rows(tmp_path):
     members = {
         "000000001.jpg": b"\xff\xd8one",
         "000000001.txt": b"a caption",
@@ -94,7 +101,7 @@ def test_webdataset_tars_stream_with_bombs_and_cuts_as_error_rows(tmp_path):
         "000000003.jpg": b"\xff\xd8three",
     }
     plain = _tar(tmp_path / "plain.tar", members)
-    assert list(tar_samples(str(plain), 1000)) == [
+    assert _samples(plain, 1000) == [
         ("000000001", b"\xff\xd8one", ""),
         ("000000002", None, "empty file (no image member)"),
         ("000000003", b"\xff\xd8three", ""),
@@ -103,7 +110,7 @@ def test_webdataset_tars_stream_with_bombs_and_cuts_as_error_rows(tmp_path):
     # A gzip-compressed tar whose member inflates to 8 MiB of zeros: refused, never read.
     bomb = _tar(tmp_path / "bomb.tar", {"000000004.jpg": bytes(8 * 2**20), **members}, mode="w:gz")
     assert bomb.stat().st_size < 100_000
-    rows = list(tar_samples(str(bomb), 2**20))
+    rows = _samples(bomb, 2**20)
     assert rows[0][0] == "000000004" and rows[0][1] is None
     assert "over index_corpus.max_member_bytes=1048576" in rows[0][2]
     assert [r[0] for r in rows[1:]] == ["000000001", "000000002", "000000003"]
@@ -112,7 +119,62 @@ def test_webdataset_tars_stream_with_bombs_and_cuts_as_error_rows(tmp_path):
     data = plain.read_bytes()
     cut = tmp_path / "cut.tar"
     cut.write_bytes(data[: data.index(b"\xff\xd8three") + 3])
-    rows = list(tar_samples(str(cut), 1000))
+    rows = _samples(cut, 1000)
     assert rows[:2] == [("000000001", b"\xff\xd8one", ""), ("000000002", None, rows[1][2])]
     assert rows[2][0] == "000000003" and "unreadable" in rows[2][2]
     assert rows[-1][0] == f"{cut}#unread" and "cut short" in rows[-1][2]
+
+
+def test_img2dataset_parquet_output_failed_downloads_become_error_rows(tmp_path):
+    """img2dataset's `output_format: parquet` ({shard}.parquet with a jpg column, failed
+    downloads as rows without one): index_corpus reads caption, url, sha256 and status, and a
+    failed download is an error row naming img2dataset's reason; our hash fills a missing one."""
+    import hashlib
+    import io as _io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from actors.decode import decode_batch
+    from align.sources import NOT_DOWNLOADED, not_downloaded_rows, source_columns
+
+    buf = _io.BytesIO()
+    Image.new("RGB", (20, 20), "red").save(buf, format="PNG")
+    png = buf.getvalue()
+    table = pa.table(
+        {
+            "url": ["https://a/1.png", "https://a/2.png", "https://a/3.png"],
+            "caption": ["red", "lost", None],
+            "key": ["000000000", "000000001", "000000002"],
+            "status": ["success", "failed_to_download", "success"],
+            "error_message": [None, "timeout", None],
+            "width": pa.array([20, None, 20], pa.int32()),
+            "height": pa.array([20, None, 20], pa.int32()),
+            "original_width": pa.array([20, None, 20], pa.int32()),
+            "original_height": pa.array([20, None, 20], pa.int32()),
+            "sha256": [hashlib.sha256(png).hexdigest(), None, None],
+            "jpg": pa.array([png, None, png], pa.binary()),
+        }
+    )
+    pq.write_table(table, tmp_path / "00000.parquet")
+    columns = source_columns([str(tmp_path / "00000.parquet")])
+    assert columns == ["caption", "url", "sha256", "status", "error_message"]
+    rows = not_downloaded_rows(table.select(["key", "jpg", *columns]))
+    assert rows["read_error"].to_pylist() == [
+        "",
+        f"{NOT_DOWNLOADED} (failed_to_download): timeout",
+        "",
+    ]
+    batch = {n: np.array(rows[n].to_pylist(), dtype=object) for n in rows.column_names}
+    batch["image_id"] = batch.pop("key")
+    out = decode_batch(batch, image_size=8, max_pixels=10**6, image_column="jpg")
+    assert out["status"].tolist() == ["ok", "error", "ok"]
+    assert out["error"][1].startswith(NOT_DOWNLOADED)
+    assert out["caption"].tolist() == ["red", "lost", ""]
+    assert out["sha256"].tolist() == [
+        hashlib.sha256(png).hexdigest(),
+        "",
+        hashlib.sha256(png).hexdigest(),
+    ]

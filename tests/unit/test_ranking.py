@@ -92,11 +92,53 @@ def test_rating_embeddings_from_shards_equal_the_corpus_means():
     assert set(np.flatnonzero(np.isfinite(aesthetic) & (aesthetic > edges[-1]))) <= set(top_tenth)
 
 
-def test_near_duplicates_keep_the_best_of_each_group_transitively():
+def test_near_duplicates_join_the_first_leader_not_a_chain():
     from align.ranking import near_duplicates
 
     base = np.eye(4)
     rows = np.stack([base[0], base[1], base[0] + 0.05 * base[2], base[3], base[1] + 0.01])
-    # row 2 ~ row 0, row 4 ~ row 1; rows 0, 1 and 3 are the first of their groups.
+    # row 2 ~ row 0, row 4 ~ row 1; rows 0, 1 and 3 lead their groups.
     assert near_duplicates(rows, 0.94).tolist() == [False, False, True, False, True]
     assert not near_duplicates(rows, 0.9999).any()
+    # A chain a ~ b ~ c with a and c apart: c leads its own group (transitive grouping would
+    # drop it), and adding rows after them never changes who leads.
+    angle = np.radians([0, 15, 30])
+    chain = np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    assert near_duplicates(chain, np.cos(np.radians(20))).tolist() == [False, True, False]
+    assert near_duplicates(chain[:2], np.cos(np.radians(20))).tolist() == [False, True]
+
+
+def test_result_filters_keep_the_most_aesthetic_of_each_group():
+    """dedup keeps the most aesthetic of a group (not the first, as clip-back does), after
+    min_aesthetic dropped what is under it; checked against a loop over groups."""
+    from align.ranking import filter_candidates, near_duplicates
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(6, 16))
+    group = rng.integers(0, 6, size=60)
+    vectors = centres[group] + 0.01 * rng.normal(size=(60, 16))
+    aesthetic = rng.normal(size=60)
+    aesthetic[[4, 9]] = np.nan  # unscored: lowest priority, dropped by min_aesthetic
+
+    keep, counts = filter_candidates(aesthetic, vectors, dedup_threshold=0.95)
+    score = np.nan_to_num(aesthetic, nan=-np.inf)
+    expected = {int(np.flatnonzero(group == g)[np.argmax(score[group == g])]) for g in set(group)}
+    assert set(np.flatnonzero(keep)) == expected
+    assert counts == {"below_min_aesthetic": 0, "duplicates": 60 - len(expected)}
+
+    keep, counts = filter_candidates(aesthetic, vectors, min_aesthetic=0.0, dedup_threshold=0.95)
+    passing = score >= 0.0
+    expected = {
+        int(np.flatnonzero((group == g) & passing)[np.argmax(score[(group == g) & passing])])
+        for g in set(group[passing])
+    }
+    assert set(np.flatnonzero(keep)) == expected
+    assert counts["below_min_aesthetic"] == int((~passing).sum())
+
+    # clip-back's rule: the first of each group.
+    first = filter_candidates(aesthetic, vectors, dedup_threshold=0.95, keep_most_aesthetic=False)
+    assert set(np.flatnonzero(first[0])) == {int(np.flatnonzero(group == g)[0]) for g in set(group)}
+    assert (~first[0]).tolist() == near_duplicates(vectors, 0.95).tolist()
+    # min_aesthetic alone needs no vectors.
+    keep, _ = filter_candidates(aesthetic, None, min_aesthetic=0.5)
+    assert keep.tolist() == (score >= 0.5).tolist()
