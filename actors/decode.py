@@ -36,11 +36,13 @@ def decode_batch(
     max_pixels: int,
     image_column: str | None = "image",
     path_column: str | None = None,
+    carry: tuple[str, ...] = (),
 ) -> dict[str, np.ndarray]:
     """Decode a batch. Reads `image_column` (bytes) or else `path_column` (paths). A reader that
     could not produce a row's bytes says why in an optional `read_error` column: such rows
     are error rows with that reason. The source's caption, url and sha256 pass through; the
-    sha256 of the bytes read is computed where the source gave none (exact duplicates)."""
+    sha256 of the bytes read is computed where the source gave none (exact duplicates); the
+    `carry` columns pass through as they are."""
     source = image_column if image_column and image_column in batch else path_column
     require_batch_columns(
         batch, {**REQUIRED, source or "image": "encoded image bytes or a path"}, "decode"
@@ -74,6 +76,7 @@ def decode_batch(
         "status": status,
         "error": error,
         **metadata,
+        **{c: batch[c] for c in carry},
     }
 
 

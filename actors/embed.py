@@ -42,34 +42,58 @@ class ClipImageEmbedder:
         return {**batch, "embedding": out}
 
 
-def embed_image_source(
-    source: str, model: ModelConfig, decode: PoolConfig, embed: PoolConfig, max_pixels: int
+def embed_image_sources(
+    sources: list[str], model: ModelConfig, decode: PoolConfig, embed: PoolConfig, max_pixels: int
 ):
-    """(image ids, float16 L2-normalised embeddings, error rows) of the images in `source` (the
-    images contract), decoded in CPU tasks and embedded in an actor pool, brought to the driver
-    (evaluate's galleries: held-out sets and corpora small enough to embed in a job)."""
+    """Per source, (image ids, float16 L2-normalised embeddings), and the error rows of all, for
+    images in the images contract: every source in one stream (one decode pool, one embedding
+    actor pool: a pool's start costs more than a small held-out set's images), brought to the
+    driver (evaluate's galleries: held-out sets and corpora small enough to embed in a job)."""
+    import pyarrow as pa
     import ray.data
 
     from actors.decode import decode_batch
 
     facts = check_model(model)
+    if not sources:
+        return [], []
+    files = [(n, f) for n, source in enumerate(sources) for f in io.parquet_files(source)]
+
+    def read(batch: dict) -> pa.Table:
+        tables = []
+        for n, f in zip(batch["source"], batch["path"], strict=True):
+            table = io.read_parquet(f, columns=["image_id", "image"])
+            tables.append(table.append_column("source", pa.array(np.full(len(table), n))))
+        return pa.concat_tables(tables)
+
     ds = (
-        ray.data.read_parquet(io.parquet_files(source), num_cpus=decode.num_cpus)
-        .select_columns(["image_id", "image"])
+        ray.data.from_items(
+            [{"source": n, "path": f} for n, f in files], override_num_blocks=max(1, len(files))
+        )
+        .map_batches(read, batch_size=1, batch_format="numpy", num_cpus=decode.num_cpus)
         .map_batches(
             decode_batch,
-            fn_kwargs={"image_size": facts.image_size, "max_pixels": max_pixels},
+            fn_kwargs={
+                "image_size": facts.image_size,
+                "max_pixels": max_pixels,
+                "carry": ("source",),
+            },
             **task_pool(decode),
-        )
+        )  # fmt: skip
         .map_batches(
             ClipImageEmbedder,
             fn_constructor_kwargs={"model": model.model_dump(), "threads": embed.threads},
             batch_format="numpy",
             **actor_pool(embed),
         )
-        .select_columns(["image_id", "embedding", "status", "error"])
+        .select_columns(["image_id", "embedding", "status", "error", "source"])
     )
-    rows, errors = collect_ok_rows(ds, ["image_id", "embedding"], "embed_images")
-    if rows["image_id"] is None:
-        return np.array([], dtype=object), np.zeros((0, facts.embed_dim), np.float16), errors
-    return rows["image_id"].astype(object), rows["embedding"], errors
+    rows, errors = collect_ok_rows(ds, ["image_id", "embedding", "source"], "embed_images")
+    out = []
+    for n in range(len(sources)):
+        if rows["image_id"] is None:
+            out.append((np.array([], dtype=object), np.zeros((0, facts.embed_dim), np.float16)))
+            continue
+        mine = rows["source"] == n
+        out.append((rows["image_id"][mine].astype(object), rows["embedding"][mine]))
+    return out, errors

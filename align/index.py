@@ -124,15 +124,12 @@ def read_scored_embeddings(files: list[str], exclude=None):
     of the index. caption and url are null for shards written before them."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from align import io
 
     tables = []
     for f in files:
-        fs, path = io.filesystem(f)
-        with fs.open_input_file(path) as fh:
-            names = pq.read_schema(fh).names
+        names = io.parquet_schema(f).names
         metadata = [c for c in ("caption", "url") if c in names]
         table = io.read_parquet(
             f, columns=["image_id", "embedding", "aesthetic", "status", *metadata]
@@ -164,16 +161,13 @@ def exact_duplicates(files: list[str]):
     (image_id, duplicate_of: the first image with those bytes, sha256)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from align import io
 
     tables = []
     for f in files:
-        fs, path = io.filesystem(f)
-        with fs.open_input_file(path) as fh:
-            if "sha256" not in pq.read_schema(fh).names:  # written before hashes were
-                continue
+        if "sha256" not in io.parquet_schema(f).names:  # written before hashes were
+            continue
         tables.append(io.read_parquet(f, columns=["image_id", "sha256", "status"]))
     empty = pa.table({n: pa.array([], pa.string()) for n in ("image_id", "duplicate_of", "sha256")})
     if not tables:

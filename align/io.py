@@ -189,6 +189,13 @@ def read_parquet(uri: str, columns: list[str] | None = None):
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
+def parquet_schema(uri: str):
+    """The Arrow schema of one Parquet file, read from its footer (no data pages)."""
+    fs, path = filesystem(uri)
+    with fs.open_input_file(path) as fh:
+        return pq.read_schema(fh)
+
+
 def parquet_files(source: str) -> list[str]:
     """A Parquet file, or the Parquet files under a folder (FileNotFoundError if none)."""
     files = [source] if is_file(source) else list_files(source, ".parquet")

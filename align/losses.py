@@ -63,6 +63,27 @@ def retrieval_dpo_loss(
     }
 
 
+def gather_across_workers(features: torch.Tensor) -> torch.Tensor:
+    """Every training worker's rows, in rank order, where this worker's keep their gradient.
+
+    CLIP's negatives are the whole global batch (open_clip's `gather_features` without
+    gather_with_grad): the other workers' rows are copies, and since every worker computes the
+    same global loss, the gradient DDP or DeepSpeed averages is the single-process gradient of
+    the global batch (divided by the number of workers, which Adam does not see). Without it,
+    two workers of 128 captions train on 128 negatives each, not 256. Every worker must call it
+    with the same number of rows (the training streams give full batches). Outside a
+    distributed run it returns `features` unchanged."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features
+    with torch.no_grad():  # all_gather has no autograd on gloo; the local rows carry it
+        parts = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, features.detach().contiguous())
+    parts[dist.get_rank()] = features
+    return torch.cat(parts)
+
+
 def clip_contrastive_loss(
     image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: torch.Tensor
 ) -> torch.Tensor:

@@ -50,9 +50,7 @@ def parquet_image_layout(ic: IndexCorpusConfig, files: list[str]) -> str:
     wanted = "image bytes" if ic.image_column else "image paths"
     layouts = set()
     for f in files:
-        fs, path = io.filesystem(f)
-        with fs.open_input_file(path) as fh:
-            schema = pq.read_schema(fh)
+        schema = io.parquet_schema(f)
         names = schema.names
         for needed in (ic.id_column, column):
             if needed not in names:
@@ -91,9 +89,7 @@ def source_columns(files: list[str]) -> list[str]:
     (its parquet output lists failed downloads as rows without an image)."""
     common = None
     for f in files:
-        fs, path = io.filesystem(f)
-        with fs.open_input_file(path) as fh:
-            names = set(pq.read_schema(fh).names)
+        names = set(io.parquet_schema(f).names)
         common = names if common is None else common & names
     columns = [c for c in SOURCE_METADATA if c in common]
     if all(c in common for c in IMG2DATASET_STATUS):
@@ -199,9 +195,7 @@ def failed_downloads(path: str):
     sidecar = _sidecar(path, ".parquet")
     if not io.exists(sidecar):
         return None
-    fs, inner = io.filesystem(sidecar)
-    with fs.open_input_file(inner) as fh:
-        names = pq.read_schema(fh).names
+    names = io.parquet_schema(sidecar).names
     if "key" not in names or "status" not in names:
         return None
     columns = [c for c in ("key", "status", "error_message", *SOURCE_METADATA) if c in names]

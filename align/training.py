@@ -20,7 +20,7 @@ import torch
 
 from align.config import FinetuneConfig, OptimConfig
 from align.errors import UserError
-from align.losses import clip_contrastive_loss, retrieval_dpo_loss
+from align.losses import clip_contrastive_loss, gather_across_workers, retrieval_dpo_loss
 
 # Metrics every step reports (averaged over workers); the JSONL rows and the plot use them.
 STEP_METRICS = (
@@ -104,7 +104,11 @@ def step_losses(
     metrics = {"logit_scale": logit_scale.detach().float()}
     total = zero
     if c:
-        contrastive = clip_contrastive_loss(image_features[2 * p :], text_features[p:], logit_scale)
+        contrastive = clip_contrastive_loss(
+            gather_across_workers(image_features[2 * p :]),  # the global batch's negatives
+            gather_across_workers(text_features[p:]),
+            logit_scale,
+        )
         metrics["contrastive_loss"] = contrastive.detach()
         weight = 1.0 if cfg.objective == "contrastive" else cfg.contrastive_weight
         total = total + weight * contrastive

@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from actors.embed import embed_image_source
+from actors.embed import embed_image_sources
 from actors.judge import llm_judge_answers
 from actors.rewrite import rewrite_texts
 from actors.text_embed import embed_texts
 from align import evaluation, io
 from align.cli import run_job
-from align.config import Config, ConfigError, EvaluateConfig, ModelConfig
+from align.config import Config, ConfigError, EvaluateConfig
 from align.contracts import ERRORS, conform
 from align.errors import InputNotFound
 from align.evaluation import judge
@@ -116,38 +116,12 @@ def output_dir(config: Config) -> str:
 # Embedding and rewriting in Ray Data
 
 
-def load_gallery(
-    ev: EvaluateConfig, system: System, corpus: str, max_pixels: int, errors: list[dict]
-) -> Gallery:
-    """The system's own index_corpus output as it is, or the corpus embedded here and searched
-    exactly (a flat FAISS index)."""
-    import faiss
-
-    from align.index import load_corpus
-
-    if system.index_corpus_dir:
-        index, ids, _, embeddings = load_corpus(system.index_corpus_dir)
-        return Gallery(ids, embeddings, index)
-    ids, embeddings, bad = embed_image_source(corpus, system.model, ev.decode, ev.embed, max_pixels)
-    errors += bad
-    index = faiss.IndexFlatIP(embeddings.shape[1])
-    index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
-    return Gallery(ids, embeddings, index)
-
-
-def caption_recall(
-    ev: EvaluateConfig, model: ModelConfig, source: str, max_pixels: int, errors: list[dict]
-) -> dict[str, float]:
-    """Recall@k of held-out captions against the gallery of their own images."""
-    ids, image_emb, bad = embed_image_source(source, model, ev.decode, ev.embed, max_pixels)
-    errors += bad
+def caption_texts(source: str, ids: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The captions of the held-out images `ids` that have one, and their rows in `ids`."""
     captions = io.read_image_table(source, ids, ["image_id", "caption"])
-    rows = io.align_rows(ids, captions)
-    text = captions["caption"].to_numpy(zero_copy_only=False)[rows]
-    usable = np.array([bool(t and str(t).strip()) for t in text])
-    text_emb = embed_texts(model, [str(t) for t in text[usable]], ev.embed)
-    similarity = text_emb @ image_emb.astype(np.float32).T
-    return evaluation.recall_at_k(similarity, np.flatnonzero(usable), tuple(ev.recall_ks))
+    text = captions["caption"].to_numpy(zero_copy_only=False)[io.align_rows(ids, captions)]
+    usable = np.flatnonzero([bool(t and str(t).strip()) for t in text])
+    return [str(t) for t in text[usable]], usable
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,15 +164,38 @@ def embed_model(
     config: Config, paths: Paths, system: System, queries: Queries, rewrite: bool, errors: list
 ) -> ModelPass:
     """Gallery, query embeddings (plain and, if a system of this model rewrites, rewritten) and
-    caption recall of one model."""
+    caption recall of one model: its images (the corpus, unless the system searches its own
+    index_corpus output, and the held-out captions' images) in one stream, its texts in one."""
+    import faiss
+
+    from align.index import load_corpus
+
     ev, max_pixels = config.evaluate, config.max_image_pixels
     log.info("system %s: embedding with %s", system.name, system.model.pretrained)
-    gallery = load_gallery(ev, system, paths.corpus, max_pixels, errors)
-    plain = embed_texts(system.model, queries.all_texts, ev.embed)
-    rewritten = embed_texts(system.model, queries.rewritten, ev.embed) if rewrite else None
+    sources = [] if system.index_corpus_dir else [paths.corpus]
+    sources += [paths.captions] if paths.captions else []
+    embedded, bad = embed_image_sources(sources, system.model, ev.decode, ev.embed, max_pixels)
+    errors += bad
+    if system.index_corpus_dir:  # searched as it is
+        index, ids, _, embeddings = load_corpus(system.index_corpus_dir)
+        gallery = Gallery(ids, embeddings, index)
+    else:  # searched exactly
+        ids, embeddings = embedded.pop(0)
+        index = faiss.IndexFlatIP(embeddings.shape[1])
+        index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        gallery = Gallery(ids, embeddings, index)
+    texts = list(queries.all_texts) + (list(queries.rewritten) if rewrite else [])
+    if paths.captions:
+        heldout_ids, heldout_emb = embedded.pop(0)
+        captions, with_caption = caption_texts(paths.captions, heldout_ids)
+        texts += captions
+    text_emb = embed_texts(system.model, texts, ev.embed)
+    n = len(queries.all_texts)
+    plain, rewritten = text_emb[:n], (text_emb[n : 2 * n] if rewrite else None)
     recall = {}
     if paths.captions:
-        recall = caption_recall(ev, system.model, paths.captions, max_pixels, errors)
+        similarity = text_emb[len(texts) - len(captions) :] @ heldout_emb.astype(np.float32).T
+        recall = evaluation.recall_at_k(similarity, with_caption, tuple(ev.recall_ks))
     return ModelPass(gallery, plain, rewritten, recall)
 
 

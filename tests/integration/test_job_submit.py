@@ -5,6 +5,7 @@ cluster stopped. The job's driver joins the cluster through RAY_ADDRESS, as on a
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -79,8 +80,12 @@ def cluster():
             assert time.monotonic() < deadline, "the job server did not come up"
             time.sleep(1)
     yield address, env
-    os.killpg(head.pid, 15)  # ray start --block stops the processes it started on SIGTERM
-    head.wait(timeout=60)
+    os.killpg(head.pid, signal.SIGTERM)  # ray start --block stops what it started on SIGTERM
+    try:
+        head.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # its graceful stop took 30 s here: nothing is kept
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
     shutil.rmtree(temp, ignore_errors=True)
 
 

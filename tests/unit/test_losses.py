@@ -71,3 +71,59 @@ def test_clip_contrastive_by_hand():
     assert loss.item() == pytest.approx(math.log1p(math.exp(-10)), abs=1e-5)  # float32
     swapped = clip_contrastive_loss(img, txt.flip(0), torch.tensor(10.0))
     assert swapped.item() == pytest.approx(10 + math.log1p(math.exp(-10)), rel=1e-4)
+
+
+def _two_workers(rank: int, port: int, images, texts, scale, out) -> None:
+    """One of two gloo workers: the contrastive loss of its half of the batch, with the other
+    worker's rows gathered as negatives, and its gradients averaged as DDP averages them."""
+    import torch.distributed as dist
+
+    from align.losses import gather_across_workers
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    half = len(images) // 2
+    mine = slice(rank * half, (rank + 1) * half)
+    image = images[mine].clone().requires_grad_(True)
+    text = texts[mine].clone().requires_grad_(True)
+    loss = clip_contrastive_loss(gather_across_workers(image), gather_across_workers(text), scale)
+    loss.backward()
+    grads = torch.cat([image.grad, text.grad]).numpy()  # by value: the process exits next
+    dist.destroy_process_group()
+    out.put((rank, loss.item(), grads))
+
+
+def test_two_workers_train_on_the_global_batch_as_one_process_would():
+    """Two gloo workers with half a batch each: the loss is the one-process loss of the whole
+    batch, and each worker's gradient is the one-process gradient of its rows (DDP then
+    averages parameter gradients: the global gradient over 2). Local negatives would not be."""
+    import torch.multiprocessing as mp
+
+    from tests.helpers import free_port
+
+    torch.manual_seed(0)
+    images, texts, scale = torch.randn(8, 16), torch.randn(8, 16), torch.tensor(10.0)
+    whole_image, whole_text = (
+        images.clone().requires_grad_(True),
+        texts.clone().requires_grad_(True),
+    )
+    expected = clip_contrastive_loss(whole_image, whole_text, scale)
+    expected.backward()
+    ctx = mp.get_context("spawn")
+    out, port = ctx.Queue(), free_port()
+    workers = [
+        ctx.Process(target=_two_workers, args=(r, port, images, texts, scale, out))
+        for r in range(2)
+    ]
+    for w in workers:
+        w.start()
+    results = sorted(out.get(timeout=120) for _ in workers)
+    for w in workers:
+        w.join(timeout=60)
+        assert w.exitcode == 0
+    for rank, loss, grads in results:
+        assert loss == pytest.approx(expected.item(), rel=1e-5)
+        rows = slice(rank * 4, (rank + 1) * 4)
+        assert torch.allclose(torch.from_numpy(grads), torch.cat([whole_image.grad[rows], whole_text.grad[rows]]),
+                              atol=1e-6)  # fmt: skip
+    local = clip_contrastive_loss(images[:4], texts[:4], scale).item()
+    assert local != pytest.approx(expected.item(), rel=1e-3)  # the test can tell the difference
