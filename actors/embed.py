@@ -79,7 +79,7 @@ def embed_image_sources(
                 "carry": ("source",),
             },
             **task_pool(decode),
-        )  # fmt: skip
+        )
         .map_batches(
             ClipImageEmbedder,
             fn_constructor_kwargs={"model": model.model_dump(), "threads": embed.threads},
