@@ -9,7 +9,7 @@ from align import io
 from align.config import ModelConfig, PoolConfig
 from align.images import pixels_to_tensor
 from align.models import check_model
-from align.stages import actor_pool, collect_ok_rows, task_pool
+from align.stages import actor_pool, collect_ok_rows, parquet_files_stream, task_pool
 
 REQUIRED = {
     "pixels": "uint8 (N, S, S, 3) at the model's image size, from the decode stage",
@@ -49,28 +49,16 @@ def embed_image_sources(
     images in the images contract: every source in one stream (one decode pool, one embedding
     actor pool: a pool's start costs more than a small held-out set's images), brought to the
     driver (evaluate's galleries: held-out sets and corpora small enough to embed in a job)."""
-    import pyarrow as pa
-    import ray.data
-
     from actors.decode import decode_batch
 
     facts = check_model(model)
     if not sources:
         return [], []
     files = [(n, f) for n, source in enumerate(sources) for f in io.parquet_files(source)]
-
-    def read(batch: dict) -> pa.Table:
-        tables = []
-        for n, f in zip(batch["source"], batch["path"], strict=True):
-            table = io.read_parquet(f, columns=["image_id", "image"])
-            tables.append(table.append_column("source", pa.array(np.full(len(table), n))))
-        return pa.concat_tables(tables)
-
     ds = (
-        ray.data.from_items(
-            [{"source": n, "path": f} for n, f in files], override_num_blocks=max(1, len(files))
+        parquet_files_stream(
+            [f for _, f in files], ["image_id", "image"], decode.num_cpus, [n for n, _ in files]
         )
-        .map_batches(read, batch_size=1, batch_format="numpy", num_cpus=decode.num_cpus)
         .map_batches(
             decode_batch,
             fn_kwargs={
@@ -89,11 +77,8 @@ def embed_image_sources(
         .select_columns(["image_id", "embedding", "status", "error", "source"])
     )
     rows, errors = collect_ok_rows(ds, ["image_id", "embedding", "source"], "embed_images")
-    out = []
-    for n in range(len(sources)):
-        if rows["image_id"] is None:
-            out.append((np.array([], dtype=object), np.zeros((0, facts.embed_dim), np.float16)))
-            continue
-        mine = rows["source"] == n
-        out.append((rows["image_id"][mine].astype(object), rows["embedding"][mine]))
-    return out, errors
+    if rows["image_id"] is None:
+        empty = (np.array([], dtype=object), np.zeros((0, facts.embed_dim), np.float16))
+        return [empty for _ in sources], errors
+    mine = [rows["source"] == n for n in range(len(sources))]
+    return [(rows["image_id"][m].astype(object), rows["embedding"][m]) for m in mine], errors

@@ -51,16 +51,29 @@ def collect_ok_rows(ds, keep: list[str], stage: str) -> tuple[dict, list[dict]]:
     return {c: None if empty else np.concatenate(v) for c, v in parts.items()}, errors
 
 
-def parquet_files_stream(files: list[str], columns: list[str], num_cpus: float):
-    """Read Parquet files in Ray tasks of `num_cpus` each, one file per block.
+def parquet_files_stream(
+    files: list[str], columns: list[str], num_cpus: float, sources: list[int] | None = None
+):
+    """Read Parquet files in Ray tasks of `num_cpus` each, one file per block. `sources`, one
+    number per file, adds a `source` column telling the rows of several inputs apart.
 
     The training streams read this way rather than with ray.data.read_parquet, whose file-listing
     task reserves a whole CPU: beside CPU training workers on a small machine it never gets one.
     """
+    import numpy as np
     import ray.data
 
     def read(batch: dict) -> pa.Table:
-        return pa.concat_tables([io.read_parquet(f, columns=columns) for f in batch["path"]])
+        tables = [io.read_parquet(f, columns=columns) for f in batch["path"]]
+        if "source" in batch:
+            tables = [
+                t.append_column("source", pa.array(np.full(len(t), n)))
+                for t, n in zip(tables, batch["source"], strict=True)
+            ]
+        return pa.concat_tables(tables)
 
-    paths = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    items = [{"path": f} for f in files]
+    if sources is not None:
+        items = [{**item, "source": n} for item, n in zip(items, sources, strict=True)]
+    paths = ray.data.from_items(items, override_num_blocks=len(files))
     return paths.map_batches(read, batch_size=1, batch_format="numpy", num_cpus=num_cpus)
