@@ -410,7 +410,29 @@ class FinetuneConfig(Section):
     broadcast_max_mb: int = Field(2048, ge=0)
     join: JoinConfig = JoinConfig()
     shuffle_buffer: int = Field(1024, ge=0, description="Local shuffle buffer, rows per worker.")
+    cache_decoded_mb: int = Field(
+        1024,
+        ge=0,
+        description="A training stream whose decoded images fit in this many MB is decoded once "
+        "and kept in the object store (each epoch in a new block order); a larger one is read "
+        "and decoded again every epoch. 0: never cache.",
+    )
     seed: int = 0
+    batchnorm: Literal["auto", "train", "frozen"] = Field(
+        "auto",
+        description="BatchNorm layers (ResNet towers): frozen keeps the base model's running "
+        "statistics and normalises with them (eval mode) while their gains and biases still "
+        "train, as ResNet CLIPs are fine-tuned; train updates them from each batch; auto: frozen "
+        "for dpo (a small shift on top of a trained model, whose reference log-probabilities "
+        "were computed in eval mode), train for contrastive pretraining.",
+    )
+
+    @property
+    def batchnorm_frozen(self) -> bool:
+        """Whether BatchNorm layers run in eval mode during training."""
+        if self.batchnorm == "auto":
+            return self.objective == "dpo"
+        return self.batchnorm == "frozen"
 
 
 class TrainScorerConfig(Section):

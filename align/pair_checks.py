@@ -5,6 +5,8 @@ is not empty; the driver's accounting and the training stream's filter use the s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -14,6 +16,19 @@ from align.config import ConfigError, ModelConfig
 from align.contracts import PAIRS, require_columns
 from align.errors import InputNotFound
 from align.models import ModelLoadError, model_id
+
+
+@dataclass
+class Stream:
+    """One training stream after its checks: the Ray dataset, its row accounting, and how many
+    decoded images each of its rows carries (a pair two, an image-caption row one)."""
+
+    dataset: object
+    rows_in: int
+    rows_out: int
+    errors: list[dict]
+    images_per_row: int = 1
+
 
 PAIR_COLUMNS = [
     "query_id",

@@ -165,6 +165,20 @@ def _dpo_term(inputs: StepInputs, cfg: FinetuneConfig, image_features, text_feat
     return dpo, metrics
 
 
+def freeze_batchnorm_statistics(model: torch.nn.Module) -> int:
+    """Put every BatchNorm layer in eval mode: it normalises with the running statistics it has
+    and stops updating them, while its gain and bias stay trainable. Returns how many layers.
+
+    A fine-tune on preference pairs sees a narrow slice of the corpus (the top candidates of the
+    training queries); in train mode each batch's statistics would replace the base model's, and
+    move every embedding, relevant or not. Nothing calls ``model.train()`` after this.
+    """
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        layer.eval()
+    return len(layers)
+
+
 def lr_multiplier(step: int, optim: OptimConfig, max_steps: int) -> float:
     """Linear warm-up over warmup_steps, then constant or cosine decay to 0 at max_steps."""
     if optim.warmup_steps and step < optim.warmup_steps:

@@ -7,8 +7,8 @@ alone: make the world, train the learned aesthetic scorer on its ratings, pretra
 on its captions (CLIP InfoNCE), index and score the corpus with that model (pixel measures and the
 learned scorer), build preference pairs, fine-tune with retrieval DPO (+ InfoNCE), index the
 corpus again with the aligned model (what `configs/serve.yaml` serves beside the base model), and
-evaluate `base`, `base+rewrite` and `aligned` on the held-out queries; it prints the table and
-writes `evaluate/report.html`.
+evaluate every system of `evaluate.systems` (base, base+rewrite, rerank, steer, aligned,
+aligned+rerank) on the held-out queries; it prints the table and writes `evaluate/report.html`.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ restarted worker group or a second run with the same output resumes from the lat
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,6 +32,7 @@ from align.log import get_logger
 from align.manifest import JobManifest
 from align.models import check_model, model_id
 from align.pair_checks import (
+    Stream,
     has_text,
     image_problems,
     pair_errors,
@@ -43,7 +43,7 @@ from align.pair_checks import (
 )
 from align.resume import start_over_if_inputs_changed
 from align.runtime import init_ray
-from align.stages import actor_pool, parquet_files_stream, task_pool
+from align.stages import actor_pool, decoded_once_if_small, parquet_files_stream, task_pool
 from align.training import NonFiniteLoss, plot_metrics, read_metrics_jsonl, throughput
 
 log = get_logger("finetune")
@@ -165,16 +165,6 @@ def caption_stream(config: Config, sizes: dict, bad_images: pa.Array):
 # The job
 
 
-@dataclass
-class Stream:
-    """One training stream after its checks: the Ray dataset and its row accounting."""
-
-    dataset: object
-    rows_in: int
-    rows_out: int
-    errors: list[dict]
-
-
 def prepare_pairs(config: Config, sizes: dict, pairs: pa.Table) -> Stream:
     """Check the pairs' images (present, decodable) and rows; the stream of usable pairs."""
     cfg = config.finetune
@@ -204,7 +194,8 @@ def prepare_pairs(config: Config, sizes: dict, pairs: pa.Table) -> Stream:
     dataset = pair_stream(
         config, sizes, pairs.filter(keep), keep_ids, blocks if broadcast else None
     )
-    return Stream(dataset, pairs.num_rows, usable, pair_errors(pairs, keep, problems))
+    errors = pair_errors(pairs, keep, problems)
+    return Stream(dataset, pairs.num_rows, usable, errors, images_per_row=2)
 
 
 def prepare_captions(config: Config, sizes: dict) -> Stream:
@@ -241,6 +232,10 @@ def check_inputs(config: Config, manifest: JobManifest) -> dict[str, Stream]:
             streams["pairs"] = prepare_pairs(config, sizes, pairs)
         if cfg.uses_captions:
             streams["captions"] = prepare_captions(config, sizes)
+    with manifest.stage("cache_decoded"):  # small streams: decoded once, not every epoch
+        for name, s in streams.items():
+            mb = s.rows_out * s.images_per_row * sizes["image_size"] ** 2 * 3 / 2**20
+            s.dataset = decoded_once_if_small(s.dataset, mb, cfg.cache_decoded_mb, cfg.seed, name)
     return streams
 
 

@@ -60,11 +60,13 @@ class Trainer:
         import torch
 
         from align.models import build_clip
-        from align.training import deepspeed_config, lr_multiplier
+        from align.training import deepspeed_config, freeze_batchnorm_statistics, lr_multiplier
 
         cfg = self.cfg
         self.clip = build_clip(self.config.model, device=str(self.device))
         model = self.clip.model.float().train()
+        if cfg.batchnorm_frozen:
+            freeze_batchnorm_statistics(model)
         if not cfg.uses_captions:
             # Only InfoNCE trains the temperature (DPO uses it detached): with no contrastive
             # term it gets no gradient, and DDP refuses parameters that never get one.

@@ -114,7 +114,7 @@ def fit(pixels: np.ndarray, rating: np.ndarray, ts: TrainScorerConfig) -> dict:
             loss.backward()
             opt.step()
             schedule.step()
-            total += float(loss)
+            total += loss.item()
         epoch_loss.append(total / steps_per_epoch)
     net.eval()
     with torch.no_grad():

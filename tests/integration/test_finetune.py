@@ -122,7 +122,7 @@ def test_ddp_recomputed_reference_matches_the_stored_one_and_bad_images_are_erro
     _, manifest = run(preferences, "finetune.output=ft_ddp", "finetune.backend=ddp",
                       "finetune.dpo.reference=recompute", f"finetune.images={images}",
                       "finetune.pair_images=join", "finetune.contrastive_weight=0",
-                      "finetune.max_steps=2")  # fmt: skip
+                      "finetune.cache_decoded_mb=0", "finetune.max_steps=2")  # fmt: skip
     assert manifest["export"] == str(out / "model.pt") and (out / "model.pt").is_file()
     counts = manifest["counts"]
     assert counts["rows_error"] == affected and counts["rows_out"] == counts["rows_in"] - affected
@@ -138,6 +138,30 @@ def test_ddp_recomputed_reference_matches_the_stored_one_and_bad_images_are_erro
     stored = records(root / "ft_ds")[0] if (root / "ft_ds").exists() else None
     if stored:  # the precomputed-reference run of the test above, same model, same step
         assert stored["dpo_loss"] == pytest.approx(step0["dpo_loss"], abs=1e-3)
+
+
+def test_a_small_stream_is_decoded_once_and_each_epoch_reads_it_in_a_new_order(
+    ray_session, tmp_path
+):
+    """Under the cap the stream is decoded once and every execution, a training epoch, yields
+    the same rows in another block order; over it, each epoch decodes again."""
+    import uuid
+
+    import ray.data
+
+    from align.stages import decoded_once_if_small
+
+    def decode(batch):  # stands in for the image decode: leaves a file per batch it decodes
+        (tmp_path / uuid.uuid4().hex).touch()
+        return batch
+
+    dataset = ray.data.range(400, override_num_blocks=20).map_batches(decode, batch_size=20)
+    cached = decoded_once_if_small(dataset, decoded_mb=0.02, cap_mb=1024, seed=3, name="test")
+    epochs = [cached.to_pandas()["id"].tolist() for _ in range(3)]
+    assert all(sorted(e) == list(range(400)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 3  # a new block order every epoch
+    assert len(list(tmp_path.iterdir())) == 20  # 20 batches decoded once, not once per epoch
+    assert decoded_once_if_small(dataset, 0.02, cap_mb=0, seed=3, name="test") is dataset
 
 
 def test_non_finite_loss_skips_steps_then_stops_with_a_clear_message(preferences):

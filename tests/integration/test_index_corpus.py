@@ -321,7 +321,7 @@ def test_kill_and_rerun_finishes_missing_units_without_duplicates(ray_session, t
         (
             [
                 "index_corpus.scorers.laion_mlp.checkpoint=/nowhere/head.pth",
-                "index_corpus.scorers.laion_mlp.trained_on=micro-clip",
+                "index_corpus.scorers.laion_mlp.trained_on=micro-rn-clip",  # the demo model
             ],
             "laion_mlp checkpoint not found",
         ),

@@ -16,6 +16,7 @@ from align.pair_checks import pair_errors, usable_pairs
 from align.training import (
     StepInputs,
     clip_forward,
+    freeze_batchnorm_statistics,
     lr_multiplier,
     metrics_jsonl,
     plot_metrics,
@@ -187,3 +188,30 @@ def test_a_second_run_resumes_only_when_its_inputs_are_unchanged(tmp_path):
     ckpt.write_bytes(b"weights v2, retrained at the same path")
     start_over_if_inputs_changed(load_config(None, overrides), out)
     assert not marker.exists()  # another base model: the old checkpoints must not be resumed
+
+
+def test_frozen_batchnorm_keeps_the_base_model_at_step_zero():
+    """A ResNet tower fine-tuned in train mode normalises with each batch's statistics: at step 0
+    the policy already differs from the reference (computed in eval mode) and the running
+    statistics drift. Frozen, the policy is the reference and the statistics stay."""
+    rn = build_clip(ModelConfig(name="micro-rn-clip"))
+    inputs = _inputs(rn)
+    inputs.chosen_ref, inputs.rejected_ref = _reference_sims(rn, inputs)  # eval mode (build_clip)
+    base = {k: v.clone() for k, v in rn.model.state_dict().items()}
+    model = rn.model.train()
+    cfg = FinetuneConfig(contrastive_weight=0.0)
+    assert cfg.batchnorm_frozen  # auto: frozen for dpo
+    assert not FinetuneConfig(objective="contrastive").batchnorm_frozen
+    assert not FinetuneConfig(batchnorm="train").batchnorm_frozen
+
+    trained_mode, _ = step_losses(model, inputs, cfg)
+    assert abs(trained_mode.item() - math.log(2)) > 1e-4  # batch statistics moved the policy
+
+    model.load_state_dict(base)  # undo the drift of the train-mode step
+    assert freeze_batchnorm_statistics(model) > 0
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    frozen, _ = step_losses(model, inputs, cfg)
+    assert frozen.item() == pytest.approx(math.log(2), abs=1e-5)
+    after = {k: v for k, v in model.state_dict().items() if "running" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training  # the rest of the model still trains (dropout and friends)
