@@ -94,8 +94,8 @@ def decoded_once_if_small(dataset, decoded_mb: float, cap_mb: float, seed: int, 
     from ray.data import RandomSeedConfig
 
     if decoded_mb > cap_mb:
-        log.info(f"{name}: {decoded_mb:,.0f} MB decoded > {cap_mb:,.0f} MB: decoded per epoch")
+        log.info("%s: %.0f MB decoded > %.0f MB: decoded per epoch", name, decoded_mb, cap_mb)
         return dataset
-    log.info(f"{name}: decoded once ({decoded_mb:,.1f} MB in the object store)")
+    log.info("%s: decoded once (%.1f MB in the object store)", name, decoded_mb)
     reseeded = RandomSeedConfig(seed=seed, reseed_after_execution=True)
     return dataset.materialize().randomize_block_order(seed=reseeded)
