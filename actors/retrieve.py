@@ -1,10 +1,14 @@
-"""Candidate retrieval and pairing stage (actor pool): the index is loaded once per actor.
+"""Candidate retrieval and pairing stage (actor pool).
 
-For each query: top-K from the index for the REWRITTEN query (or, by `retrieve_with`, the
-renormalised sum of the original and rewritten embeddings, or the original); the semantic score
-of each candidate is the reference model's cosine similarity to the ORIGINAL query (exact, from
-the stored embeddings); the aesthetic score is index_corpus's combined score. The u x v grid
-then gives the preference pairs (align.pairing), emitted as list columns, one row per query.
+For each query: top-K from the corpus (align.corpus: every index shard searched, merged) for the
+REWRITTEN query (or, by `retrieve_with`, the renormalised sum of the original and rewritten
+embeddings, or the original); the semantic score of each candidate is the reference model's
+cosine similarity to the ORIGINAL query, exact, computed by the shard that found it from its
+stored embeddings; the aesthetic score is index_corpus's combined score. The u x v grid then
+gives the preference pairs (align.pairing), emitted as list columns, one row per query.
+
+The shards are loaded in this actor for a small corpus, or searched through one Ray actor per
+shard (`shard_actors`, started by the job) for a large one: no actor holds the corpus.
 """
 
 from __future__ import annotations
@@ -49,15 +53,17 @@ class CandidateRetriever:
         v: int,
         stride: int,
         retrieve_with: str = "rewritten",
+        refine_factor: int = 4,
+        shard_actors: list[str] | None = None,
     ):
-        from align.index import load_corpus
+        from align.corpus import Corpus
 
         if retrieve_with not in RETRIEVE_WITH:
             raise ValueError(
                 f"retrieve_with must be one of {RETRIEVE_WITH} (got {retrieve_with!r})"
             )
-        self.index, self.ids, self.aesthetic, self.embeddings = load_corpus(index_corpus_dir)
-        self.top_k = min(top_k, len(self.ids))
+        self.corpus = Corpus(f"{index_corpus_dir}/index", refine_factor, shard_actors)
+        self.top_k = min(top_k, self.corpus.ntotal)
         self.u, self.v, self.stride = u, v, stride
         self.retrieve_with = retrieve_with
 
@@ -65,18 +71,18 @@ class CandidateRetriever:
         require_batch_columns(batch, REQUIRED, "retrieve")
         q_orig = np.asarray(batch["query_embedding"], dtype=np.float32)
         q_rew = np.asarray(batch["rewritten_embedding"], dtype=np.float32)
-        _, rows = self.index.search(retrieval_query(q_orig, q_rew, self.retrieve_with), self.top_k)
+        query = retrieval_query(q_orig, q_rew, self.retrieve_with)
+        # Reference similarity to the ORIGINAL query, computed where the candidates are stored.
+        found_all = self.corpus.candidates(query, self.top_k, reference=q_orig)
+        rows = found_all.rows
         n = len(rows)
         out: dict[str, list] = {name: [] for name in LIST_COLUMNS}
         status = np.full(n, "ok", dtype=object)
         error = np.full(n, "", dtype=object)
-        safe = np.where(rows >= 0, rows, 0)
-        # Reference similarity to the ORIGINAL query, for every candidate of the batch at once.
-        semantic = np.einsum("bkd,bd->bk", self.embeddings[safe].astype(np.float32), q_orig)
-        aesthetic = self.aesthetic[safe]
+        semantic, aesthetic = found_all.reference, found_all.aesthetic
         for i in range(n):  # one grid per query; each grid is vectorised
             found = rows[i] >= 0
-            ids, sem, aes = self.ids[safe[i][found]], semantic[i][found], aesthetic[i][found]
+            ids, sem, aes = found_all.ids[i][found], semantic[i][found], aesthetic[i][found]
             try:
                 chosen, rejected, c_cells, r_cells = grid_pairs(
                     sem, aes, self.u, self.v, self.stride

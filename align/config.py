@@ -126,11 +126,34 @@ class IndexConfig(Section):
     hnsw_m: int = Field(32, ge=4)
     hnsw_ef_search: int = Field(128, ge=1)
     ivf_nprobe: int = Field(32, ge=1)
+    ivf_nlist: int | None = Field(
+        None, ge=1, description="IVF lists for the whole corpus (None: 4 sqrt(n), at most 65536)."
+    )
+    train_sample: int = Field(
+        262_144,
+        ge=1,
+        description="Vectors drawn across every scored shard to train the IVF quantizer and PQ "
+        "codebook once (all shards share them), and to draw recall queries from.",
+    )
     num_shards: int = Field(
         1,
         ge=1,
-        description=">1: per-shard indexes built in parallel, searched by fan-out and merge.",
+        description=">1: index shards built in parallel Ray tasks (each reads only its own scored "
+        "files), searched by fan-out and merge.",
     )
+    refine_factor: int = Field(
+        8,
+        ge=1,
+        description="IVF-PQ search: candidates per shard = refine_factor x k by PQ score, then "
+        "re-scored exactly from the shard's stored float16 embeddings.",
+    )
+    in_process_max_vectors: int = Field(
+        2_000_000,
+        ge=0,
+        description="Consumers of an index (build_preferences) load every shard in their own "
+        "process up to this corpus size; beyond it each shard is held by one Ray actor.",
+    )
+    shard_actor_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each shard actor.")
     recall_queries: int = Field(200, ge=1, description="Sampled queries for measured recall@10.")
     drop_exact_duplicates: bool = Field(
         False,
@@ -173,6 +196,12 @@ class IndexCorpusConfig(Section):
         description="Scorer name (lowlevel, laion_mlp) -> weight and checkpoint.",
     )
     index: IndexConfig = IndexConfig()
+    steps: list[Literal["embed", "index"]] = Field(
+        default_factory=lambda: ["embed", "index"],
+        description="embed: decode, embed and score into scored/; index: build the index from "
+        "the scored shards there. [index] rebuilds it with other index settings, embedding "
+        "nothing.",
+    )
 
 
 class HttpRewriteConfig(Section):

@@ -1,9 +1,10 @@
 """FAISS vector indexes over L2-normalised embeddings (inner product = cosine similarity).
 
 `choose_index` picks the type from corpus size and a memory budget: exact (flat) for small corpora,
-HNSW while its graph fits the budget, IVF-PQ beyond. `build_index` trains on a sample and adds
-everything; `measure_recall` compares against exact search on sampled queries. A corpus beyond
-one machine is split into shards, each its own index, searched by `ShardedIndex` (fan-out, merge).
+HNSW while one shard's graph fits the budget, IVF-PQ beyond. `train_index` trains an IVF-PQ index
+once (on a sample drawn across the corpus) for every shard to add to; `build_index` builds one
+shard. `exact_top_k` streams exact search over chunks of vectors, never holding two copies.
+index_corpus's sharded build is align.index_build; searching it is align.corpus.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from align.config import IndexConfig, ModelConfig
-from align.errors import InputNotFound
 
-INDEX_FILE = "index.faiss"
 SHARD_FILE = "shard-{:03d}.faiss"
 INDEX_MANIFEST = "_index.json"
 DUPLICATES_FILE = "duplicates.parquet"
@@ -35,10 +34,16 @@ class IndexSpec:
         return asdict(self)
 
 
-def choose_index(n: int, dim: int, cfg: IndexConfig) -> IndexSpec:
-    """Pick the index type and parameters for n vectors of width dim."""
+def choose_index(n: int, dim: int, cfg: IndexConfig, shard_vectors: int | None = None) -> IndexSpec:
+    """Pick the index type and parameters for n vectors of width dim, the largest shard holding
+    shard_vectors of them (default n).
+
+    Bytes per vector held by a search: flat and HNSW 4 d (+ 8 m of HNSW links), IVF-PQ m codes
+    (d / 4 at most) + 8 of id; the float16 embeddings (2 d) stay on disk, read per candidate.
+    """
     kind = cfg.type
-    hnsw_bytes = n * (dim * 4 + cfg.hnsw_m * 2 * 4)  # vectors + level-0 links
+    shard_vectors = n if shard_vectors is None else shard_vectors
+    hnsw_bytes = shard_vectors * (dim * 4 + cfg.hnsw_m * 2 * 4)  # vectors + level-0 links
     if kind == "auto":
         if n <= cfg.flat_max_vectors:
             kind = "flat"
@@ -53,7 +58,7 @@ def choose_index(n: int, dim: int, cfg: IndexConfig) -> IndexSpec:
             "hnsw", dim, {"m": cfg.hnsw_m, "ef_construction": 80, "ef_search": cfg.hnsw_ef_search}
         )
     # IVF-PQ: ~4 sqrt(n) lists; PQ codes of dim/4 bytes (8 bits each, m divides dim).
-    nlist = max(1, min(65536, int(4 * math.sqrt(n))))
+    nlist = cfg.ivf_nlist or max(1, min(65536, int(4 * math.sqrt(n))))
     m = next(k for k in (dim // 4, dim // 8, dim // 2, dim) if k >= 1 and dim % k == 0)
     return IndexSpec(
         "ivfpq",
@@ -62,54 +67,97 @@ def choose_index(n: int, dim: int, cfg: IndexConfig) -> IndexSpec:
     )
 
 
-def build_index(vectors: np.ndarray, spec: IndexSpec, seed: int = 0):
-    """Build a FAISS index from float vectors (n, dim); trains on a sample where needed."""
+def _empty_index(spec: IndexSpec):
     import faiss
 
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
     if spec.type == "flat":
-        index = faiss.IndexFlatIP(spec.dim)
-    elif spec.type == "hnsw":
+        return faiss.IndexFlatIP(spec.dim)
+    if spec.type == "hnsw":
         index = faiss.IndexHNSWFlat(spec.dim, spec.params["m"], faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = spec.params["ef_construction"]
         index.hnsw.efSearch = spec.params["ef_search"]
-    elif spec.type == "ivfpq":
+        return index
+    if spec.type == "ivfpq":
         p = spec.params
         quantizer = faiss.IndexFlatIP(spec.dim)
-        index = faiss.IndexIVFPQ(
+        return faiss.IndexIVFPQ(
             quantizer, spec.dim, p["nlist"], p["m"], p["nbits"], faiss.METRIC_INNER_PRODUCT
         )
-        n_train = min(len(x), max(p["nlist"] * 64, 10_000))
-        sample = np.random.default_rng(seed).choice(len(x), size=n_train, replace=False)
-        index.train(x[np.sort(sample)])
-        index.nprobe = p["nprobe"]
-        p["train"] = n_train
+    raise ValueError(f"unknown index type {spec.type!r}")
+
+
+def train_index(sample: np.ndarray, spec: IndexSpec, seed: int = 0) -> bytes | None:
+    """An IVF-PQ index's coarse quantizer and PQ codebook trained on a sample (rows of the
+    corpus), serialised empty, for every shard to add its vectors to; None for types that need
+    no training (flat, HNSW)."""
+    import faiss
+
+    if spec.type != "ivfpq":
+        return None
+    x = np.ascontiguousarray(sample, dtype=np.float32)
+    p = spec.params
+    n_train = min(len(x), max(p["nlist"] * 64, 10_000))
+    pick = np.sort(np.random.default_rng(seed).choice(len(x), size=n_train, replace=False))
+    index = _empty_index(spec)
+    index.train(x[pick])
+    p["train"] = n_train
+    return faiss.serialize_index(index).tobytes()
+
+
+def build_index(vectors: np.ndarray, spec: IndexSpec, seed: int = 0, trained: bytes | None = None):
+    """A FAISS index over float vectors (n, dim): added to `trained` (train_index's bytes) where
+    given; an IVF-PQ index without it is trained on a sample of `vectors` first."""
+    import faiss
+
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if spec.type == "ivfpq" and trained is None:
+        trained = train_index(x, spec, seed)
+    if trained is not None:
+        index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+        index.nprobe = spec.params["nprobe"]
     else:
-        raise ValueError(f"unknown index type {spec.type!r}")
+        index = _empty_index(spec)
     index.add(x)
     return index
 
 
-def measure_recall(index, vectors: np.ndarray, n_queries: int, k: int = 10, seed: int = 0) -> dict:
-    """recall@k of `index` against exact inner-product search, on sampled stored vectors used
-    as queries; also both query rates."""
-    import faiss
+def exact_top_k(chunks, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of queries over vectors given as chunks in row order (an
+    iterable of (n_i, d) arrays): (scores, rows), -1 pads; holds one chunk at a time."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(q), 0), -np.inf, np.float32)
+    best_r = np.full((len(q), 0), -1, np.int64)
+    offset = 0
+    for chunk in chunks:
+        s = q @ np.asarray(chunk, dtype=np.float32).T
+        r = np.broadcast_to(np.arange(offset, offset + s.shape[1]), s.shape)
+        offset += s.shape[1]
+        s, r = np.concatenate([best_s, s], axis=1), np.concatenate([best_r, r], axis=1)
+        if s.shape[1] > k:  # the k best in any order, then only those sorted
+            part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+            s, r = np.take_along_axis(s, part, axis=1), np.take_along_axis(r, part, axis=1)
+        top = np.argsort(-s, axis=1, kind="stable")
+        best_s, best_r = np.take_along_axis(s, top, axis=1), np.take_along_axis(r, top, axis=1)
+    return best_s, best_r
 
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
+
+def measure_recall(index, vectors: np.ndarray, n_queries: int, k: int = 10, seed: int = 0) -> dict:
+    """recall@k of `index` against exact inner-product search (streamed over `vectors` in
+    chunks, no second copy), on sampled stored vectors used as queries; also both query rates."""
+    x = np.asarray(vectors)
     rng = np.random.default_rng(seed)
-    q = x[rng.choice(len(x), size=min(n_queries, len(x)), replace=False)]
+    q = np.ascontiguousarray(x[rng.choice(len(x), size=min(n_queries, len(x)), replace=False)],
+                             dtype=np.float32)  # fmt: skip
     k = min(k, len(x))
-    exact = faiss.IndexFlatIP(x.shape[1])
-    exact.add(x)
     t0 = time.perf_counter()
-    _, truth = exact.search(q, k)
+    _, truth = exact_top_k((x[i : i + 65536] for i in range(0, len(x), 65536)), q, k)
     t_exact = time.perf_counter() - t0
     t0 = time.perf_counter()
     _, found = index.search(q, k)
     t_index = time.perf_counter() - t0
-    hits = sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist(), strict=True))
+    hits = (found[:, :, None] == truth[:, None, :]).any(axis=2) & (found >= 0)
     return {
-        "recall_at_k": hits / (len(q) * k),
+        "recall_at_k": float(hits.sum() / max(1, truth.size)),
         "k": k,
         "queries": len(q),
         "qps": len(q) / max(t_index, 1e-9),
@@ -189,115 +237,38 @@ def exact_duplicates(files: list[str]):
     )
 
 
-class ShardedIndex:
-    """Several FAISS indexes over disjoint shards, searched by fan-out and merge.
+def load_index(index_dir: str, refine_factor: int | None = None):
+    """What index_corpus wrote, searchable in this process (align.corpus.Corpus: every shard,
+    memory-mapped), with its id map table and `_index.json`.
 
-    Row ids are global: shard s holds rows offsets[s] .. offsets[s] + ntotal - 1.
-    """
-
-    def __init__(self, indexes: list, offsets: list[int]):
-        self.indexes = indexes
-        self.offsets = offsets
-
-    @property
-    def ntotal(self) -> int:
-        return sum(i.ntotal for i in self.indexes)
-
-    @property
-    def d(self) -> int:
-        return self.indexes[0].d
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, global rows) per query, merged over all shards (-1 pads)."""
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        scores, rows = [], []
-        for index, offset in zip(self.indexes, self.offsets, strict=True):
-            s, r = index.search(q, min(k, index.ntotal))
-            scores.append(s)
-            rows.append(np.where(r >= 0, r + offset, -1))
-        s, r = np.concatenate(scores, axis=1), np.concatenate(rows, axis=1)
-        s = np.where(r >= 0, s, -np.inf)
-        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(s, order, axis=1), np.take_along_axis(r, order, axis=1)
-
-
-def reconstruct_rows(index, rows: np.ndarray) -> np.ndarray:
-    """The stored vectors of some rows ((n, d) float32; approximate for a PQ index), as
-    clip-retrieval's search_and_reconstruct gives them for deduplication."""
-    import faiss
-
-    rows = np.asarray(rows, dtype=np.int64)
-    if isinstance(index, ShardedIndex):
-        out = np.zeros((len(rows), index.d), np.float32)
-        for shard, offset in zip(index.indexes, index.offsets, strict=True):
-            mine = (rows >= offset) & (rows < offset + shard.ntotal)
-            if mine.any():
-                out[mine] = reconstruct_rows(shard, rows[mine] - offset)
-        return out
-    try:
-        return index.reconstruct_batch(rows)
-    except RuntimeError:  # an IVF index reconstructs through a direct map, made once
-        faiss.extract_index_ivf(index).make_direct_map()
-        return index.reconstruct_batch(rows)
-
-
-def load_index(index_dir: str):
-    """Load what index_corpus wrote: one index, or a ShardedIndex over several.
-
-    Returns:
-        (index with .search(queries, k) and .ntotal, id map table, index manifest dict).
     Raises:
-        FileNotFoundError: naming the missing file.
-    """
-    import faiss
-
-    from align import io
-
-    manifest = (
-        io.read_json(f"{index_dir}/{INDEX_MANIFEST}")
-        if io.exists(f"{index_dir}/{INDEX_MANIFEST}")
-        else None
-    )
-    if manifest is None:
-        raise InputNotFound(f"index manifest not found: {index_dir}/{INDEX_MANIFEST}")
-    indexes = []
-    for shard in manifest["shards"]:
-        path = f"{index_dir}/{shard['file']}"
-        io.require_exists(path, "index shard")
-        indexes.append(faiss.deserialize_index(np.frombuffer(io.read_bytes(path), dtype=np.uint8)))
-        if "nprobe" in manifest["spec"]["params"]:
-            indexes[-1].nprobe = manifest["spec"]["params"]["nprobe"]
-    id_map = io.read_parquet(f"{index_dir}/id_map.parquet")
-    index = (
-        indexes[0]
-        if len(indexes) == 1
-        else ShardedIndex(indexes, [s["offset"] for s in manifest["shards"]])
-    )
-    return index, id_map, manifest
-
-
-def load_corpus(index_corpus_dir: str):
-    """Everything retrieval needs from an index_corpus output, row-aligned with the index.
-
-    Returns:
-        (index, image ids (object array), aesthetic (float32), embeddings (float16, n x d)).
-    Raises:
-        FileNotFoundError: when index_corpus has not finished there.
+        InputNotFound: naming the missing manifest or file.
     """
     from align import io
+    from align.corpus import DEFAULT_REFINE, Corpus
 
-    index, id_map, manifest = load_index(f"{index_corpus_dir}/index")
-    vectors, table = read_scored_embeddings(
-        io.list_files(f"{index_corpus_dir}/scored", ".parquet"),
-        exclude=dropped_duplicates(f"{index_corpus_dir}/index", manifest),
-    )
-    if not table["image_id"].combine_chunks().equals(id_map["image_id"].combine_chunks()):
-        raise ValueError(f"scored shards in {index_corpus_dir} do not match its index id map")
+    corpus = Corpus(index_dir, refine_factor=refine_factor or DEFAULT_REFINE)
+    io.require_exists(f"{index_dir}/id_map.parquet", "index id map")
+    return corpus, io.read_parquet(f"{index_dir}/id_map.parquet"), corpus.manifest
+
+
+def load_corpus(index_corpus_dir: str, refine_factor: int | None = None):
+    """A labelled gallery for evaluate: the corpus search and, row-aligned with it, every image
+    id, aesthetic and embedding (float16) in this process. Retrieval and serving never call this:
+    they search through align.corpus, which holds one shard's worth at most.
+
+    Returns:
+        (Corpus, image ids (object array), aesthetic (float32), embeddings (float16, n x d)).
+    """
+    from align.index_build import shard_embeddings
+
+    corpus, id_map, manifest = load_index(f"{index_corpus_dir}/index", refine_factor)
+    embeddings = [c.astype(np.float16) for c in shard_embeddings(corpus.index_dir, manifest)]
     return (
-        index,
-        np.asarray(table["image_id"].to_pylist(), dtype=object),
-        table["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float32),
-        vectors.astype(np.float16),
+        corpus,
+        id_map["image_id"].to_numpy(zero_copy_only=False).astype(object),
+        id_map["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float32),
+        np.concatenate(embeddings) if embeddings else np.zeros((0, manifest["dim"]), np.float16),
     )
 
 
@@ -314,6 +285,7 @@ def check_index(model: ModelConfig, index_corpus_dir: str) -> dict:
     """The index manifest of an index_corpus output, checked before any work: a missing index,
     or one built with another model, other weights or another dimension, fails here."""
     from align import io
+    from align.corpus import check_layout
     from align.models import ModelLoadError, check_model, weights_fingerprint
 
     manifest_path = f"{index_corpus_dir}/index/{INDEX_MANIFEST}"
@@ -339,76 +311,34 @@ def check_index(model: ModelConfig, index_corpus_dir: str) -> dict:
         raise ModelLoadError(
             f"index dimension {index_manifest['dim']} does not match the model's {facts.embed_dim}"
         )
+    check_layout(f"{index_corpus_dir}/index", index_manifest)
     return index_manifest
 
 
-def build_index_shard(
-    files: list[str], index_dir: str, shard: int, cfg: IndexConfig, rating_edges=None, exclude=None
+def write_index_manifest(
+    index_dir: str, built: dict, recall: dict, model: ModelConfig, duplicates: dict | None = None
 ) -> dict:
-    """Build and save the index over some scored shards (less the image ids in `exclude`) and
-    measure its recall@10 (the body of index_corpus's per-shard Ray task); returns its manifest
-    entry, its ids and, given the corpus's rating edges, its sums of embeddings per rating level
-    (align.ranking)."""
-    import faiss
-
-    from align import io
-    from align.ranking import rating_level_sums
-
-    vectors, ids = read_scored_embeddings(files, exclude)
-    level_sums = None
-    if rating_edges is not None:
-        aesthetic = ids["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float64)
-        level_sums = rating_level_sums(vectors, aesthetic, np.asarray(rating_edges))
-    spec = choose_index(len(vectors), vectors.shape[1], cfg)
-    t0 = time.perf_counter()
-    index = build_index(vectors, spec, seed=cfg.seed)
-    build_s = time.perf_counter() - t0
-    recall = measure_recall(index, vectors, cfg.recall_queries, k=10, seed=cfg.seed)
-    name = SHARD_FILE.format(shard)
-    io.write_bytes(f"{index_dir}/{name}", faiss.serialize_index(index).tobytes())
-    return {
-        "file": name,
-        "count": len(vectors),
-        "spec": spec.to_dict(),
-        "build_s": round(build_s, 3),
-        "recall": recall,
-        "ids": ids,
-        "rating_level_sums": level_sums,
-    }
-
-
-def write_id_map_and_manifest(
-    index_dir: str, shards: list[dict], model: ModelConfig, duplicates: dict | None = None
-) -> dict:
-    """After every shard is built (`build_index_shard`, in order): the global id map (row ->
-    image id, aesthetic, caption, url) and `_index.json`, which names the model and its weights
-    and what became of exact duplicates (`duplicates`: found, dropped)."""
-    import pyarrow as pa
-
+    """`_index.json` for a built index (align.index_build.build_sharded_index: shards with
+    offsets, spec), naming the model and its weights, its measured recall and what became of
+    exact duplicates (`duplicates`: found, dropped); the corpus's rating embeddings beside it."""
     from align import io
     from align.models import weights_fingerprint
 
-    offset, id_tables = 0, []
+    shards = built["shards"]
     level_sums = [s.pop("rating_level_sums", None) for s in shards]
     rating_file = None
     if level_sums and all(ls is not None for ls in level_sums):
         rating_file = write_rating_embeddings(index_dir, level_sums)
-    for shard in shards:
-        shard["offset"] = offset
-        ids = shard.pop("ids")
-        rows = pa.array(np.arange(offset, offset + ids.num_rows), pa.int64())
-        id_tables.append(pa.table({"row": rows, **{n: ids[n] for n in ids.column_names}}))
-        offset += ids.num_rows
-    io.write_parquet(pa.concat_tables(id_tables), f"{index_dir}/id_map.parquet")
     index_manifest = {
         "model": model.model_dump(),
         # The weights themselves (a checkpoint rewritten at the same path is another model).
         "weights": weights_fingerprint(model),
-        "dim": shards[0]["spec"]["dim"],
-        "count": offset,
-        "spec": shards[0]["spec"],
+        "dim": built["spec"].dim,
+        "count": sum(s["count"] for s in shards),
+        "spec": built["spec"].to_dict(),
         "shards": shards,
-        "recall_at_10": float(np.mean([s["recall"]["recall_at_k"] for s in shards])),
+        "recall": recall,
+        "recall_at_10": recall.get("recall_at_k"),
         "metric": "inner product on L2-normalised embeddings (cosine)",
         # clip-back's aesthetic_score 0-9: mean embedding per rating level (align.ranking).
         "rating_embeddings": rating_file,

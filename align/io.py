@@ -111,6 +111,10 @@ def _atomic_target(uri: str):
         raise
 
 
+# Public: writers that stream (pyarrow.parquet.ParquetWriter) get the same atomic move.
+atomic_target = _atomic_target
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write atomically where the filesystem allows: to a temporary name of this writer's own,
     then move; the temporary file is removed if the write fails.

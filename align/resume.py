@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from align import io
 from align.config import Config
+from align.errors import InputNotFound
 from align.log import get_logger
 from align.models import weights_fingerprint
 
@@ -38,6 +39,28 @@ def unit_done(unit_dir: str, files: list[str], config: Config) -> dict | None:
     done = io.read_json(marker)
     same = done["files"] == files and done.get("inputs") == unit_inputs(config, files)
     return done if same else None
+
+
+def finished_units(config: Config, out: str):
+    """steps [index]: the markers of the units whose scored shards are in `out`, which must have
+    been embedded with this config's weights (the index records this model)."""
+    parts = io.list_files(f"{out}/scored", ".parquet")
+    unit_dirs = [f"{out}/_staging/unit-{i:05d}" for i in range(len(parts))]
+    markers = [
+        io.read_json(f"{d}/{DONE_MARKER}") for d in unit_dirs if io.exists(f"{d}/{DONE_MARKER}")
+    ]
+    weights = weights_fingerprint(config.model)
+    if (
+        not parts
+        or len(markers) < len(parts)
+        or any(m["inputs"]["weights"] != weights for m in markers)
+    ):
+        raise InputNotFound(
+            f"index_corpus.steps=[index] rebuilds the index from the scored shards of a finished "
+            f"run with this model; {out} has {len(parts)} scored shard(s), {len(markers)} finished "
+            f"unit(s), not all with these weights: run steps [embed, index]"
+        )
+    return unit_dirs, markers
 
 
 RUN_INPUTS = "_run_inputs.json"

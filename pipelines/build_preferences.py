@@ -28,8 +28,9 @@ from actors.rewrite import rewrite_stage
 from actors.text_embed import ClipTextEmbedder
 from align import io
 from align.cli import run_job
-from align.config import BuildPreferencesConfig, Config, ModelConfig
+from align.config import BuildPreferencesConfig, Config, IndexConfig, ModelConfig
 from align.contracts import ERRORS, conform
+from align.corpus import start_shard_actors, use_shard_actors
 from align.index import check_index
 from align.log import get_logger
 from align.manifest import JobManifest, empty_output_dir
@@ -47,8 +48,11 @@ def output_dir(config: Config) -> str:
     return config.expand(config.build_preferences.output)
 
 
-def retrieve(bp: BuildPreferencesConfig, model: ModelConfig, queries: pa.Table, index_dir: str):
-    """The streaming pipeline: rewrite -> embed both queries -> retrieve, re-rank and pair."""
+def retrieve(
+    bp: BuildPreferencesConfig, model: ModelConfig, queries: pa.Table, index_dir: str, search: dict
+):
+    """The streaming pipeline: rewrite -> embed both queries -> retrieve, re-rank and pair
+    (`search`: refine_factor and the shard actors' names, None to load the shards per actor)."""
     import ray.data
 
     # Blocks of one embed batch each, so the stages stream and run in parallel.
@@ -69,10 +73,24 @@ def retrieve(bp: BuildPreferencesConfig, model: ModelConfig, queries: pa.Table, 
             "u": bp.grid.u,
             "v": bp.grid.v,
             "stride": bp.grid.stride,
+            **search,
         },
         batch_format="numpy",
         **actor_pool(bp.retrieve),
     )
+
+
+def corpus_search(cfg: IndexConfig, index_dir: str, index_manifest: dict):
+    """How the retrieval actors search: the shards in each actor for a small corpus, else one
+    Ray actor per shard, started here: (the retrieval stage's kwargs, the actors to keep)."""
+    actors = None
+    if use_shard_actors(index_manifest, cfg.in_process_max_vectors):
+        log.info("%d vectors: one actor per index shard", index_manifest["count"])
+        actors = start_shard_actors(f"{index_dir}/index", cfg.shard_actor_cpus, cfg.refine_factor)
+    return {
+        "refine_factor": cfg.refine_factor,
+        "shard_actors": actors.names if actors else None,
+    }, actors
 
 
 def write_outputs(bp: BuildPreferencesConfig, model: ModelConfig, results, out: str, errors):
@@ -123,7 +141,8 @@ def build_preferences(config: Config) -> dict:
     for sub in OUTPUTS:  # a re-run replaces, never appends
         empty_output_dir(f"{out}/{sub}", "build_preferences")
     with manifest.stage("rewrite_embed_retrieve"):
-        results = retrieve(bp, config.model, queries, index_dir).materialize()
+        search, _actors = corpus_search(config.index_corpus.index, index_dir, index_manifest)
+        results = retrieve(bp, config.model, queries, index_dir, search).materialize()
     # Per-operator wall times (rewrite, text_embed, retrieve) for the share of time per stage.
     io.write_bytes(f"{out}/_ray_data_stats.txt", results.stats().encode())
     with manifest.stage("write"):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import sys
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -28,17 +27,13 @@ from align import aesthetics, io
 from align.cli import run_job
 from align.config import Config, IndexCorpusConfig
 from align.contracts import ERRORS, SCORED, SCORER_COLUMN_PREFIX, conform
-from align.index import (
-    DUPLICATES_FILE,
-    build_index_shard,
-    exact_duplicates,
-    write_id_map_and_manifest,
-)
+from align.errors import InputNotFound
+from align.index import DUPLICATES_FILE, exact_duplicates
+from align.index_build import write_index
 from align.log import get_logger
 from align.manifest import JobManifest
 from align.models import ModelFacts, check_model, model_id
-from align.ranking import rating_edges
-from align.resume import DONE_MARKER, unit_done, unit_inputs
+from align.resume import DONE_MARKER, finished_units, unit_done, unit_inputs
 from align.runtime import init_ray
 from align.sources import (
     NOT_DOWNLOADED,
@@ -235,27 +230,18 @@ def combine(ic: IndexCorpusConfig, unit_dirs: list[str], markers: list[dict], ou
 
 
 def build_indexes(config: Config, out: str) -> dict:
-    """Build index.num_shards indexes in parallel Ray tasks, each over a group of scored files
-    (a scored file, one per unit, is the smallest shard), plus the global id map."""
-    import ray
-
-    cfg = config.index_corpus.index
+    """The sharded index over the scored shards (align.index_build: sampled, trained once, one
+    Ray task per shard reading only its own files), its recall against exact search streamed over
+    the shards, and the global id map."""
     files = io.list_files(f"{out}/scored", ".parquet")
-    groups = [g for g in np.array_split(np.array(files, dtype=object), cfg.num_shards) if len(g)]
+    if not files:
+        raise InputNotFound(f"no scored shards in {out}/scored: run index_corpus with steps "
+                            f"[embed, index] first")  # fmt: skip
     index_dir = f"{out}/index"
-    # Rating levels split the whole corpus's scores: edges here, per-level sums in each shard.
-    aesthetic = pa.concat_tables([io.read_parquet(f, columns=["aesthetic"]) for f in files])
-    edges = rating_edges(aesthetic["aesthetic"].to_numpy(zero_copy_only=False).astype(float))
     # Exact duplicates (equal sha256) are always recorded; left out of the index by config.
     duplicates = exact_duplicates(files)
     io.write_parquet(duplicates, f"{index_dir}/{DUPLICATES_FILE}")
-    exclude = duplicates["image_id"] if cfg.drop_exact_duplicates else None
-    task = ray.remote(num_cpus=1)(build_index_shard)
-    shards = ray.get(
-        [task.remote(list(g), index_dir, i, cfg, edges, exclude) for i, g in enumerate(groups)]
-    )
-    found = {"found": duplicates.num_rows, "dropped": cfg.drop_exact_duplicates}
-    return write_id_map_and_manifest(index_dir, shards, config.model, found)
+    return write_index(files, index_dir, config.index_corpus.index, config.model, duplicates)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +255,8 @@ def check_inputs(config: Config, source: str) -> tuple[ModelFacts, list[list[str
     for name, scorer in ic.scorers.items():
         aesthetics.check_scorer_model(name, scorer.trained_on, model_id(config.model))
         aesthetics.build_scorer(name, scorer.checkpoint, model.embed_dim)
+    if "embed" not in ic.steps:  # steps [index]: the scored shards are the input
+        return model, [], None
     io.require_exists(source, "index_corpus input")
     units = plan_units(ic, source)
     layout = None
@@ -284,10 +272,14 @@ def index_corpus(config: Config) -> dict:
     model, units, layout = check_inputs(config, source)
 
     init_ray(config.ray)
-    with manifest.stage("embed_and_score"):
-        unit_dirs, markers = embed_and_score(config, units, source, out, model, layout)
-    with manifest.stage("combine"):
-        stats = combine(ic, unit_dirs, markers, out)
+    if "embed" in ic.steps:
+        with manifest.stage("embed_and_score"):
+            unit_dirs, markers = embed_and_score(config, units, source, out, model, layout)
+        with manifest.stage("combine"):
+            stats = combine(ic, unit_dirs, markers, out)
+    else:  # the index again from the scored shards a finished run left (steps: [index])
+        unit_dirs, markers = finished_units(config, out)
+        stats = aesthetics.stats_from_moments([m["score_moments"] for m in markers])
     with manifest.stage("index"):
         index_manifest = build_indexes(config, out)
 
@@ -298,7 +290,7 @@ def index_corpus(config: Config) -> dict:
     manifest.extra.update(
         {
             "input": source,
-            "units": len(units),
+            "units": len(markers),
             # Rows the source listed without an image (img2dataset's failed downloads): error
             # rows where its sidecars name them, counted from its _stats.json otherwise.
             "failed_downloads": failed_downloads,
@@ -309,7 +301,9 @@ def index_corpus(config: Config) -> dict:
                 "normalisation": stats,
             },
             "index": {k: v for k, v in index_manifest.items() if k != "shards"},
-            "images_per_second": round(rows_in / max(manifest.timings["embed_and_score"], 1e-9), 1),
+            "images_per_second": round(rows_in / manifest.timings["embed_and_score"], 1)
+            if manifest.timings.get("embed_and_score")
+            else None,
         }
     )
     result = manifest.write(out, rows_in=rows_in, rows_out=rows_ok, rows_error=rows_error)

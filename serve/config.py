@@ -183,6 +183,30 @@ def _read_manifest(folder: str, what: str, jobs: tuple[str, ...]) -> dict:
     return manifest
 
 
+def _check_index(what: str, ic_dir: str, model: ModelConfig) -> None:
+    """The index exists, was built with these weights, and has align.corpus's per-shard files."""
+    from align.corpus import OldIndexLayout, check_layout
+    from align.index import INDEX_MANIFEST
+    from align.models import weights_fingerprint
+
+    io.require_exists(f"{ic_dir}/index", f"{what} index")
+    path = f"{ic_dir}/index/{INDEX_MANIFEST}"
+    index_manifest = io.read_json(path) if io.exists(path) else {}
+    # The path alone is not the model: a model.pt retrained in place has other weights
+    # than the ones that embedded the corpus, and its queries would search the wrong space.
+    built = index_manifest.get("weights")
+    if built is not None and built != weights_fingerprint(model):
+        raise ServeConfigError(
+            f"{what}: {model.pretrained} was rewritten after the index in {ic_dir} was built "
+            f"(weights {built} then, {weights_fingerprint(model)} now); index the corpus "
+            f"again with it"
+        )
+    try:
+        check_layout(f"{ic_dir}/index", index_manifest)
+    except OldIndexLayout as e:
+        raise ServeConfigError(f"{what}: {e}") from None
+
+
 def resolve_models(args: ServeArgs) -> dict[str, ServedModel]:
     """Each configured model from the manifests of the jobs that made it; checked before serving.
 
@@ -190,8 +214,7 @@ def resolve_models(args: ServeArgs) -> dict[str, ServedModel]:
         ServeConfigError: a folder without a finished job's manifest, an index built with another
             model than the named run's, or a model that cannot be built (missing checkpoint).
     """
-    from align.index import INDEX_MANIFEST
-    from align.models import ModelLoadError, check_model, weights_fingerprint
+    from align.models import ModelLoadError, check_model
 
     served = {}
     for name, m in args.models.items():
@@ -212,17 +235,7 @@ def resolve_models(args: ServeArgs) -> dict[str, ServedModel]:
             check_model(model)
         except ModelLoadError as e:
             raise ServeConfigError(f"{what}: {e}") from None
-        io.require_exists(f"{ic_dir}/index", f"{what} index")
-        # The path alone is not the model: a model.pt retrained in place has other weights
-        # than the ones that embedded the corpus, and its queries would search the wrong space.
-        index_manifest = f"{ic_dir}/index/{INDEX_MANIFEST}"
-        built = io.read_json(index_manifest).get("weights") if io.exists(index_manifest) else None
-        if built is not None and built != weights_fingerprint(model):
-            raise ServeConfigError(
-                f"{what}: {model.pretrained} was rewritten after the index in {ic_dir} was built "
-                f"(weights {built} then, {weights_fingerprint(model)} now); index the corpus "
-                f"again with it"
-            )
+        _check_index(what, ic_dir, model)
         ic = manifest["config"]["index_corpus"]
         served[name] = ServedModel(
             name=name,

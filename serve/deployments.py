@@ -102,29 +102,17 @@ class VectorIndex:
     with result filters go deeper until enough results pass."""
 
     def __init__(self, index_dirs: dict[str, str], batching: dict, filters: dict):
-        import pyarrow as pa
+        from align.corpus import Corpus
+        from align.index import read_rating_embeddings
 
-        from align.index import load_index, read_rating_embeddings
-
-        self.indexes, self.ids, self.aesthetic, self.facts_ = {}, {}, {}, {}
-        self.ratings, self.metadata = {}, {}
+        # Every shard memory-mapped (align.corpus): replicas on a node share the page cache and
+        # each holds what its searches touch, not the corpus.
+        self.corpora, self.facts_, self.ratings = {}, {}, {}
         for name, index_dir in index_dirs.items():
-            index, id_map, manifest = load_index(index_dir)
-            self.indexes[name] = index
-            self.ratings[name] = read_rating_embeddings(index_dir, manifest)
-            self.ids[name] = np.asarray(id_map["image_id"].to_pylist(), dtype=object)
-            self.aesthetic[name] = (
-                id_map["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float32)
-            )
-            # Caption and source URL stay Arrow arrays (taken per result), null for an index
-            # built before index_corpus kept them.
-            self.metadata[name] = {
-                c: id_map[c].combine_chunks()
-                if c in id_map.column_names
-                else pa.nulls(id_map.num_rows, pa.string())
-                for c in ("caption", "url")
-            }
-            self.facts_[name] = {"images": int(index.ntotal), "index": manifest["spec"]["type"]}
+            corpus = Corpus(index_dir)
+            self.corpora[name] = corpus
+            self.ratings[name] = read_rating_embeddings(index_dir, corpus.manifest)
+            self.facts_[name] = {"images": corpus.ntotal, "index": corpus.spec["type"]}
         self.filters = filters
         self.search.set_max_batch_size(batching["max_batch_size"])
         self.search.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
@@ -136,14 +124,14 @@ class VectorIndex:
         return self.ratings[model] is not None
 
     def _found(self, model: str, rows: np.ndarray, similarity: np.ndarray) -> dict:
-        meta = self.metadata[model]
+        info = self.corpora[model].row_info(rows)
         return {
             "rows": rows,
             "similarity": similarity.astype(np.float32),
-            "ids": self.ids[model][rows].tolist(),
-            "aesthetic": self.aesthetic[model][rows],
-            "caption": meta["caption"].take(rows).to_pylist(),
-            "source_url": meta["url"].take(rows).to_pylist(),
+            "ids": info["image_id"],
+            "aesthetic": np.asarray(info["aesthetic"], dtype=np.float32),
+            "caption": info["caption"],
+            "source_url": info["url"],
         }
 
     def filtered_search(
@@ -160,20 +148,20 @@ class VectorIndex:
         (align.ranking.filter_candidates), searching 4x deeper each time until `want` pass, the
         index runs out or `filters.max_depth` is reached; "filtered" says what was dropped,
         how deep it searched and whether that bound stopped it short of `want`."""
-        from align.index import reconstruct_rows
         from align.ranking import filter_candidates
 
-        index = self.indexes[model]
+        corpus = self.corpora[model]
         query = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(1, -1))
-        bound = min(self.filters["max_depth"], index.ntotal)
+        bound = min(self.filters["max_depth"], corpus.ntotal)
         depth = min(depth, bound)
         while True:
-            similarity, rows = index.search(query, depth)
-            hit = rows[0] >= 0
-            similarity, rows = similarity[0][hit], rows[0][hit]
-            vectors = reconstruct_rows(index, rows) if dedup_threshold and len(rows) else None
+            found = corpus.candidates(query, depth)
+            hit = found.rows[0] >= 0
+            similarity, rows = found.scores[0][hit], found.rows[0][hit]
+            # Near-duplicates by the stored (exact) embeddings of the candidates.
+            vectors = corpus.vectors(rows).astype(np.float32) if dedup_threshold else None
             keep, dropped = filter_candidates(
-                self.aesthetic[model][rows], vectors, min_aesthetic=min_aesthetic,
+                found.aesthetic[0][hit], vectors, min_aesthetic=min_aesthetic,
                 dedup_threshold=dedup_threshold, keep_most_aesthetic=keep_most_aesthetic,
             )  # fmt: skip
             if keep.sum() >= want or depth >= bound:
@@ -184,7 +172,7 @@ class VectorIndex:
             **dropped,
             "searched": depth,
             # Fewer than asked because of the bound, not because the index has no more.
-            "bound_hit": bool(keep.sum() < want and depth < index.ntotal),
+            "bound_hit": bool(keep.sum() < want and depth < corpus.ntotal),
         }
         return found
 
@@ -207,7 +195,7 @@ class VectorIndex:
         """Image ids, aesthetic scores and metadata of index rows (clip-back's /metadata);
         `valid` is False for rows past the end."""
         rows = np.asarray(rows, dtype=np.int64)
-        valid = (rows >= 0) & (rows < len(self.ids[model]))
+        valid = (rows >= 0) & (rows < self.corpora[model].ntotal)
         found = self._found(model, np.where(valid, rows, 0), np.zeros(len(rows)))
         return {**found, "valid": valid}
 
@@ -219,10 +207,10 @@ class VectorIndex:
         names = np.asarray(models, dtype=object)
         for name in set(models):
             rows = np.flatnonzero(names == name)
-            index = self.indexes[name]
-            depth = min(max(depths[i] for i in rows), index.ntotal)
+            corpus = self.corpora[name]
+            depth = min(max(depths[i] for i in rows), corpus.ntotal)
             queries = np.stack([vectors[i] for i in rows]).astype(np.float32)
-            scores, found = index.search(queries, depth)
+            scores, found = corpus.search(queries, depth)
             for row, s, f in zip(rows, scores, found, strict=True):
                 keep = f[: depths[row]] >= 0
                 out[row] = self._found(name, f[: depths[row]][keep], s[: depths[row]][keep])
@@ -234,17 +222,32 @@ class ImageStore:
     """Encoded image bytes by id, from the corpora of the served models."""
 
     def __init__(self, corpora: dict[str, tuple[dict, str]]):
+        import hashlib
+        import json
+
+        import pyarrow as pa
+
         from align import io
         from serve.images import CorpusImages
 
+        # One sorted location table per corpus source (serve.images), for the ids of every index
+        # built over it; named by the indexes' manifests, so a rebuilt index builds a new one.
         by_source: dict[str, tuple[dict, list]] = {}
         for corpus, index_dir in corpora.values():
-            ids = io.read_parquet(f"{index_dir}/id_map.parquet", columns=["image_id"])["image_id"]
-            by_source.setdefault(corpus["input"], (corpus, []))[1].append(ids.to_numpy())
-        self.stores = [
-            CorpusImages(corpus, np.unique(np.concatenate(ids)))
-            for corpus, ids in by_source.values()
-        ]
+            by_source.setdefault(corpus["input"], (corpus, []))[1].append(index_dir)
+
+        def ids_of(index_dirs):
+            columns = [io.read_parquet(f"{d}/id_map.parquet", columns=["image_id"])["image_id"]
+                       for d in index_dirs]  # fmt: skip
+            return pa.chunked_array([c for col in columns for c in col.chunks]).unique()
+
+        self.stores = []
+        for corpus, index_dirs in by_source.values():
+            key = hashlib.sha1(json.dumps(corpus, sort_keys=True).encode())
+            for index_dir in sorted(set(index_dirs)):
+                key.update(io.read_bytes(f"{index_dir}/_index.json"))
+            ids = lambda dirs=index_dirs: ids_of(dirs)  # noqa: E731 (read only to build)
+            self.stores.append(CorpusImages(corpus, ids, key=key.hexdigest()[:20]))
 
     def read(self, image_id: str) -> bytes | None:
         for store in self.stores:

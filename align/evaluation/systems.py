@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from align.config import ConfigError, EvaluateConfig, ModelConfig, RerankConfig, SteerConfig
+from align.corpus import check_layout, read_index_manifest
 from align.models import check_model
 
 
@@ -46,5 +47,7 @@ def resolve_systems(
         except Exception as e:
             raise type(e)(f"system {name!r}: {e}") from None
         index_dir = expand(s.index_corpus_dir) if s.index_corpus_dir else None
+        if index_dir:  # searched through align.corpus: its per-shard files must be there
+            check_layout(f"{index_dir}/index", read_index_manifest(f"{index_dir}/index"))
         systems.append(System(name, model, s.rewrite, index_dir, s.rerank, s.steer))
     return systems

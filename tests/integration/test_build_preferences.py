@@ -71,9 +71,17 @@ def test_keyword_pairs_carry_exact_reference_similarities(indexed_world):
         assert x["chosen_ref_sim"] == pytest.approx(float(t @ emb[x["chosen_id"]]), abs=2e-3)
         assert x["rejected_ref_sim"] == pytest.approx(float(t @ emb[x["rejected_id"]]), abs=2e-3)
 
-    # A re-run replaces its outputs rather than appending.
-    _, _, read_again = run(indexed_world)
+    # A re-run replaces its outputs rather than appending; searched through one Ray actor per
+    # index shard (as a corpus over the in-process bound is), it finds the same pairs.
+    _, _, read_again = run(indexed_world, "index_corpus.index.in_process_max_vectors=0")
     assert read_again("pairs").num_rows == pairs.num_rows
+    columns = ("query_id", "chosen_id", "rejected_id")
+    keys_again = {tuple(r[c] for c in columns) for r in read_again("pairs").to_pylist()}
+    assert keys_again == {tuple(r[c] for c in columns) for r in p}
+    np.testing.assert_allclose(
+        sorted(read_again("pairs")["chosen_ref_sim"].to_pylist()),
+        sorted(pairs["chosen_ref_sim"].to_pylist()), rtol=1e-6,
+    )  # fmt: skip
 
 
 def test_retrieve_with_chooses_the_query_that_finds_the_candidates(indexed_world):

@@ -226,7 +226,7 @@ def test_img2dataset_webdataset_shards_read_in_full(ray_session, tmp_path):
     by_id = {r["image_id"]: r for r in id_map.to_pylist()}
     assert by_id["000000002"]["caption"] == "a blue moon"
     assert by_id["000000002"]["url"] == "https://example.com/000000002.jpg"
-    # What retrieval loads (build_preferences, evaluate) leaves the same duplicate out.
+    # What evaluate loads (every shard's rows) leaves the same duplicate out.
     _, loaded_ids, _, _ = load_corpus(str(out / "index_corpus"))
     assert loaded_ids.tolist() == id_map["image_id"].to_pylist()
     # Fan-out search finds each indexed vector as its own best match.
@@ -306,6 +306,22 @@ def test_kill_and_rerun_finishes_missing_units_without_duplicates(ray_session, t
     ids = scored["image_id"].to_pylist()
     assert len(ids) == len(set(ids)) == 600
     assert manifest["counts"] == {"rows_in": 600, "rows_out": 600, "rows_error": 0}
+
+    # steps [index]: the index again from these scored shards, other settings, nothing embedded.
+    scored_files = sorted((tmp_path / "index_corpus" / "scored").glob("*.parquet"))
+    before = {f: f.stat().st_mtime_ns for f in [*scored_files, *staging.glob("*/_SUCCESS.json")]}
+    config = load_config(REPO / "configs/demo.yaml", [
+        *args, "index_corpus.steps=[index]", "index_corpus.index.type=ivfpq",
+        "index_corpus.index.num_shards=3", "index_corpus.index.ivf_nlist=8",
+    ])  # fmt: skip
+    rebuilt = index_corpus(config)
+    assert "embed_and_score" not in rebuilt["timings_s"]
+    assert rebuilt["counts"] == manifest["counts"]
+    assert {f: f.stat().st_mtime_ns for f in before} == before  # nothing re-embedded
+    index, id_map, index_manifest = load_index(str(tmp_path / "index_corpus" / "index"))
+    assert index_manifest["spec"]["type"] == "ivfpq" and len(index_manifest["shards"]) == 3
+    assert index.ntotal == 600 and sorted(id_map["image_id"].to_pylist()) == sorted(ids)
+    assert len(list((tmp_path / "index_corpus" / "index").glob("shard-*.faiss"))) == 3
 
 
 @pytest.mark.parametrize(

@@ -154,6 +154,29 @@ def test_parquet_corpus_reads_each_row_from_its_row_group(tmp_path):
     assert len(store._cache) == 2
 
 
+def test_image_lookup_is_a_sorted_table_on_disk_built_once(tmp_path, monkeypatch):
+    """No dict of every id: a binary search over memory-mapped sorted ids; a second replica with
+    the same key maps the table the first built, without reading the index's ids again."""
+    monkeypatch.setenv("AESTHETIC_ALIGN_CACHE", str(tmp_path / "cache"))
+    ids = [f"id-{i:04d}" for i in range(300)][::-1]  # stored out of order
+    images = [_encoded("PNG", (i % 256, 0, 0)) for i in range(300)]
+    table = pa.table({"image_id": ids, "image": pa.array(images, pa.binary())})
+    pq.write_table(table, tmp_path / "part-0.parquet", row_group_size=64)
+    corpus = {"input": str(tmp_path / "part-0.parquet"), "input_format": "parquet",
+              "id_column": "image_id", "image_column": "image", "path_column": None}  # fmt: skip
+    indexed = pa.array(ids[::2])  # every other image is in the index
+    store = CorpusImages(corpus, indexed, key="k1")
+    assert isinstance(store.ids, np.memmap) and len(store) == 150
+    assert (store.ids[1:] > store.ids[:-1]).all()
+    assert store.read(ids[10]) == images[10] and store.read(ids[11]) is None
+
+    def not_needed():
+        raise AssertionError("the table exists: the ids must not be read again")
+
+    again = CorpusImages(corpus, not_needed, key="k1")
+    assert again.read(ids[298]) == images[298] and "id-9999" not in again
+
+
 def test_parquet_corpus_with_hugging_face_image_structs(tmp_path):
     data = _encoded("PNG")
     kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from align.config import IndexConfig
-from align.index import ShardedIndex, build_index, choose_index, measure_recall
+from align.index import build_index, choose_index, exact_top_k, measure_recall, train_index
 
 
 def unit_vectors(n, d, seed=0):
@@ -30,19 +30,26 @@ def test_indexes_find_the_exact_neighbours(kind):
     assert recall["recall_at_k"] >= floor
 
 
-def test_sharded_search_merges_to_the_single_index_answer():
+def test_streamed_exact_search_equals_one_pass_over_all_vectors():
     x = unit_vectors(3000, 16, seed=1)
-    spec = choose_index(len(x), 16, IndexConfig(type="flat"))
-    whole = build_index(x, spec)
-    parts = [
-        build_index(x[:1000], spec),
-        build_index(x[1000:2200], spec),
-        build_index(x[2200:], spec),
-    ]
-    sharded = ShardedIndex(parts, [0, 1000, 2200])
     q = unit_vectors(20, 16, seed=2)
-    s1, r1 = whole.search(q, 7)
-    s2, r2 = sharded.search(q, 7)
-    np.testing.assert_array_equal(r1, r2)
-    np.testing.assert_allclose(s1, s2, rtol=1e-6)
-    assert sharded.ntotal == 3000
+    chunks = (x[i : i + 700] for i in range(0, len(x), 700))  # uneven chunks, merged as they come
+    scores, rows = exact_top_k(chunks, q, 7)
+    truth = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :7]
+    np.testing.assert_array_equal(rows, truth)
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, truth, axis=1), rtol=1e-5)
+
+
+def test_ivfpq_shards_share_one_trained_quantizer():
+    x = unit_vectors(12_000, 32, seed=3)
+    spec = choose_index(len(x), 32, IndexConfig(type="ivfpq", ivf_nlist=32, ivf_nprobe=32))
+    trained = train_index(x[::2], spec)
+    parts = [
+        build_index(x[:6000], spec, trained=trained),
+        build_index(x[6000:], spec, trained=trained),
+    ]
+    assert spec.params["nlist"] == 32 and spec.params["train"] == 6000  # the sample
+    for part in parts:  # the same centroids in both: no shard trained its own
+        centroids = part.quantizer.reconstruct_n(0, 32)
+        np.testing.assert_array_equal(centroids, parts[0].quantizer.reconstruct_n(0, 32))
+    assert sum(p.ntotal for p in parts) == len(x)

@@ -10,7 +10,7 @@ from actors.score import scored_to_arrow
 from align import io
 from align.config import IndexConfig, ModelConfig
 from align.contracts import SCORED, SCORER_COLUMN_PREFIX, conform
-from align.index import build_index_shard, write_id_map_and_manifest
+from align.index_build import write_index
 from align.pairing import pair_count
 
 N, D, K = 20, 8, 8
@@ -35,11 +35,10 @@ def _corpus(tmp_path, rng):
         conform(table, SCORED, extra_prefix=SCORER_COLUMN_PREFIX),
         f"{tmp_path}/scored/part-00000.parquet",
     )
-    shard = build_index_shard(
-        [f"{tmp_path}/scored/part-00000.parquet"], f"{tmp_path}/index", 0,
-        IndexConfig(type="flat", recall_queries=5),
+    write_index(
+        [f"{tmp_path}/scored/part-00000.parquet"], f"{tmp_path}/index",
+        IndexConfig(type="flat", recall_queries=5), ModelConfig(name="tiny-clip"), remote=False,
     )  # fmt: skip
-    write_id_map_and_manifest(f"{tmp_path}/index", [shard], ModelConfig(name="tiny-clip"))
     return emb.astype(np.float32), aesthetic
 
 

@@ -1,0 +1,355 @@
+"""Search an index_corpus index with memory bounded by one shard, not by the corpus.
+
+index_corpus writes, per index shard s (align.index.build_index_shard):
+  shard-s.faiss            the FAISS index (IVF types share one trained quantizer and codebook)
+  shard-s.rows.arrow       Arrow IPC file, row-aligned: image_id, aesthetic, caption, url
+  shard-s.embeddings.npy   float16 (n, d) embeddings, row-aligned: exact scores and references
+The IVF lists are memory-mapped (faiss.IO_FLAG_MMAP) and so is the rows file, so a process holds
+PQ codes and ids as it touches them, and processes on a node share the page cache. Embeddings are
+read by row (`StoredRows`, pread): the candidates' exact vectors, never the corpus's.
+
+`IndexShard` searches one shard: approximate candidates (refine_factor x k of them) re-scored
+exactly from the stored embeddings, and each candidate's similarity to a reference query (the
+ORIGINAL query in build_preferences) from the same vectors. `Corpus` fans a search out to every
+shard and merges the top-k by score: the shards live in this process for a small corpus, or in
+Ray actors that each hold one (`start_shard_actors`) when the corpus is larger than
+`index.in_process_max_vectors`. build_preferences, evaluate and serving all search through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from align import io
+from align.config import IndexConfig
+from align.errors import UserError
+
+ROWS_SUFFIX = ".rows.arrow"
+EMBEDDINGS_SUFFIX = ".embeddings.npy"
+# Candidate rows re-scored per chunk: bounds the float32 copy of their vectors.
+GATHER_ROWS = 1024
+ROW_COLUMNS = ("image_id", "aesthetic", "caption", "url")
+DEFAULT_REFINE = IndexConfig.model_fields["refine_factor"].default
+
+
+class OldIndexLayout(UserError, ValueError):
+    """An index written before per-shard rows and embeddings files (rebuild: steps [index])."""
+
+
+def check_layout(index_dir: str, manifest: dict) -> None:
+    """Raises OldIndexLayout for an index built before align.corpus's per-shard files."""
+    if any("rows_file" not in entry for entry in manifest.get("shards", [])):
+        raise OldIndexLayout(
+            f"index at {index_dir} predates per-shard rows and embeddings files: rebuild it "
+            f"from its scored shards with index_corpus.steps=[index]"
+        )
+
+
+@dataclass
+class Candidates:
+    """Top-k per query, merged over shards; rows are global index rows (-1 pads, score -inf)."""
+
+    scores: np.ndarray  # (Q, k) float32: exact cosine to the searched query
+    rows: np.ndarray  # (Q, k) int64
+    ids: np.ndarray  # (Q, k) object (None at pads)
+    aesthetic: np.ndarray  # (Q, k) float32 (NaN at pads)
+    reference: np.ndarray | None  # (Q, k) float32: exact cosine to the reference query
+
+
+def _local(path: str) -> str:
+    return io.local_copy(path)
+
+
+class IndexShard:
+    """One memory-mapped index shard (a Ray actor's body when the corpus is served by actors)."""
+
+    def __init__(
+        self, index_dir: str, entry: dict, spec: dict, refine_factor: int = DEFAULT_REFINE
+    ):
+        import faiss
+        import pyarrow as pa
+
+        check_layout(index_dir, {"shards": [entry]})
+        path = _local(f"{index_dir}/{entry['file']}")
+        ivf = spec["type"] == "ivfpq"
+        self.index = faiss.read_index(
+            path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if ivf else 0
+        )
+        if "nprobe" in spec["params"]:
+            faiss.extract_index_ivf(self.index).nprobe = spec["params"]["nprobe"]
+        # Scores of a PQ index are approximate: take more candidates, re-score them exactly.
+        self.refine = refine_factor if ivf else 1
+        self.offset = int(entry["offset"])
+        self.count = int(entry["count"])
+        self.embeddings = StoredRows(_local(f"{index_dir}/{entry['embeddings_file']}"))
+        rows = pa.ipc.open_file(
+            pa.memory_map(_local(f"{index_dir}/{entry['rows_file']}"))
+        ).read_all()
+        self.rows = {c: rows[c].combine_chunks() for c in ROW_COLUMNS}
+        self.aesthetic = self.rows["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float32)
+
+    def stats(self) -> dict:
+        """This process's peak and current resident memory (for benchmarks)."""
+        return process_memory()
+
+    def vectors(self, local_rows: np.ndarray) -> np.ndarray:
+        """Stored embeddings of some rows of this shard, float16 (n, d)."""
+        return self.embeddings.read(local_rows)
+
+    def search(self, queries: np.ndarray, k: int, reference: np.ndarray | None = None) -> dict:
+        """Top-k of this shard per query: exact scores, global rows, ids, aesthetic and (given
+        reference, row-aligned with queries) each candidate's exact similarity to it."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        k = min(k, self.count)
+        depth = min(k * self.refine, self.count)
+        scores, rows = self.index.search(q, depth) if depth else _empty(len(q), 0)
+        ref = None
+        if self.refine > 1 or reference is not None:
+            scores, rows, ref = self._exact(q, rows, k, reference)
+        found = rows >= 0
+        safe = np.where(found, rows, 0)
+        ids = self.rows["image_id"].take(safe.ravel()).to_numpy(zero_copy_only=False)
+        return {
+            "scores": np.where(found, scores, -np.inf).astype(np.float32),
+            "rows": np.where(found, rows + self.offset, -1),
+            "ids": np.where(found, ids.reshape(rows.shape), None),
+            "aesthetic": np.where(found, self.aesthetic[safe], np.nan).astype(np.float32),
+            "reference": ref,
+        }
+
+    def _exact(self, q: np.ndarray, rows: np.ndarray, k: int, reference: np.ndarray | None):
+        """Re-score candidates from the stored embeddings, chunk by chunk of queries; keep the top
+        k; similarity to the reference query from the same vectors."""
+        step = max(1, GATHER_ROWS // max(1, rows.shape[1]))
+        scores = np.full(rows.shape, -np.inf, np.float32)
+        ref = None if reference is None else np.full(rows.shape, np.nan, np.float32)
+        for start in range(0, len(q), step):  # chunks of queries, not rows
+            part = slice(start, start + step)
+            candidates = np.maximum(rows[part], 0)
+            emb = self.embeddings.read(candidates).astype(np.float32)  # (queries, depth, d)
+            # Batched mat-vec: no (q, depth, d) temporary beside the gathered vectors.
+            scores[part] = np.matmul(emb, q[part, :, None])[..., 0]
+            if reference is not None:
+                r = np.asarray(reference[part], dtype=np.float32)
+                ref[part] = np.matmul(emb, r[:, :, None])[..., 0]
+            del emb
+        scores = np.where(rows >= 0, scores, -np.inf)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        take = lambda a: None if a is None else np.take_along_axis(a, order, axis=1)  # noqa: E731
+        return take(scores), take(rows), take(ref)
+
+    def row_info(self, local_rows: np.ndarray) -> dict:
+        """image_id, aesthetic, caption and url of some rows of this shard (Python lists)."""
+        rows = np.asarray(local_rows, dtype=np.int64)
+        return {c: self.rows[c].take(rows).to_pylist() for c in ROW_COLUMNS}
+
+
+class StoredRows:
+    """Rows of a .npy matrix on disk, read by row with pread: scattered candidates cost their own
+    bytes. (A memory map would not: the kernel maps whole cached folios around each touched row,
+    so a few hundred scattered rows map most of a shard's file into the process.)"""
+
+    def __init__(self, path: str):
+        header = np.load(path, mmap_mode="r")  # shape, dtype and data offset; nothing read
+        self.shape, self.dtype, self.offset = header.shape, header.dtype, header.offset
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        del header
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The rows (any shape of indices) -> array of shape rows.shape + row shape."""
+        rows = np.asarray(rows, dtype=np.int64)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        fd, size = self.fd, self.row_bytes
+        offsets = (self.offset + unique * size).tolist()
+        # One pread per distinct row (the OS has no scattered read of one file).
+        buffer = b"".join([os.pread(fd, size, at) for at in offsets])
+        out = np.frombuffer(buffer, self.dtype).reshape(len(unique), *self.shape[1:])
+        return out[inverse.reshape(rows.shape)]
+
+    def chunks(self, chunk_rows: int = 65536):
+        """Every row in order, chunk by chunk (sequential reads)."""
+        with open(self.path, "rb") as f:
+            for start in range(0, self.shape[0], chunk_rows):
+                n = min(chunk_rows, self.shape[0] - start)
+                f.seek(self.offset + start * self.row_bytes)
+                yield np.fromfile(f, self.dtype, n * self.row_bytes // self.dtype.itemsize).reshape(
+                    n, *self.shape[1:]
+                )
+
+    def __reduce__(self):  # reopened where it is unpickled (a Ray actor)
+        return (StoredRows, (self.path,))
+
+
+def _empty(q: int, k: int):
+    return np.zeros((q, k), np.float32), np.full((q, k), -1, np.int64)
+
+
+def process_memory() -> dict:
+    """This process's peak and current resident set in MB (VmHWM, VmRSS), and the current one by
+    kind: anonymous (heap), file-backed (memory maps: IVF lists, rows files, libraries) and
+    shared memory (Ray's object store pages this process has mapped). Linux."""
+    fields = {"VmHWM": "peak_rss_mb", "VmRSS": "rss_mb", "RssAnon": "anon_mb",
+              "RssFile": "file_mb", "RssShmem": "shmem_mb"}  # fmt: skip
+    out = dict.fromkeys(fields.values(), 0.0)
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in fields:
+                out[fields[key]] = int(value.split()[0]) / 1024
+    return out
+
+
+def read_index_manifest(index_dir: str) -> dict:
+    from align.errors import InputNotFound
+    from align.index import INDEX_MANIFEST
+
+    path = f"{index_dir}/{INDEX_MANIFEST}"
+    if not io.exists(path):
+        raise InputNotFound(f"index manifest not found: {path}")
+    return io.read_json(path)
+
+
+def actor_names(index_dir: str, manifest: dict) -> list[str]:
+    """Names of the shard actors of one index (one per shard, unique to the index folder)."""
+    key = hashlib.sha1(io.absolute(index_dir).encode()).hexdigest()[:12]
+    return [f"index-shard-{key}-{i}" for i in range(len(manifest["shards"]))]
+
+
+@dataclass
+class ShardActors:
+    """The shard actors of one index: pass `names` to a `Corpus` in any process of the job; keep
+    this object while they are needed (an actor is gone once no handle to it is left)."""
+
+    names: list[str]
+    handles: list
+
+
+def start_shard_actors(index_dir: str, num_cpus: float, refine_factor: int) -> ShardActors:
+    """One Ray actor per shard of the index, each holding only its shard (an actor already
+    running under a name is reused); loaded, or failed, before this returns."""
+    import ray
+
+    manifest = read_index_manifest(index_dir)
+    names = actor_names(index_dir, manifest)
+    actor = ray.remote(IndexShard)
+    handles = [
+        actor.options(name=name, get_if_exists=True, num_cpus=num_cpus).remote(
+            index_dir, entry, manifest["spec"], refine_factor
+        )
+        for name, entry in zip(names, manifest["shards"], strict=True)
+    ]
+    ray.get([h.stats.remote() for h in handles])
+    return ShardActors(names, handles)
+
+
+def use_shard_actors(manifest: dict, in_process_max_vectors: int) -> bool:
+    """A corpus larger than the in-process bound is searched by one actor per shard."""
+    return manifest["count"] > in_process_max_vectors
+
+
+class Corpus:
+    """Every shard of an index, searched by fan-out and merge; FAISS-like `search` too."""
+
+    def __init__(
+        self,
+        index_dir: str,
+        refine_factor: int = DEFAULT_REFINE,
+        shard_actors: list[str] | None = None,
+    ):
+        """shard_actors: names from `start_shard_actors` (None: load the shards here)."""
+        self.index_dir = index_dir
+        self.manifest = read_index_manifest(index_dir)
+        self.spec = self.manifest["spec"]
+        self.offsets = np.array([s["offset"] for s in self.manifest["shards"]], np.int64)
+        self.remote = shard_actors is not None
+        if self.remote:
+            import ray
+
+            self.shards = [ray.get_actor(name) for name in shard_actors]
+        else:
+            self.shards = [
+                IndexShard(index_dir, entry, self.spec, refine_factor)
+                for entry in self.manifest["shards"]
+            ]
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def d(self) -> int:
+        return int(self.manifest["dim"])
+
+    def _each(self, method: str, args: list[tuple]) -> list:
+        """Call `method` on every shard (args per shard), in parallel when they are actors."""
+        if self.remote:
+            import ray
+
+            return ray.get(
+                [getattr(s, method).remote(*a) for s, a in zip(self.shards, args, strict=True)]
+            )
+        return [getattr(s, method)(*a) for s, a in zip(self.shards, args, strict=True)]
+
+    def candidates(self, queries: np.ndarray, k: int, reference: np.ndarray | None = None):
+        """Top-k over the corpus per query (`Candidates`), merged from every shard's top-k."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        args = (q, k, reference)
+        if self.remote:  # one copy in the object store for every shard actor
+            import ray
+
+            args = (ray.put(q), k, None if reference is None else ray.put(reference))
+        parts = self._each("search", [args] * len(self.shards))
+        join = lambda key: np.concatenate([p[key] for p in parts], axis=1)  # noqa: E731
+        scores = join("scores")
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
+        return Candidates(
+            scores=take(scores),
+            rows=take(join("rows")),
+            ids=take(join("ids")),
+            aesthetic=take(join("aesthetic")),
+            reference=None if reference is None else take(join("reference")),
+        )
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, global rows) like a FAISS index's search."""
+        found = self.candidates(queries, k)
+        return found.scores, found.rows
+
+    def _by_shard(self, rows: np.ndarray) -> tuple[np.ndarray, list[tuple]]:
+        shard = np.searchsorted(self.offsets, rows, side="right") - 1
+        return shard, [(rows[shard == s] - self.offsets[s],) for s in range(len(self.shards))]
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Stored (exact) embeddings of global rows, float16 (n, d)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        shard, args = self._by_shard(rows)
+        out = np.zeros((len(rows), self.d), np.float16)
+        for s, part in enumerate(self._each("vectors", args)):
+            out[shard == s] = part
+        return out
+
+    def row_info(self, rows: np.ndarray) -> dict:
+        """image_id, aesthetic, caption and url of global rows, in their order (lists)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        shard, args = self._by_shard(rows)
+        out = {c: np.full(len(rows), None, dtype=object) for c in ROW_COLUMNS}
+        for s, part in enumerate(self._each("row_info", args)):
+            for c in ROW_COLUMNS:
+                out[c][shard == s] = np.asarray(part[c], dtype=object)
+        return {c: v.tolist() for c, v in out.items()}
+
+    def memory(self) -> list[dict]:
+        """Peak and current resident memory of each process holding shards."""
+        if self.remote:
+            return self._each("stats", [()] * len(self.shards))
+        return [process_memory()]

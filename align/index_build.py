@@ -1,0 +1,228 @@
+"""Build index_corpus's sharded index from the scored shards, with no process holding the corpus.
+
+sample (one Ray task per scored file: a random share of its vectors and aesthetic scores)
+  -> choose the index type (align.index.choose_index) and, for IVF-PQ, train the coarse
+     quantizer and PQ codebook ONCE on the sample (every shard shares them)
+  -> one Ray task per index shard: read only its own scored files, add them, write the shard
+     (align.corpus: .faiss, .rows.arrow, .embeddings.npy)
+  -> `_index.json` with offsets, recall@10 of the search users get (align.corpus.Corpus)
+     against exact search streamed over the shards' embeddings, and `id_map.parquet` written
+     shard by shard.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import time
+
+import numpy as np
+
+from align import io
+from align.config import IndexConfig
+from align.corpus import EMBEDDINGS_SUFFIX, ROWS_SUFFIX, Corpus, StoredRows
+from align.index import (
+    SHARD_FILE,
+    IndexSpec,
+    build_index,
+    exact_top_k,
+    read_scored_embeddings,
+    train_index,
+)
+
+# The files of one shard's manifest entry.
+SHARD_KEYS = ("file", "rows_file", "embeddings_file")
+
+
+def scored_rows(files: list[str]) -> list[int]:
+    """Rows per scored file, from the Parquet footers (ok and error rows)."""
+    import pyarrow.parquet as pq
+
+    counts = []
+    for f in files:
+        fs, path = io.filesystem(f)
+        with fs.open_input_file(path) as fh:
+            counts.append(pq.ParquetFile(fh).metadata.num_rows)
+    return counts
+
+
+def sample_scored_file(path: str, rate: float, seed: int, exclude=None) -> dict:
+    """Ray task: a Bernoulli(rate) sample of one scored file's ok vectors (float32) and their
+    aesthetic scores, and how many ok rows it holds."""
+    vectors, table = read_scored_embeddings([path], exclude)
+    keep = np.random.default_rng(seed).random(len(vectors)) < rate
+    aesthetic = table["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float64)
+    return {"vectors": vectors[keep], "aesthetic": aesthetic[keep], "count": len(vectors)}
+
+
+def build_index_shard(
+    files: list[str],
+    index_dir: str,
+    shard: int,
+    spec: IndexSpec,
+    trained: bytes | None,
+    seed: int = 0,
+    rating_edges=None,
+    exclude=None,
+) -> dict:
+    """Ray task: the index over some scored files (less the image ids in `exclude`), added to the
+    shared trained index where there is one, written with its rows and embeddings files. Returns
+    its manifest entry (no offset yet) and, given the corpus's rating edges, its sums of
+    embeddings per rating level (align.ranking)."""
+    import faiss
+    import pyarrow as pa
+
+    from align.ranking import rating_level_sums
+
+    vectors, rows = read_scored_embeddings(files, exclude)
+    level_sums = None
+    if rating_edges is not None:
+        aesthetic = rows["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float64)
+        level_sums = rating_level_sums(vectors, aesthetic, np.asarray(rating_edges))
+    t0 = time.perf_counter()
+    index = build_index(vectors, spec, seed=seed, trained=trained)
+    build_s = time.perf_counter() - t0
+    name = SHARD_FILE.format(shard)
+    stem = name.removesuffix(".faiss")
+    io.write_bytes(f"{index_dir}/{name}", faiss.serialize_index(index).tobytes())
+    buffer = _io.BytesIO()
+    np.save(buffer, vectors.astype(np.float16))
+    del vectors
+    io.write_bytes(f"{index_dir}/{stem}{EMBEDDINGS_SUFFIX}", buffer.getvalue())
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, rows.schema) as writer:
+        writer.write_table(rows)
+    io.write_bytes(f"{index_dir}/{stem}{ROWS_SUFFIX}", sink.getvalue().to_pybytes())
+    return {
+        "file": name,
+        "rows_file": f"{stem}{ROWS_SUFFIX}",
+        "embeddings_file": f"{stem}{EMBEDDINGS_SUFFIX}",
+        "count": rows.num_rows,
+        "build_s": round(build_s, 3),
+        "rating_level_sums": level_sums,
+    }
+
+
+def shard_embeddings(index_dir: str, manifest: dict, chunk_rows: int = 65536):
+    """The stored embeddings of every shard in global row order, chunk by chunk (float32)."""
+    for entry in manifest["shards"]:
+        stored = StoredRows(io.local_copy(f"{index_dir}/{entry['embeddings_file']}"))
+        for chunk in stored.chunks(chunk_rows):
+            yield chunk.astype(np.float32)
+
+
+def corpus_recall(index_dir: str, queries: np.ndarray, k: int, refine_factor: int) -> dict:
+    """Ray task: recall@k of the corpus search (all shards, merged, as retrieval runs it) against
+    exact search streamed over the stored embeddings; and the rate of each."""
+    from align.corpus import read_index_manifest
+
+    manifest = read_index_manifest(index_dir)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    k = min(k, manifest["count"])
+    t0 = time.perf_counter()
+    _, truth = exact_top_k(shard_embeddings(index_dir, manifest), q, k)
+    t_exact = time.perf_counter() - t0
+    corpus = Corpus(index_dir, refine_factor=refine_factor)
+    t0 = time.perf_counter()
+    _, found = corpus.search(q, k)
+    t_index = time.perf_counter() - t0
+    hits = (found[:, :, None] == truth[:, None, :]).any(axis=2) & (found >= 0)
+    return {
+        "recall_at_k": float(hits.sum() / max(1, truth.size)),
+        "k": k,
+        "queries": len(q),
+        "qps": len(q) / max(t_index, 1e-9),
+        "exact_qps": len(q) / max(t_exact, 1e-9),
+    }
+
+
+def write_id_map(index_dir: str, manifest: dict) -> None:
+    """id_map.parquet (the INDEX_ID_MAP contract), written one shard's rows file at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from align.contracts import INDEX_ID_MAP, conform
+
+    with io.atomic_target(f"{index_dir}/id_map.parquet") as (fs, tmp):
+        writer = None
+        for entry in manifest["shards"]:
+            with pa.memory_map(io.local_copy(f"{index_dir}/{entry['rows_file']}")) as source:
+                rows = pa.ipc.open_file(source).read_all()
+            row = np.arange(entry["offset"], entry["offset"] + rows.num_rows, dtype=np.int64)
+            table = conform(rows.append_column("row", pa.array(row)), INDEX_ID_MAP)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema, filesystem=fs, compression="zstd")
+            writer.write_table(table)
+        if writer is not None:
+            writer.close()
+
+
+def _run(fn, calls: list[tuple], remote: bool) -> list:
+    """fn over the calls: one Ray task each (1 CPU), or in this process (small corpora, tests)."""
+    if not remote:
+        return [fn(*args) for args in calls]
+    import ray
+
+    task = ray.remote(num_cpus=1)(fn)
+    return ray.get([task.remote(*args) for args in calls])
+
+
+def build_sharded_index(files, index_dir: str, cfg: IndexConfig, exclude=None, remote=True) -> dict:
+    """Sample, choose, train once, add per shard; returns the shards' entries with offsets, the
+    spec, the rating edges and the recall queries (drawn from the sample)."""
+    from align.index import choose_index
+    from align.ranking import rating_edges
+
+    rows = scored_rows(files)
+    rate = min(1.0, cfg.train_sample / max(1, sum(rows)))
+    samples = _run(
+        sample_scored_file, [(f, rate, cfg.seed + i, exclude) for i, f in enumerate(files)], remote
+    )
+    vectors = np.concatenate([s["vectors"] for s in samples])
+    edges = rating_edges(np.concatenate([s["aesthetic"] for s in samples]))
+    groups = [list(g) for g in np.array_split(np.array(files, dtype=object), cfg.num_shards)]
+    groups = [g for g in groups if g]
+    counts = dict(zip(files, (s["count"] for s in samples), strict=True))
+    largest = max(sum(counts[f] for f in g) for g in groups)
+    spec = choose_index(sum(counts.values()), vectors.shape[1], cfg, shard_vectors=largest)
+    trained = train_index(vectors, spec, seed=cfg.seed)
+    if remote:  # one copy in the object store, not one per task
+        import ray
+
+        trained = ray.put(trained)
+    calls = [
+        (g, index_dir, i, spec, trained, cfg.seed, edges, exclude) for i, g in enumerate(groups)
+    ]
+    shards = _run(build_index_shard, calls, remote)
+    offset = 0
+    for shard in shards:
+        shard["offset"], offset = offset, offset + shard["count"]
+    rng = np.random.default_rng(cfg.seed)
+    picked = rng.choice(len(vectors), size=min(cfg.recall_queries, len(vectors)), replace=False)
+    return {"spec": spec, "shards": shards, "queries": vectors[picked], "edges": edges}
+
+
+def write_index(
+    files: list[str], index_dir: str, cfg: IndexConfig, model, duplicates=None, remote=True
+) -> dict:
+    """The whole index step over scored files: the sharded index (less `duplicates`' image ids
+    when cfg.drop_exact_duplicates), `_index.json` with its recall@10, the id map, and no shard
+    file of an earlier build left behind. Returns the index manifest."""
+    from align.index import INDEX_MANIFEST, write_index_manifest
+
+    exclude = (
+        duplicates["image_id"] if duplicates is not None and cfg.drop_exact_duplicates else None
+    )
+    built = build_sharded_index(files, index_dir, cfg, exclude, remote)
+    found = {
+        "found": 0 if duplicates is None else duplicates.num_rows,
+        "dropped": cfg.drop_exact_duplicates,
+    }
+    manifest = write_index_manifest(index_dir, built, {}, model, found)
+    (recall,) = _run(corpus_recall, [(index_dir, built["queries"], 10, cfg.refine_factor)], remote)
+    manifest.update(recall=recall, recall_at_10=recall["recall_at_k"])
+    io.write_json(f"{index_dir}/{INDEX_MANIFEST}", manifest)
+    write_id_map(index_dir, manifest)
+    keep = {s[key] for s in manifest["shards"] for key in SHARD_KEYS}
+    for suffix in (".faiss", ROWS_SUFFIX, EMBEDDINGS_SUFFIX):  # shards of an earlier build
+        io.delete_files_except(index_dir, suffix, keep)
+    return manifest

@@ -1,0 +1,236 @@
+"""Scale benchmark: memory per retrieval process against corpus size, through the project's code.
+
+    python benchmarks/scale.py --images 1000000 --dim 512 --shard-images 250000 [--nlist 1024]
+
+1. Writes synthetic scored shards (the SCORED contract; unit vectors with clustered structure,
+   float16 as index_corpus writes them), one file per `--shard-images`, in Ray tasks.
+2. Builds the index with index_corpus' own code (align.index_build.write_index: sample, train
+   IVF-PQ once, one task per shard, recall@10 against exact search streamed over the shards).
+3. build_preferences' retrieval: the real CandidateRetriever stage, in a Ray actor, over
+   `--queries` query vectors (perturbed corpus vectors), searching through one actor per shard.
+4. A serving search load: single-query searches (`--serve-queries`) from 4 threads through the
+   same shard actors, as a VectorIndex replica over a large corpus would.
+Prints one JSON line: images, build_s, recall_at_10, qps (retrieval), serve_qps,
+peak_rss_largest_mb (the largest retrieval process), peak_rss_sum_mb (all of them: the shard
+actors and the retriever), ram_bytes_per_image (that sum less each process's bare footprint,
+over the images; `ram_bytes_per_image_raw` without subtracting it) and the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def write_synthetic_shard(path: str, first: int, n: int, centres: np.ndarray, seed: int) -> int:
+    """Ray task: one scored shard of n clustered unit vectors (ids first .. first + n - 1)."""
+    import pyarrow as pa
+
+    from actors.score import scored_to_arrow
+    from align import io
+    from align.contracts import SCORED, SCORER_COLUMN_PREFIX, conform
+
+    rng = np.random.default_rng(seed)
+    d = centres.shape[1]
+    # As benchmarks/index_search.py: a mixture of Gaussians, noise 0.6 of a centre per dimension.
+    noise = 0.6 * rng.normal(size=(n, d)).astype(np.float32)
+    x = centres[rng.integers(len(centres), size=n)] + noise
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    batch = {
+        "image_id": np.char.mod("%012d", np.arange(first, first + n)).astype(object),
+        "embedding": x.astype(np.float16),
+        "status": np.full(n, "ok", dtype=object),
+        "error": np.full(n, "", dtype=object),
+    }
+    aesthetic = pa.array(rng.normal(size=n).astype(np.float32))
+    table = scored_to_arrow(batch).append_column("aesthetic", aesthetic)
+    io.write_parquet(conform(table, SCORED, extra_prefix=SCORER_COLUMN_PREFIX), path)
+    return n
+
+
+def write_corpus(root: str, images: int, dim: int, shard_images: int, seed: int) -> list[str]:
+    import ray
+
+    rng = np.random.default_rng(seed)
+    # Clusters of ~1000 images.
+    centres = rng.normal(size=(max(16, images // 1000), dim)).astype(np.float32)
+    task = ray.remote(num_cpus=1)(write_synthetic_shard)
+    starts = list(range(0, images, shard_images))
+    paths = [f"{root}/scored/part-{i:05d}.parquet" for i in range(len(starts))]
+    centres_ref = ray.put(centres)
+    ray.get(
+        [
+            task.remote(p, s, min(shard_images, images - s), centres_ref, seed + 1 + i)
+            for i, (p, s) in enumerate(zip(paths, starts, strict=True))
+        ]
+    )
+    return paths
+
+
+def bare_process_mb(root: str, dim: int) -> float:
+    """Peak RSS of a shard actor over a 1,000-image index: what every such process costs before
+    its shard's size counts (Python, Ray's worker, numpy, pyarrow, FAISS)."""
+    import ray
+
+    from align.config import IndexConfig, ModelConfig
+    from align.corpus import IndexShard
+    from align.index_build import write_index
+
+    files = [f"{root}/tiny/scored/part-00000.parquet"]
+    write_synthetic_shard(files[0], 0, 1000, np.eye(dim, dtype=np.float32)[:16], 0)
+    manifest = write_index(files, f"{root}/tiny/index", IndexConfig(type="flat"),
+                           ModelConfig(name="tiny-clip"), remote=False)  # fmt: skip
+    actor = ray.remote(num_cpus=0.1)(IndexShard).remote(
+        f"{root}/tiny/index", manifest["shards"][0], manifest["spec"]
+    )
+    mb = ray.get(actor.stats.remote())["peak_rss_mb"]
+    ray.kill(actor)
+    return mb
+
+
+def retrieval_load(index_corpus_dir: str, actors, queries: np.ndarray, top_k: int, batch: int):
+    """build_preferences' retrieval stage over the queries; returns (seconds, its peak RSS)."""
+    import ray
+
+    from actors.retrieve import CandidateRetriever
+    from align.corpus import process_memory
+
+    class MeasuredRetriever(CandidateRetriever):
+        def memory(self):
+            return process_memory()
+
+    retriever = ray.remote(num_cpus=1)(MeasuredRetriever).remote(
+        index_corpus_dir, top_k, 4, 4, 2, "original", shard_actors=actors.names
+    )
+    ray.get(retriever.memory.remote())
+    t0 = time.perf_counter()
+    calls = []
+    for start in range(0, len(queries), batch):
+        q = queries[start : start + batch]
+        ids = np.char.mod("q%07d", np.arange(start, start + len(q))).astype(object)
+        calls.append(
+            retriever.__call__.remote(
+                {"query_id": ids, "query_embedding": q, "rewritten_embedding": q}
+            )
+        )
+        if len(calls) >= 2:  # two batches in flight: the actor works while the next is sent
+            ray.get(calls.pop(0))
+    ray.get(calls)
+    seconds = time.perf_counter() - t0
+    memory = ray.get(retriever.memory.remote())["peak_rss_mb"]
+    ray.kill(retriever)
+    return seconds, memory
+
+
+def serving_load(index_dir: str, actors, queries: np.ndarray, k: int) -> float:
+    """Single-query searches from 4 threads through the shard actors; returns queries/s."""
+    from align.corpus import Corpus
+
+    corpus = Corpus(index_dir, shard_actors=actors.names)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda q: corpus.search(q[None], k), queries))
+    return len(queries) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, required=True)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--shard-images", type=int, default=250_000)
+    parser.add_argument("--nlist", type=int, default=1024, help="IVF lists (whole corpus)")
+    parser.add_argument("--nprobe", type=int, default=32)
+    parser.add_argument("--queries", type=int, default=10_000)
+    parser.add_argument("--serve-queries", type=int, default=1000)
+    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--shard-cpus", type=float, default=0.25)
+    parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import ray
+
+    from align.config import IndexConfig, ModelConfig
+    from align.corpus import start_shard_actors
+    from align.index_build import write_index
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR"))
+    root = args.workdir or tmp.name
+    t0 = time.perf_counter()
+    files = write_corpus(root, args.images, args.dim, args.shard_images, args.seed)
+    write_s = time.perf_counter() - t0
+
+    cfg = IndexConfig(
+        type="ivfpq", num_shards=len(files), ivf_nlist=args.nlist, ivf_nprobe=args.nprobe
+    )
+    t0 = time.perf_counter()
+    manifest = write_index(files, f"{root}/index", cfg, ModelConfig(name="tiny-clip"))
+    build_s = time.perf_counter() - t0
+
+    rng = np.random.default_rng(args.seed + 99)
+    # Queries near corpus images: a stored vector plus noise, renormalised.
+    from align.corpus import Corpus
+
+    sample = Corpus(f"{root}/index").vectors(rng.integers(0, args.images, args.queries))
+    noise = rng.normal(size=sample.shape).astype(np.float32) * (0.2 / np.sqrt(args.dim))
+    q = sample.astype(np.float32) + noise  # a fifth of a unit vector's length
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+
+    bare = bare_process_mb(root, args.dim)
+    actors = start_shard_actors(f"{root}/index", args.shard_cpus, cfg.refine_factor)
+    retrieve_s, retriever_mb = retrieval_load(root, actors, q, args.top_k, batch=256)
+    serve_qps = serving_load(f"{root}/index", actors, q[: args.serve_queries], 10)
+    shard_stats = ray.get([h.stats.remote() for h in actors.handles])
+    shard_mb = [m["peak_rss_mb"] for m in shard_stats]
+    largest = shard_stats[int(np.argmax(shard_mb))]
+    processes = [retriever_mb, *shard_mb]
+    total = sum(processes)
+    print(
+        json.dumps(
+            {
+                "images": args.images,
+                "dim": args.dim,
+                "shard_images": args.shard_images,
+                "shards": len(files),
+                "index": manifest["spec"],
+                "write_s": round(write_s, 1),
+                "build_s": round(build_s, 1),
+                "recall_at_10": round(manifest["recall_at_10"], 4),
+                "recall_queries": manifest["recall"]["queries"],
+                "queries": args.queries,
+                "top_k": args.top_k,
+                "qps": round(args.queries / retrieve_s, 1),
+                "serve_qps": round(serve_qps, 1),
+                "peak_rss_largest_mb": round(max(processes), 1),
+                "peak_rss_retriever_mb": round(retriever_mb, 1),
+                "peak_rss_shard_actor_mb": round(max(shard_mb), 1),
+                # That actor's resident memory at the end, by kind (shmem: Ray's object store).
+                "shard_actor_now_mb": {k: round(v, 1) for k, v in largest.items()},
+                "peak_rss_sum_mb": round(total, 1),
+                "bare_process_mb": round(bare, 1),
+                "ram_bytes_per_image": round((total - bare * len(processes)) * 2**20 / args.images),
+                "ram_bytes_per_image_raw": round(total * 2**20 / args.images),
+                "disk_bytes_per_image": round(
+                    sum(f.stat().st_size for f in Path(root, "index").iterdir()) / args.images
+                ),
+                "cpus": os.cpu_count(),
+            }
+        )
+    )
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
