@@ -27,7 +27,9 @@ import numpy as np
 from align import io
 from align.config import IndexConfig
 from align.errors import UserError
+from align.log import get_logger
 
+log = get_logger("corpus")
 ROWS_SUFFIX = ".rows.arrow"
 EMBEDDINGS_SUFFIX = ".embeddings.npy"
 # Candidate rows re-scored per chunk: bounds the float32 copy of their vectors.
@@ -240,6 +242,13 @@ def start_shard_actors(index_dir: str, num_cpus: float, refine_factor: int) -> S
 
     manifest = read_index_manifest(index_dir)
     names = actor_names(index_dir, manifest)
+    needed, total = num_cpus * len(names), ray.cluster_resources().get("CPU", 0)
+    if needed > total:  # an autoscaling cluster may still add nodes: say why it may wait
+        log.warning(
+            "%d shard actors x index.shard_actor_cpus %.3g = %.3g CPUs, the cluster has %.3g now: "
+            "they start as CPUs free up (lower index.shard_actor_cpus, or fewer, larger shards)",
+            len(names), num_cpus, needed, total,
+        )  # fmt: skip
     actor = ray.remote(IndexShard)
     handles = [
         actor.options(name=name, get_if_exists=True, num_cpus=num_cpus).remote(

@@ -153,8 +153,12 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=10_000)
     parser.add_argument("--serve-queries", type=int, default=1000)
     parser.add_argument("--top-k", type=int, default=64)
-    parser.add_argument("--shard-cpus", type=float, default=0.25)
-    parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed")
+    parser.add_argument("--shard-cpus", type=float, default=None, help="default: fit them all")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="kept, and its index reused by a second run (default: a temporary folder, removed)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -167,16 +171,24 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     tmp = None if args.workdir else tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR"))
     root = args.workdir or tmp.name
-    t0 = time.perf_counter()
-    files = write_corpus(root, args.images, args.dim, args.shard_images, args.seed)
-    write_s = time.perf_counter() - t0
-
-    cfg = IndexConfig(
-        type="ivfpq", num_shards=len(files), ivf_nlist=args.nlist, ivf_nprobe=args.nprobe
-    )
-    t0 = time.perf_counter()
-    manifest = write_index(files, f"{root}/index", cfg, ModelConfig(name="tiny-clip"))
-    build_s = time.perf_counter() - t0
+    shards = -(-args.images // args.shard_images)
+    cfg = IndexConfig(type="ivfpq", num_shards=shards, ivf_nlist=args.nlist, ivf_nprobe=args.nprobe)
+    built = Path(root, "built.json")
+    if built.exists():  # a --workdir kept from an earlier run with the same arguments
+        times = json.loads(built.read_text())
+        manifest = json.loads(Path(root, "index", "_index.json").read_text())
+        write_s, build_s = times["write_s"], times["build_s"]
+    else:
+        t0 = time.perf_counter()
+        files = write_corpus(root, args.images, args.dim, args.shard_images, args.seed)
+        write_s = time.perf_counter() - t0
+        print(f"wrote {len(files)} scored shards in {write_s:.0f} s", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        manifest = write_index(files, f"{root}/index", cfg, ModelConfig(name="tiny-clip"))
+        build_s = time.perf_counter() - t0
+        built.write_text(json.dumps({"write_s": write_s, "build_s": build_s, "args": vars(args)}))
+    print(f"index built in {build_s:.0f} s, recall@10 {manifest['recall_at_10']:.3f}",
+          file=sys.stderr, flush=True)  # fmt: skip
 
     rng = np.random.default_rng(args.seed + 99)
     # Queries near corpus images: a stored vector plus noise, renormalised.
@@ -188,8 +200,11 @@ def main() -> None:
     q /= np.linalg.norm(q, axis=1, keepdims=True)
 
     bare = bare_process_mb(root, args.dim)
-    actors = start_shard_actors(f"{root}/index", args.shard_cpus, cfg.refine_factor)
+    # Every shard actor must fit beside the retriever: half the machine's CPUs shared out.
+    shard_cpus = args.shard_cpus or round(0.5 * os.cpu_count() / shards, 4)
+    actors = start_shard_actors(f"{root}/index", shard_cpus, cfg.refine_factor)
     retrieve_s, retriever_mb = retrieval_load(root, actors, q, args.top_k, batch=256)
+    print(f"retrieval: {args.queries / retrieve_s:.1f} queries/s", file=sys.stderr, flush=True)
     serve_qps = serving_load(f"{root}/index", actors, q[: args.serve_queries], 10)
     shard_stats = ray.get([h.stats.remote() for h in actors.handles])
     shard_mb = [m["peak_rss_mb"] for m in shard_stats]
@@ -202,7 +217,7 @@ def main() -> None:
                 "images": args.images,
                 "dim": args.dim,
                 "shard_images": args.shard_images,
-                "shards": len(files),
+                "shards": shards,
                 "index": manifest["spec"],
                 "write_s": round(write_s, 1),
                 "build_s": round(build_s, 1),
