@@ -53,7 +53,7 @@ class CandidateRetriever:
         v: int,
         stride: int,
         retrieve_with: str = "rewritten",
-        refine_factor: int = 4,
+        refine_factor: int | None = None,
         shard_actors: list[str] | None = None,
     ):
         from align.corpus import Corpus

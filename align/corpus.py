@@ -271,10 +271,12 @@ class Corpus:
     def __init__(
         self,
         index_dir: str,
-        refine_factor: int = DEFAULT_REFINE,
+        refine_factor: int | None = None,
         shard_actors: list[str] | None = None,
     ):
-        """shard_actors: names from `start_shard_actors` (None: load the shards here)."""
+        """refine_factor: index.refine_factor (None: its default); shard_actors: names from
+        `start_shard_actors` (None: load the shards here)."""
+        refine_factor = refine_factor or DEFAULT_REFINE
         self.index_dir = index_dir
         self.manifest = read_index_manifest(index_dir)
         self.spec = self.manifest["spec"]

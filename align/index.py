@@ -245,9 +245,9 @@ def load_index(index_dir: str, refine_factor: int | None = None):
         InputNotFound: naming the missing manifest or file.
     """
     from align import io
-    from align.corpus import DEFAULT_REFINE, Corpus
+    from align.corpus import Corpus
 
-    corpus = Corpus(index_dir, refine_factor=refine_factor or DEFAULT_REFINE)
+    corpus = Corpus(index_dir, refine_factor=refine_factor)
     io.require_exists(f"{index_dir}/id_map.parquet", "index id map")
     return corpus, io.read_parquet(f"{index_dir}/id_map.parquet"), corpus.manifest
 
