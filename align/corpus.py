@@ -62,10 +62,6 @@ class Candidates:
     reference: np.ndarray | None  # (Q, k) float32: exact cosine to the reference query
 
 
-def _local(path: str) -> str:
-    return io.local_copy(path)
-
-
 class IndexShard:
     """One memory-mapped index shard (a Ray actor's body when the corpus is served by actors)."""
 
@@ -76,7 +72,7 @@ class IndexShard:
         import pyarrow as pa
 
         check_layout(index_dir, {"shards": [entry]})
-        path = _local(f"{index_dir}/{entry['file']}")
+        path = io.local_copy(f"{index_dir}/{entry['file']}")
         ivf = spec["type"] == "ivfpq"
         self.index = faiss.read_index(
             path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if ivf else 0
@@ -87,9 +83,9 @@ class IndexShard:
         self.refine = refine_factor if ivf else 1
         self.offset = int(entry["offset"])
         self.count = int(entry["count"])
-        self.embeddings = StoredRows(_local(f"{index_dir}/{entry['embeddings_file']}"))
+        self.embeddings = StoredRows(io.local_copy(f"{index_dir}/{entry['embeddings_file']}"))
         rows = pa.ipc.open_file(
-            pa.memory_map(_local(f"{index_dir}/{entry['rows_file']}"))
+            pa.memory_map(io.local_copy(f"{index_dir}/{entry['rows_file']}"))
         ).read_all()
         self.rows = {c: rows[c].combine_chunks() for c in ROW_COLUMNS}
         self.aesthetic = self.rows["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float32)

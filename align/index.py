@@ -148,9 +148,16 @@ def measure_recall(index, vectors: np.ndarray, n_queries: int, k: int = 10, seed
     rng = np.random.default_rng(seed)
     q = np.ascontiguousarray(x[rng.choice(len(x), size=min(n_queries, len(x)), replace=False)],
                              dtype=np.float32)  # fmt: skip
-    k = min(k, len(x))
+    chunks = (x[i : i + 65536] for i in range(0, len(x), 65536))
+    return recall_against_exact(index, chunks, q, min(k, len(x)))
+
+
+def recall_against_exact(index, chunks, queries: np.ndarray, k: int) -> dict:
+    """recall@k of `index.search` against exact search streamed over `chunks` (the indexed
+    vectors in row order), and the query rate of each."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
     t0 = time.perf_counter()
-    _, truth = exact_top_k((x[i : i + 65536] for i in range(0, len(x), 65536)), q, k)
+    _, truth = exact_top_k(chunks, q, k)
     t_exact = time.perf_counter() - t0
     t0 = time.perf_counter()
     _, found = index.search(q, k)

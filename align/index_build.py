@@ -24,8 +24,8 @@ from align.index import (
     SHARD_FILE,
     IndexSpec,
     build_index,
-    exact_top_k,
     read_scored_embeddings,
+    recall_against_exact,
     train_index,
 )
 
@@ -113,26 +113,9 @@ def shard_embeddings(index_dir: str, manifest: dict, chunk_rows: int = 65536):
 def corpus_recall(index_dir: str, queries: np.ndarray, k: int, refine_factor: int) -> dict:
     """Ray task: recall@k of the corpus search (all shards, merged, as retrieval runs it) against
     exact search streamed over the stored embeddings; and the rate of each."""
-    from align.corpus import read_index_manifest
-
-    manifest = read_index_manifest(index_dir)
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    k = min(k, manifest["count"])
-    t0 = time.perf_counter()
-    _, truth = exact_top_k(shard_embeddings(index_dir, manifest), q, k)
-    t_exact = time.perf_counter() - t0
     corpus = Corpus(index_dir, refine_factor=refine_factor)
-    t0 = time.perf_counter()
-    _, found = corpus.search(q, k)
-    t_index = time.perf_counter() - t0
-    hits = (found[:, :, None] == truth[:, None, :]).any(axis=2) & (found >= 0)
-    return {
-        "recall_at_k": float(hits.sum() / max(1, truth.size)),
-        "k": k,
-        "queries": len(q),
-        "qps": len(q) / max(t_index, 1e-9),
-        "exact_qps": len(q) / max(t_exact, 1e-9),
-    }
+    chunks = shard_embeddings(index_dir, corpus.manifest)
+    return recall_against_exact(corpus, chunks, queries, min(k, corpus.ntotal))
 
 
 def write_id_map(index_dir: str, manifest: dict) -> None:

@@ -41,14 +41,16 @@ def cache_root() -> str:
     return os.environ.get("AESTHETIC_ALIGN_CACHE") or os.path.expanduser("~/.cache/aesthetic-align")
 
 
+def _arrow_strings(values) -> pa.Array:
+    """Ids as one Arrow string array, whether given as Arrow (chunked or not) or numpy."""
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks()
+    return values if isinstance(values, pa.Array) else pa.array(values, pa.string())
+
+
 def _as_bytes(values) -> np.ndarray:
     """Arrow or numpy strings -> numpy fixed-width UTF-8 bytes (sortable, memory-mappable)."""
-    array = (
-        pa.array(values, pa.string())
-        if not isinstance(values, pa.Array | pa.ChunkedArray)
-        else values
-    )
-    return pc.cast(array, pa.binary()).to_numpy(zero_copy_only=False).astype("S")
+    return pc.cast(_arrow_strings(values), pa.binary()).to_numpy(zero_copy_only=False).astype("S")
 
 
 class CorpusImages:
@@ -100,9 +102,7 @@ class CorpusImages:
     # -- building the table (once per corpus and index) ------------------------------------------
 
     def _build(self, folder: str, ids) -> None:
-        known = ids if isinstance(ids, pa.Array | pa.ChunkedArray) else pa.array(ids, pa.string())
-        if isinstance(known, pa.ChunkedArray):
-            known = known.combine_chunks()
+        known = _arrow_strings(ids)
         if self.format == "folder":
             found, where, names, files = known, np.zeros((len(known), 3), np.int64), None, []
         elif self.format == "webdataset":
