@@ -154,6 +154,13 @@ class IndexConfig(Section):
         "process up to this corpus size; beyond it each shard is held by one Ray actor.",
     )
     shard_actor_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each shard actor.")
+    merge_ondisk: bool = Field(
+        False,
+        description="IVF-PQ: also merge every shard's lists into one on-disk index "
+        "(merged.faiss + merged.ivfdata, FAISS OnDiskInvertedLists, as autofaiss' merge_ondisk) "
+        "for single-node serving; searches in one process then use it instead of the shards. "
+        "A local index folder only.",
+    )
     recall_queries: int = Field(200, ge=1, description="Sampled queries for measured recall@10.")
     drop_exact_duplicates: bool = Field(
         False,

@@ -19,6 +19,7 @@ Ray actors that each hold one (`start_shard_actors`) when the corpus is larger t
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -66,11 +67,19 @@ class IndexShard:
     """One memory-mapped index shard (a Ray actor's body when the corpus is served by actors)."""
 
     def __init__(
-        self, index_dir: str, entry: dict, spec: dict, refine_factor: int = DEFAULT_REFINE
+        self,
+        index_dir: str,
+        entry: dict,
+        spec: dict,
+        refine_factor: int = DEFAULT_REFINE,
+        threads: int | None = None,
     ):
+        """threads: FAISS's OpenMP threads, set in a shard actor to the CPUs it reserved (the
+        default, every core of the node, oversubscribes a node of many shard actors)."""
         import faiss
-        import pyarrow as pa
 
+        if threads:
+            faiss.omp_set_num_threads(threads)
         check_layout(index_dir, {"shards": [entry]})
         path = io.local_copy(f"{index_dir}/{entry['file']}")
         ivf = spec["type"] == "ivfpq"
@@ -84,11 +93,7 @@ class IndexShard:
         self.offset = int(entry["offset"])
         self.count = int(entry["count"])
         self.embeddings = StoredRows(io.local_copy(f"{index_dir}/{entry['embeddings_file']}"))
-        rows = pa.ipc.open_file(
-            pa.memory_map(io.local_copy(f"{index_dir}/{entry['rows_file']}"))
-        ).read_all()
-        self.rows = {c: rows[c].combine_chunks() for c in ROW_COLUMNS}
-        self.aesthetic = self.rows["aesthetic"].to_numpy(zero_copy_only=False).astype(np.float32)
+        self.rows = open_rows(index_dir, [entry])
 
     def stats(self) -> dict:
         """This process's peak and current resident memory (for benchmarks)."""
@@ -110,12 +115,12 @@ class IndexShard:
             scores, rows, ref = self._exact(q, rows, k, reference)
         found = rows >= 0
         safe = np.where(found, rows, 0)
-        ids = self.rows["image_id"].take(safe.ravel()).to_numpy(zero_copy_only=False)
+        take = lambda c: self.rows[c].take(safe.ravel()).to_numpy().reshape(rows.shape)  # noqa: E731
         return {
             "scores": np.where(found, scores, -np.inf).astype(np.float32),
             "rows": np.where(found, rows + self.offset, -1),
-            "ids": np.where(found, ids.reshape(rows.shape), None),
-            "aesthetic": np.where(found, self.aesthetic[safe], np.nan).astype(np.float32),
+            "ids": np.where(found, take("image_id"), None),
+            "aesthetic": np.where(found, take("aesthetic"), np.nan).astype(np.float32),
             "reference": ref,
         }
 
@@ -144,6 +149,65 @@ class IndexShard:
         """image_id, aesthetic, caption and url of some rows of this shard (Python lists)."""
         rows = np.asarray(local_rows, dtype=np.int64)
         return {c: self.rows[c].take(rows).to_pylist() for c in ROW_COLUMNS}
+
+
+class MergedShards(IndexShard):
+    """index.merge_ondisk's one on-disk IVF index over every shard (single-node serving): one
+    FAISS search over all the lists (memory-mapped from merged.ivfdata), global row ids; rows and
+    exact embeddings read from each shard's own files by global row."""
+
+    def __init__(self, index_dir: str, manifest: dict, refine_factor: int = DEFAULT_REFINE):
+        import faiss
+
+        check_layout(index_dir, manifest)
+        merged = manifest["merged"]
+        # The lists file is found beside the index file, wherever the folder has moved.
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+        self.index = faiss.read_index(f"{index_dir}/{merged['file']}", flags)
+        faiss.extract_index_ivf(self.index).nprobe = manifest["spec"]["params"]["nprobe"]
+        self.refine = refine_factor
+        self.offset, self.count = 0, int(manifest["count"])
+        shards = manifest["shards"]
+        self.embeddings = ShardedRows(
+            [StoredRows(io.local_copy(f"{index_dir}/{s['embeddings_file']}")) for s in shards],
+            np.array([s["offset"] for s in shards], np.int64),
+        )
+        self.rows = open_rows(index_dir, shards)
+
+
+def open_rows(index_dir: str, shards: list[dict]) -> dict:
+    """The row columns of some shards' rows files, in order, as chunked arrays over their memory
+    maps (combining the chunks would copy the files to the heap)."""
+    import pyarrow as pa
+
+    tables = [
+        pa.ipc.open_file(pa.memory_map(io.local_copy(f"{index_dir}/{s['rows_file']}"))).read_all()
+        for s in shards
+    ]
+    return {
+        c: pa.chunked_array(
+            [k for t in tables for k in t[c].chunks], tables[0].schema.field(c).type
+        )
+        for c in ROW_COLUMNS
+    }
+
+
+class ShardedRows:
+    """Several shards' StoredRows read as one matrix by global row (MergedShards)."""
+
+    def __init__(self, parts: list, offsets: np.ndarray):
+        self.parts, self.offsets = parts, offsets
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        flat = rows.ravel()
+        part = np.searchsorted(self.offsets, flat, side="right") - 1
+        first = self.parts[0]
+        out = np.empty((len(flat), *first.shape[1:]), first.dtype)
+        for p in np.unique(part):
+            where = part == p
+            out[where] = self.parts[p].read(flat[where] - self.offsets[p])
+        return out.reshape(*rows.shape, *first.shape[1:])
 
 
 class StoredRows:
@@ -246,9 +310,10 @@ def start_shard_actors(index_dir: str, num_cpus: float, refine_factor: int) -> S
             len(names), num_cpus, needed, total,
         )  # fmt: skip
     actor = ray.remote(IndexShard)
+    threads = max(1, math.ceil(num_cpus))  # FAISS's threads: the CPUs each actor reserved
     handles = [
         actor.options(name=name, get_if_exists=True, num_cpus=num_cpus).remote(
-            index_dir, entry, manifest["spec"], refine_factor
+            index_dir, entry, manifest["spec"], refine_factor, threads
         )
         for name, entry in zip(names, manifest["shards"], strict=True)
     ]
@@ -269,9 +334,11 @@ class Corpus:
         index_dir: str,
         refine_factor: int | None = None,
         shard_actors: list[str] | None = None,
+        merged: bool | None = None,
     ):
         """refine_factor: index.refine_factor (None: its default); shard_actors: names from
-        `start_shard_actors` (None: load the shards here)."""
+        `start_shard_actors` (None: load the shards here, or the on-disk merge of them when
+        index.merge_ondisk built one and `merged` is not False)."""
         refine_factor = refine_factor or DEFAULT_REFINE
         self.index_dir = index_dir
         self.manifest = read_index_manifest(index_dir)
@@ -282,6 +349,9 @@ class Corpus:
             import ray
 
             self.shards = [ray.get_actor(name) for name in shard_actors]
+        elif "merged" in self.manifest and merged is not False:
+            self.shards = [MergedShards(index_dir, self.manifest, refine_factor)]
+            self.offsets = np.zeros(1, np.int64)
         else:
             self.shards = [
                 IndexShard(index_dir, entry, self.spec, refine_factor)

@@ -211,39 +211,6 @@ def read_scored_embeddings(files: list[str], exclude=None):
     return vectors, table.select(["image_id", "aesthetic", "caption", "url"])
 
 
-def exact_duplicates(files: list[str]):
-    """The ok rows of scored shards whose sha256 equals an earlier row's (file order): a table
-    (image_id, duplicate_of: the first image with those bytes, sha256)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from align import io
-
-    tables = []
-    for f in files:
-        if "sha256" not in io.parquet_schema(f).names:  # written before hashes were
-            continue
-        tables.append(io.read_parquet(f, columns=["image_id", "sha256", "status"]))
-    empty = pa.table({n: pa.array([], pa.string()) for n in ("image_id", "duplicate_of", "sha256")})
-    if not tables:
-        return empty
-    table = pa.concat_tables(tables)
-    table = table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["sha256"])))
-    hashes = table["sha256"].to_numpy(zero_copy_only=False).astype(str)
-    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-    original = first[inverse.reshape(-1)]
-    duplicate = np.flatnonzero(original != np.arange(len(hashes)))
-    if not len(duplicate):
-        return empty
-    return pa.table(
-        {
-            "image_id": table["image_id"].take(duplicate),
-            "duplicate_of": table["image_id"].take(original[duplicate]),
-            "sha256": table["sha256"].take(duplicate),
-        }
-    )
-
-
 def load_index(index_dir: str, refine_factor: int | None = None):
     """What index_corpus wrote, searchable in this process (align.corpus.Corpus: every shard,
     memory-mapped), with its id map table and `_index.json`.

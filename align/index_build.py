@@ -5,6 +5,8 @@ sample (one Ray task per scored file: a random share of its vectors and aestheti
      quantizer and PQ codebook ONCE on the sample (every shard shares them)
   -> one Ray task per index shard: read only its own scored files, add them, write the shard
      (align.corpus: .faiss, .rows.arrow, .embeddings.npy)
+  -> with index.merge_ondisk, every shard's lists merged into one on-disk index (merged.faiss +
+     merged.ivfdata) for single-node serving
   -> `_index.json` with offsets, recall@10 of the search users get (align.corpus.Corpus)
      against exact search streamed over the shards' embeddings, and `id_map.parquet` written
      shard by shard.
@@ -16,10 +18,12 @@ import io as _io
 import time
 
 import numpy as np
+import pyarrow as pa
 
 from align import io
 from align.config import IndexConfig
 from align.corpus import EMBEDDINGS_SUFFIX, ROWS_SUFFIX, Corpus, StoredRows
+from align.errors import UserError
 from align.index import (
     SHARD_FILE,
     IndexSpec,
@@ -28,9 +32,14 @@ from align.index import (
     recall_against_exact,
     train_index,
 )
+from align.log import get_logger
 
 # The files of one shard's manifest entry.
 SHARD_KEYS = ("file", "rows_file", "embeddings_file")
+MERGED_FILE, MERGED_DATA = "merged.faiss", "merged.ivfdata"
+log = get_logger("index_build")
+# index_corpus's exact duplicates: each later copy, the first image with its bytes, the hash.
+DUPLICATES_SCHEMA = pa.schema([(n, pa.string()) for n in ("image_id", "duplicate_of", "sha256")])
 
 
 def scored_rows(files: list[str]) -> list[int]:
@@ -43,6 +52,59 @@ def scored_rows(files: list[str]) -> list[int]:
         with fs.open_input_file(path) as fh:
             counts.append(pq.ParquetFile(fh).metadata.num_rows)
     return counts
+
+
+def hashed_rows(batch: dict):
+    """Ray Data: rows naming scored files (path, number) -> each file's ok rows that carry a
+    sha256 (files written before hashes were have none): image_id, sha256 and `order` (the file's
+    number, then the row), read by the worker."""
+    import pyarrow.compute as pc
+
+    for path, number in zip(batch["path"], batch["number"], strict=True):
+        if "sha256" not in io.parquet_schema(str(path)).names:
+            continue
+        table = io.read_parquet(str(path), columns=["image_id", "sha256", "status"])
+        order = (int(number) << 32) + np.arange(table.num_rows, dtype=np.int64)
+        table = table.append_column("order", pa.array(order))
+        ok = pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["sha256"]))
+        yield table.filter(ok).select(["image_id", "sha256", "order"])
+
+
+def later_copies(table):
+    """Ray Data: the rows whose sha256 an earlier row (by order) has, as (image_id, duplicate_of:
+    the first image with those bytes, sha256). Needs every copy of a hash in `table`."""
+    from align.stages import first_of_each
+
+    if table.num_rows == 0:
+        return DUPLICATES_SCHEMA.empty_table()
+    by, first, head = first_of_each(
+        table["sha256"].to_numpy(zero_copy_only=False), table["order"].to_numpy()
+    )
+    t = table.take(pa.array(by))
+    later = np.flatnonzero(~first)
+    return pa.table(
+        [t["image_id"].take(later), t["image_id"].take(head[later]), t["sha256"].take(later)],
+        schema=DUPLICATES_SCHEMA,
+    )
+
+
+def exact_duplicates(files: list[str]):
+    """The ok rows of scored shards whose sha256 equals an earlier row's (file order), as a table
+    (image_id, duplicate_of, sha256). Ray Data: each file's hashes read by a worker, every copy of
+    a hash brought into one block (align.stages.gather_by_key); only the duplicates reach here."""
+    import ray.data
+
+    from align.stages import gather_by_key
+
+    listing = ray.data.from_items(
+        [{"path": f, "number": i} for i, f in enumerate(files)], override_num_blocks=len(files)
+    )
+    hashes = listing.map_batches(hashed_rows, batch_size=1, batch_format="numpy")
+    # About 100 bytes a row (a 64-character hash, an id, an order) sizes the partitions.
+    grouped = gather_by_key(hashes, "sha256", 100 * sum(scored_rows(files)))
+    found = grouped.map_batches(later_copies, batch_size=None, batch_format="pyarrow")
+    tables = list(found.iter_batches(batch_format="pyarrow", batch_size=None))
+    return pa.concat_tables([DUPLICATES_SCHEMA.empty_table(), *tables]).combine_chunks()
 
 
 def sample_scored_file(path: str, rate: float, seed: int, exclude=None) -> dict:
@@ -167,13 +229,13 @@ def build_sharded_index(files, index_dir: str, cfg: IndexConfig, exclude=None, r
     counts = dict(zip(files, (s["count"] for s in samples), strict=True))
     largest = max(sum(counts[f] for f in g) for g in groups)
     spec = choose_index(sum(counts.values()), vectors.shape[1], cfg, shard_vectors=largest)
-    trained = train_index(vectors, spec, seed=cfg.seed)
+    trained = shared = train_index(vectors, spec, seed=cfg.seed)
     if remote:  # one copy in the object store, not one per task
         import ray
 
-        trained = ray.put(trained)
+        shared = ray.put(trained)
     calls = [
-        (g, index_dir, i, spec, trained, cfg.seed, edges, exclude) for i, g in enumerate(groups)
+        (g, index_dir, i, spec, shared, cfg.seed, edges, exclude) for i, g in enumerate(groups)
     ]
     shards = _run(build_index_shard, calls, remote)
     offset = 0
@@ -181,7 +243,66 @@ def build_sharded_index(files, index_dir: str, cfg: IndexConfig, exclude=None, r
         shard["offset"], offset = offset, offset + shard["count"]
     rng = np.random.default_rng(cfg.seed)
     picked = rng.choice(len(vectors), size=min(cfg.recall_queries, len(vectors)), replace=False)
-    return {"spec": spec, "shards": shards, "queries": vectors[picked], "edges": edges}
+    return {
+        "spec": spec,
+        "shards": shards,
+        "queries": vectors[picked],
+        "edges": edges,
+        "trained": trained,
+    }
+
+
+def merge_ondisk(index_dir: str, shards: list[dict], trained: bytes) -> dict:
+    """Ray task (index.merge_ondisk): every IVF shard's lists merged into one index whose lists
+    live in one file, as clip-retrieval serves LAION-5B (autofaiss' merge_ondisk):
+    `merged.faiss` (quantizer and codebook) and `merged.ivfdata` (FAISS OnDiskInvertedLists,
+    memory-mapped when searched). Row ids are global: each shard's are shifted by the rows before
+    it, in manifest order. Returns the manifest's `merged` entry."""
+    import faiss
+
+    if io.is_uri(index_dir):
+        raise UserError(
+            f"index.merge_ondisk needs a local index folder (its lists are memory-mapped from a "
+            f"local file), not {index_dir}: build there, or serve the shards as they are"
+        )
+    index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+    data = f"{index_dir}/{MERGED_DATA}"
+    io.delete_file(data)  # an earlier merge's lists: OnDiskInvertedLists would append to them
+    paths = [io.local_copy(f"{index_dir}/{s['file']}") for s in shards]
+    t0 = time.perf_counter()
+    _merge_lists(index, paths, [int(s["offset"]) for s in shards], data)
+    faiss.write_index(index, f"{index_dir}/{MERGED_FILE}")
+    return {"file": MERGED_FILE, "data": MERGED_DATA, "count": int(index.ntotal),
+            "merge_s": round(time.perf_counter() - t0, 3)}  # fmt: skip
+
+
+def _merge_lists(index, paths: list[str], offsets: list[int], data: str) -> None:
+    """Every shard's inverted lists (memory-mapped) appended list by list into one
+    OnDiskInvertedLists at `data`, each shard's ids shifted by its offset (FAISS's own
+    merge_from_multiple shifts by the previous shard's size alone, not by all before it), and
+    put into `index` (empty, trained)."""
+    import faiss
+
+    shards = [faiss.read_index(p, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) for p in paths]
+    lists = [faiss.extract_index_ivf(s).invlists for s in shards]
+    target = faiss.extract_index_ivf(index)
+    size = target.code_size
+    merged = faiss.OnDiskInvertedLists(target.nlist, size, data)
+    total = 0
+    for number in range(target.nlist):
+        counts = [il.list_size(number) for il in lists]
+        merged.resize(number, sum(counts))
+        at = 0
+        for il, n, offset in zip(lists, counts, offsets, strict=True):
+            if n:
+                ids = faiss.rev_swig_ptr(il.get_ids(number), n).astype(np.int64) + offset
+                codes = faiss.rev_swig_ptr(il.get_codes(number), n * size)
+                merged.update_entries(number, at, n, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+                at += n
+        total += at
+    index.ntotal = target.ntotal = total
+    target.replace_invlists(merged, True)
+    merged.this.disown()  # the index owns the lists now
 
 
 def write_index(
@@ -201,11 +322,21 @@ def write_index(
         "dropped": cfg.drop_exact_duplicates,
     }
     manifest = write_index_manifest(index_dir, built, {}, model, found)
+    for name in (MERGED_FILE, MERGED_DATA):  # an earlier build's merge no longer matches
+        io.delete_file(f"{index_dir}/{name}")
+    if cfg.merge_ondisk and manifest["spec"]["type"] == "ivfpq":
+        calls = [(index_dir, manifest["shards"], built["trained"])]
+        (manifest["merged"],) = _run(merge_ondisk, calls, remote)
+        io.write_json(f"{index_dir}/{INDEX_MANIFEST}", manifest)  # searched below: recall
+    elif cfg.merge_ondisk:
+        log.warning(
+            "index.merge_ondisk: a %s index has no lists to merge", manifest["spec"]["type"]
+        )
     (recall,) = _run(corpus_recall, [(index_dir, built["queries"], 10, cfg.refine_factor)], remote)
     manifest.update(recall=recall, recall_at_10=recall["recall_at_k"])
     io.write_json(f"{index_dir}/{INDEX_MANIFEST}", manifest)
     write_id_map(index_dir, manifest)
-    keep = {s[key] for s in manifest["shards"] for key in SHARD_KEYS}
+    keep = {s[key] for s in manifest["shards"] for key in SHARD_KEYS} | {MERGED_FILE}
     for suffix in (".faiss", ROWS_SUFFIX, EMBEDDINGS_SUFFIX):  # shards of an earlier build
         io.delete_files_except(index_dir, suffix, keep)
     return manifest

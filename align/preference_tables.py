@@ -54,10 +54,11 @@ def candidates_table(batch: pa.Table) -> pa.Table:
     return conform(t, CANDIDATES)
 
 
-def count_reasons(errors: list[dict]) -> dict[str, int]:
+def count_reasons(errors: list[str]) -> dict[str, int]:
+    """Error messages counted by reason (the message up to its first ':' or ' of ')."""
     counts: dict[str, int] = {}
     for e in errors:
-        reason = e["error"].split(":")[0].split(" of ")[0]
+        reason = e.split(":")[0].split(" of ")[0]
         counts[reason] = counts.get(reason, 0) + 1
     return counts
 

@@ -1,13 +1,20 @@
 """Query files: read (Parquet, JSONL or text), checked (empty and duplicate queries become error
 rows), and the ground truth of what each query asks for on the synthetic world.
 
-build_preferences and evaluate read their queries through here, so both account for a bad line
-the same way.
+One set of functions, two ways to run them:
+- `query_dataset` + `check_query_dataset`: a Ray Data stage (build_preferences). Each file is read
+  by a worker, a Parquet file row group by row group; duplicates are found after a hash
+  repartition on the normalised text, so every copy of a query meets in one block. The driver
+  reads Parquet footers and nothing else, whatever the number of queries.
+- `read_queries` + `check_queries`: the same in this process, for a small query file (evaluate's
+  held-out queries, tests).
+Both account for a bad line the same way: a row with `stage` and `error` set, never dropped.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -16,77 +23,238 @@ import pyarrow.compute as pc
 from align import io
 from align.contracts import QUERIES, ContractError, require_columns
 
+# A query row before and after the checks: `order` is its position over all the files (the first
+# of duplicates keeps it), `error` is empty for a good row.
+QUERY_ROWS = pa.schema(
+    [("query_id", pa.string()), ("query", pa.string()), ("order", pa.int64()),
+     ("stage", pa.string()), ("error", pa.string())]
+)  # fmt: skip
+ROWS_PER_BATCH = 8192
 
-def read_queries(path: str, split: str | None) -> tuple[pa.Table, list[dict]]:
-    """Read queries from Parquet, JSONL or text; return (rows, error rows) before any checks.
 
-    Rows are (query_id, query). Lines that do not decode become error rows.
-    """
-    errors: list[dict] = []
-    if path.endswith(".parquet") or io.exists(path) and not io.is_file(path):
-        table = io.read_parquet(path)
-        require_columns(QUERIES, table.column_names, "build_preferences.read", needed=["query"])
-        if not pa.types.is_string(table.schema.field("query").type):
+def is_parquet(path: str) -> bool:
+    return path.endswith(".parquet") or io.exists(path) and not io.is_file(path)
+
+
+def query_files(path: str) -> list[dict]:
+    """The files to read, each with the position of its first row over all of them. Parquet:
+    columns and types checked from the footers (no data read); text and JSONL: one file."""
+    import pyarrow.parquet as pq
+
+    if not is_parquet(path):
+        return [{"path": path, "first": 0}]
+    out, first = [], 0
+    for file in io.parquet_files(path):
+        fs, inside = io.filesystem(file)
+        with fs.open_input_file(inside) as fh:
+            meta = pq.ParquetFile(fh).metadata
+        schema = meta.schema.to_arrow_schema()
+        require_columns(QUERIES, schema.names, "build_preferences.read", needed=["query"])
+        if not pa.types.is_string(schema.field("query").type):
             raise ContractError(
-                f"{path}: column 'query' holds {table.schema.field('query').type}, not strings"
+                f"{file}: column 'query' holds {schema.field('query').type}, not strings"
             )
-        if split and "split" in table.column_names:
-            table = table.filter(pc.equal(table["split"], split))
-        ids = table["query_id"] if "query_id" in table.column_names else None
-        queries = table["query"].to_pylist()
-        ids = ids.to_pylist() if ids is not None else [f"q{i:07d}" for i in range(len(queries))]
-        return pa.table({"query_id": ids, "query": queries}), errors
-    raw = io.read_bytes(path)
-    ids, queries = [], []
-    for n, line in enumerate(raw.splitlines(), start=1):
-        row_id = f"line{n:07d}"
+        out.append({"path": file, "first": first})
+        first += meta.num_rows
+    return out
+
+
+def _rows(ids, queries, order, stage=None, error=None) -> pa.Table:
+    n = len(ids)
+    return pa.table(
+        {
+            "query_id": pa.array(ids, pa.string()),
+            "query": pa.array(queries, pa.string()),
+            "order": pa.array(order, pa.int64()),
+            "stage": pa.array(stage if stage is not None else [""] * n, pa.string()),
+            "error": pa.array(error if error is not None else [""] * n, pa.string()),
+        },
+        schema=QUERY_ROWS,
+    )
+
+
+def read_query_file(path: str, first: int, split: str | None) -> Iterator[pa.Table]:
+    """One query file as QUERY_ROWS tables of at most ROWS_PER_BATCH rows. Parquet: ids from
+    `query_id`, else `q` + the row's position over all files; text and JSONL: `line` + the line
+    number, and a line that does not decode is an error row."""
+    import pyarrow.parquet as pq
+
+    if not is_parquet(path):
+        lines = io.read_bytes(path).splitlines()
+        for start in range(0, len(lines), ROWS_PER_BATCH):
+            yield _parse_lines(lines[start : start + ROWS_PER_BATCH], start + 1, path)
+        return
+    fs, inside = io.filesystem(path)
+    with fs.open_input_file(inside) as fh:
+        file = pq.ParquetFile(fh)
+        names = file.schema_arrow.names
+        columns = [c for c in ("query_id", "query", "split") if c in names]
+        at = first
+        for batch in file.iter_batches(batch_size=ROWS_PER_BATCH, columns=columns):
+            n = batch.num_rows
+            order = np.arange(at, at + n)
+            at += n
+            if "query_id" in names:
+                ids = batch.column("query_id")
+            else:
+                ids = pa.array(np.char.mod("q%07d", order).astype(object), pa.string())
+            table = _rows(ids, batch.column("query"), order)
+            if split and "split" in names:
+                table = table.filter(pc.equal(batch.column("split"), split))
+            yield table
+
+
+def _parse_lines(lines: list[bytes], first_line: int, path: str) -> pa.Table:
+    """Text or JSONL lines -> QUERY_ROWS (undecodable lines as error rows)."""
+    jsonl = path.endswith((".jsonl", ".json"))
+    ids, queries, errors = [], [], []
+    for n, line in enumerate(lines, start=first_line):
+        row_id, query, error = f"line{n:07d}", None, ""
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            errors.append({"row_id": row_id, "stage": "read", "error": f"not UTF-8: {e.reason}"})
-            continue
-        if path.endswith((".jsonl", ".json")):
+            text, error = None, f"not UTF-8: {e.reason}"
+        if text is not None and jsonl:
             try:
                 obj = json.loads(text)
                 query, row_id = obj["query"], str(obj.get("query_id", row_id))
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                errors.append({"row_id": row_id, "stage": "read", "error": f"bad JSON line: {e}"})
-                continue
-            if not isinstance(query, str):
-                errors.append(
-                    {
-                        "row_id": row_id,
-                        "stage": "read",
-                        "error": f"'query' is {type(query).__name__}, not a string",
-                    }
-                )
-                continue
-        else:
+                error = f"bad JSON line: {e}"
+            else:
+                if not isinstance(query, str):
+                    query, error = None, f"'query' is {type(query).__name__}, not a string"
+        elif text is not None:
             query = text
         ids.append(row_id)
         queries.append(query)
-    return pa.table({"query_id": ids, "query": queries}), errors
+        errors.append(error)
+    order = np.arange(first_line - 1, first_line - 1 + len(lines))
+    stage = ["read" if e else "" for e in errors]
+    return _rows(ids, queries, order, stage, errors)
+
+
+def read_query_batches(batch: dict, split: str | None) -> Iterator[pa.Table]:
+    """Ray Data: rows naming files (path, first) -> their query rows (read_query_file)."""
+    for path, first in zip(batch["path"], batch["first"], strict=True):
+        yield from read_query_file(str(path), int(first), split)
+
+
+def mark_empty(table: pa.Table) -> pa.Table:
+    """Whitespace collapsed in every query; an empty one becomes an error row. Adds `key` (the
+    casefolded text that duplicates share; empty for error rows)."""
+    cleaned = [" ".join(str(q or "").split()) for q in table["query"].to_pylist()]
+    ok = pc.equal(table["error"], "").to_numpy(zero_copy_only=False)
+    empty = ok & ~np.array([bool(c) for c in cleaned], dtype=bool)
+    table = table.set_column(1, "query", pa.array(cleaned, pa.string()))
+    table = _set_errors(table, empty, "empty or whitespace query")
+    keys = [c.casefold() if good else "" for c, good in zip(cleaned, ok & ~empty, strict=True)]
+    return table.append_column("key", pa.array(keys, pa.string()))
+
+
+def mark_duplicates(table: pa.Table) -> pa.Table:
+    """Every good row whose key an earlier row (by `order`) has is an error row naming it.
+    Needs every copy of a key in `table` (a whole file, or one block after a hash repartition)."""
+    from align.stages import first_of_each
+
+    if table.num_rows == 0:
+        return table
+    by, first, head = first_of_each(
+        table["key"].to_numpy(zero_copy_only=False), table["order"].to_numpy()
+    )
+    t = table.take(pa.array(by))
+    good = pc.equal(t["error"], "").to_numpy(zero_copy_only=False)
+    # Error rows share the empty key and no good row has it: `first` is a good row's own key.
+    duplicate = good & ~first
+    ids = t["query_id"].to_numpy(zero_copy_only=False)
+    messages = [f"duplicate of {ids[h]}" for h in head[duplicate]]
+    error = t["error"].to_numpy(zero_copy_only=False).astype(object)
+    stage = t["stage"].to_numpy(zero_copy_only=False).astype(object)
+    error[duplicate], stage[duplicate] = messages, "check"
+    t = t.set_column(t.schema.get_field_index("error"), "error", pa.array(error, pa.string()))
+    return t.set_column(t.schema.get_field_index("stage"), "stage", pa.array(stage, pa.string()))
+
+
+def _set_errors(table: pa.Table, where: np.ndarray, message: str) -> pa.Table:
+    error = np.where(where, message, table["error"].to_numpy(zero_copy_only=False))
+    stage = np.where(where, "check", table["stage"].to_numpy(zero_copy_only=False))
+    table = table.set_column(table.schema.get_field_index("error"), "error",
+                             pa.array(error.astype(object), pa.string()))  # fmt: skip
+    return table.set_column(table.schema.get_field_index("stage"), "stage",
+                            pa.array(stage.astype(object), pa.string()))  # fmt: skip
+
+
+def query_dataset(path: str, split: str | None):
+    """Ray Data: every query row of the file(s) at `path` (QUERY_ROWS), read by workers."""
+    import ray.data
+
+    files = query_files(path)
+    listing = ray.data.from_items(files, override_num_blocks=len(files))
+    return listing.map_batches(
+        read_query_batches, fn_kwargs={"split": split}, batch_size=1, batch_format="numpy"
+    )
+
+
+def check_query_dataset(ds, path: str):
+    """Ray Data: empty queries and duplicates (of the normalised text, over every file) become
+    error rows; nothing is dropped. Every copy of a query meets in one block (a repartition on
+    the text, sized by the query files' bytes)."""
+    from align.stages import gather_by_key
+
+    size = 0
+    for f in query_files(path):
+        fs, inside = io.filesystem(f["path"])
+        size += fs.get_file_info(inside).size
+    marked = gather_by_key(ds.map_batches(mark_empty, batch_format="pyarrow"), "key", size)
+    return marked.map_batches(mark_duplicates, batch_size=None, batch_format="pyarrow")
+
+
+def good_queries(table: pa.Table) -> pa.Table:
+    """Ray Data: the rows that passed every check, as (query_id, query)."""
+    return table.filter(pc.equal(table["error"], "")).select(["query_id", "query"])
+
+
+def query_error_rows(table: pa.Table) -> pa.Table:
+    """Ray Data: the rows a check rejected, as the errors contract's rows."""
+    from align.contracts import ERRORS, conform
+
+    bad = table.filter(pc.not_equal(table["error"], ""))
+    return conform(
+        pa.table({"row_id": bad["query_id"], "stage": bad["stage"], "error": bad["error"]}), ERRORS
+    )
+
+
+def read_queries(path: str, split: str | None) -> tuple[pa.Table, list[dict]]:
+    """In this process: (rows (query_id, query), error rows) of a query file, before the checks."""
+    rows = [t for f in query_files(path) for t in read_query_file(f["path"], f["first"], split)]
+    table = pa.concat_tables(rows) if rows else QUERY_ROWS.empty_table()
+    bad = pc.not_equal(table["error"], "")
+    errors = error_rows(table.filter(bad))
+    return table.filter(pc.invert(bad)).select(["query_id", "query"]), errors
 
 
 def check_queries(table: pa.Table) -> tuple[pa.Table, list[dict]]:
-    """Drop empty and duplicate queries (error rows with the reason); keep the rest in order."""
-    keep, errors, seen = [], [], {}
-    for i, (qid, query) in enumerate(
-        zip(table["query_id"].to_pylist(), table["query"].to_pylist(), strict=True)
-    ):
-        text = " ".join(str(query or "").split())
-        if not text:
-            errors.append({"row_id": qid, "stage": "check", "error": "empty or whitespace query"})
-            continue
-        key = text.casefold()
-        if key in seen:
-            errors.append({"row_id": qid, "stage": "check", "error": f"duplicate of {seen[key]}"})
-            continue
-        seen[key] = qid
-        keep.append(i)
-    table = table.take(keep)
-    cleaned = [" ".join(q.split()) for q in table["query"].to_pylist()]
-    return table.set_column(1, "query", pa.array(cleaned, pa.string())), errors
+    """In this process: drop empty and duplicate queries (error rows with the reason); keep the
+    rest in order."""
+    n = table.num_rows
+    rows = _rows(table["query_id"], table["query"], np.arange(n))
+    checked = mark_duplicates(mark_empty(rows)).sort_by("order")
+    bad = pc.not_equal(checked["error"], "")
+    kept = checked.filter(pc.invert(bad)).select(["query_id", "query"])
+    return kept, error_rows(checked.filter(bad))
+
+
+def error_rows(table: pa.Table) -> list[dict]:
+    """QUERY_ROWS error rows -> the errors contract's rows, in file order."""
+    table = table.sort_by("order")
+    return [
+        {"row_id": r, "stage": s, "error": e}
+        for r, s, e in zip(
+            table["query_id"].to_pylist(),
+            table["stage"].to_pylist(),
+            table["error"].to_pylist(),
+            strict=True,
+        )
+    ]
 
 
 def query_facts(path: str, texts: list[str]) -> dict[str, np.ndarray]:

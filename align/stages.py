@@ -1,8 +1,10 @@
-"""Ray Data plumbing every job shares: map_batches arguments from a stage's config, and the
-ok rows and error rows of a stage brought back to the driver."""
+"""Ray Data plumbing every job shares: map_batches arguments from a stage's config, the ok rows
+and error rows of a stage brought back to the driver, and the pieces of a duplicate check over a
+whole dataset (every copy of a key brought into one block, then the first of each found)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 from align import io
@@ -10,6 +12,27 @@ from align.config import PoolConfig
 from align.log import get_logger
 
 log = get_logger("stages")
+# Bytes per block after a repartition on a key: under Ray Data's block bound (128 MiB), so a block
+# is never split and every copy of a key stays in one.
+KEY_BLOCK_BYTES = 64 << 20
+
+
+def gather_by_key(ds, key: str, size_bytes: int):
+    """Ray Data: `ds` repartitioned so that every row with the same `key` is in one block: a hash
+    repartition, one block per KEY_BLOCK_BYTES of input; below that, one block (no shuffle)."""
+    blocks = -(-size_bytes // KEY_BLOCK_BYTES)
+    return ds.repartition(blocks, keys=[key]) if blocks > 1 else ds.repartition(1)
+
+
+def first_of_each(keys: np.ndarray, order: np.ndarray):
+    """For a duplicate check: (permutation sorting rows by key then order, whether each sorted row
+    is its key's first, the sorted position of its key's first row)."""
+    by = np.lexsort((order, keys))
+    k = keys[by]
+    first = np.ones(len(k), dtype=bool)
+    first[1:] = k[1:] != k[:-1]
+    head = np.maximum.accumulate(np.where(first, np.arange(len(k)), 0))
+    return by, first, head
 
 
 def actor_pool(stage: PoolConfig) -> dict:

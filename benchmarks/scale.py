@@ -10,6 +10,8 @@
    `--queries` query vectors (perturbed corpus vectors), searching through one actor per shard.
 4. A serving search load: single-query searches (`--serve-queries`) from 4 threads through the
    same shard actors, as a VectorIndex replica over a large corpus would.
+5. With --merge-ondisk: the shards merged into one on-disk index (index.merge_ondisk's code),
+   its recall@10 against exact search, and the same single-query load on one process holding it.
 Prints one JSON line: images, build_s, recall_at_10, qps (retrieval), serve_qps,
 peak_rss_largest_mb (the largest retrieval process), peak_rss_sum_mb (all of them: the shard
 actors and the retriever), ram_bytes_per_image (that sum less each process's bare footprint,
@@ -77,25 +79,26 @@ def write_corpus(root: str, images: int, dim: int, shard_images: int, seed: int)
     return paths
 
 
-def bare_process_mb(root: str, dim: int) -> float:
-    """Peak RSS of a shard actor over a 1,000-image index: what every such process costs before
-    its shard's size counts (Python, Ray's worker, numpy, pyarrow, FAISS)."""
-    import ray
-
+def bare_process_mb(root: str, dim: int, top_k: int) -> float:
+    """Peak RSS of a shard actor over a 1,000-image index after it has answered searches as the
+    real ones do (through Corpus, with reference similarities): what every such process costs
+    before its shard's size counts (Python, Ray's worker, numpy, pyarrow, FAISS, and the code and
+    caches the first search loads: about 45 MB more than an actor that has searched nothing)."""
     from align.config import IndexConfig, ModelConfig
-    from align.corpus import IndexShard
+    from align.corpus import Corpus, start_shard_actors
     from align.index_build import write_index
 
     files = [f"{root}/tiny/scored/part-00000.parquet"]
     write_synthetic_shard(files[0], 0, 1000, np.eye(dim, dtype=np.float32)[:16], 0)
-    manifest = write_index(files, f"{root}/tiny/index", IndexConfig(type="flat"),
-                           ModelConfig(name="tiny-clip"), remote=False)  # fmt: skip
-    actor = ray.remote(num_cpus=0.1)(IndexShard).remote(
-        f"{root}/tiny/index", manifest["shards"][0], manifest["spec"]
-    )
-    mb = ray.get(actor.stats.remote())["peak_rss_mb"]
-    ray.kill(actor)
-    return mb
+    write_index(files, f"{root}/tiny/index", IndexConfig(type="flat"),
+                ModelConfig(name="tiny-clip"), remote=False)  # fmt: skip
+    actors = start_shard_actors(f"{root}/tiny/index", 0.1, IndexConfig().refine_factor)
+    corpus = Corpus(f"{root}/tiny/index", shard_actors=actors.names)
+    q = np.random.default_rng(0).normal(size=(256, dim)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    for _ in range(4):
+        corpus.candidates(q, top_k, reference=q)
+    return corpus.memory()[0]["peak_rss_mb"]
 
 
 def retrieval_load(index_corpus_dir: str, actors, queries: np.ndarray, top_k: int, batch: int):
@@ -143,6 +146,43 @@ def serving_load(index_dir: str, actors, queries: np.ndarray, k: int) -> float:
     return len(queries) / (time.perf_counter() - t0)
 
 
+def merged_serving(index_dir: str, manifest: dict, queries: np.ndarray, k: int) -> dict:
+    """index.merge_ondisk: the shards merged into one on-disk index (index_corpus' code), then
+    single-query searches from 4 threads in one Ray actor holding it, as a single-node serving
+    replica would; returns merge seconds, queries/s and that process's peak RSS."""
+    import faiss
+    import ray
+
+    from align.config import IndexConfig
+    from align.corpus import Corpus
+    from align.index_build import corpus_recall, merge_ondisk
+
+    if "merged" not in manifest:
+        # The trained, empty index: the first shard with its lists cleared.
+        empty = faiss.read_index(f"{index_dir}/{manifest['shards'][0]['file']}")
+        empty.reset()
+        manifest["merged"] = merge_ondisk(
+            index_dir, manifest["shards"], faiss.serialize_index(empty).tobytes()
+        )
+        Path(index_dir, "_index.json").write_text(json.dumps(manifest))
+    server = ray.remote(num_cpus=1, max_concurrency=4)(Corpus).remote(index_dir)
+    ray.get(server.memory.remote())
+    t0 = time.perf_counter()
+    calls = []
+    for q in queries:
+        calls.append(server.candidates.remote(q[None], k))
+        if len(calls) >= 4:  # four in flight, as four clients
+            ray.get(calls.pop(0))
+    ray.get(calls)
+    qps = len(queries) / (time.perf_counter() - t0)
+    (memory,) = ray.get(server.memory.remote())
+    ray.kill(server)
+    recall = corpus_recall(index_dir, queries[:200], 10, IndexConfig().refine_factor)
+    return {"merge_s": manifest["merged"]["merge_s"], "serve_qps": round(qps, 1),
+            "peak_rss_mb": round(memory["peak_rss_mb"], 1),
+            "recall_at_10": round(recall["recall_at_k"], 4)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, required=True)
@@ -160,6 +200,11 @@ def main() -> None:
         help="kept, and its index reused by a second run (default: a temporary folder, removed)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--merge-ondisk",
+        action="store_true",
+        help="also merge the shards into one on-disk index and serve single queries from it",
+    )
     args = parser.parse_args()
 
     import ray
@@ -199,7 +244,7 @@ def main() -> None:
     q = sample.astype(np.float32) + noise  # a fifth of a unit vector's length
     q /= np.linalg.norm(q, axis=1, keepdims=True)
 
-    bare = bare_process_mb(root, args.dim)
+    bare = bare_process_mb(root, args.dim, args.top_k)
     # Every shard actor must fit beside the retriever: half the machine's CPUs shared out.
     shard_cpus = args.shard_cpus or round(0.5 * os.cpu_count() / shards, 4)
     actors = start_shard_actors(f"{root}/index", shard_cpus, cfg.refine_factor)
@@ -208,6 +253,9 @@ def main() -> None:
     serve_qps = serving_load(f"{root}/index", actors, q[: args.serve_queries], 10)
     shard_stats = ray.get([h.stats.remote() for h in actors.handles])
     shard_mb = [m["peak_rss_mb"] for m in shard_stats]
+    merged = None
+    if args.merge_ondisk:
+        merged = merged_serving(f"{root}/index", manifest, q[: args.serve_queries], 10)
     largest = shard_stats[int(np.argmax(shard_mb))]
     processes = [retriever_mb, *shard_mb]
     total = sum(processes)
@@ -239,6 +287,7 @@ def main() -> None:
                 "disk_bytes_per_image": round(
                     sum(f.stat().st_size for f in Path(root, "index").iterdir()) / args.images
                 ),
+                "merged_ondisk": merged,
                 "cpus": os.cpu_count(),
             }
         )

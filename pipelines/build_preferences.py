@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from actors.retrieve import CandidateRetriever
 from actors.rewrite import rewrite_stage
@@ -36,7 +37,13 @@ from align.log import get_logger
 from align.manifest import JobManifest, empty_output_dir
 from align.models import model_id
 from align.preference_tables import candidates_table, count_reasons, pairs_table, rewrites_table
-from align.queries import check_queries, read_queries
+from align.queries import (
+    check_query_dataset,
+    good_queries,
+    query_dataset,
+    query_error_rows,
+    query_files,
+)
 from align.runtime import init_ray
 from align.stages import actor_pool
 
@@ -48,17 +55,15 @@ def output_dir(config: Config) -> str:
     return config.expand(config.build_preferences.output)
 
 
-def retrieve(
-    bp: BuildPreferencesConfig, model: ModelConfig, queries: pa.Table, index_dir: str, search: dict
-):
-    """The streaming pipeline: rewrite -> embed both queries -> retrieve, re-rank and pair
-    (`search`: refine_factor and the shard actors' names, None to load the shards per actor)."""
-    import ray.data
-
-    # Blocks of one embed batch each, so the stages stream and run in parallel.
-    step = bp.embed.batch_size
-    blocks = [queries.slice(i, step) for i in range(0, queries.num_rows, step)] or [queries]
-    ds = rewrite_stage(bp.rewrite, ray.data.from_arrow(blocks))
+def retrieve(bp: BuildPreferencesConfig, model: ModelConfig, queries, index_dir: str, search: dict):
+    """The streaming pipeline over a Dataset of checked queries: rewrite -> embed both queries ->
+    retrieve, re-rank and pair (`search`: refine_factor and the shard actors' names, None to
+    load the shards per actor)."""
+    # The rewrite stage's CPUs: the embed and retrieval pools (and shard actors) hold the rest.
+    queries = queries.map_batches(
+        good_queries, batch_format="pyarrow", num_cpus=bp.rewrite.num_cpus
+    )
+    ds = rewrite_stage(bp.rewrite, queries)
     return ds.map_batches(
         ClipTextEmbedder,
         fn_constructor_kwargs={"model": model.model_dump(), "threads": bp.embed.threads},
@@ -93,9 +98,10 @@ def corpus_search(cfg: IndexConfig, index_dir: str, index_manifest: dict):
     }, actors
 
 
-def write_outputs(bp: BuildPreferencesConfig, model: ModelConfig, results, out: str, errors):
-    """rewrites/, pairs/, candidates/ and errors/ (every query that retrieved nothing joins the
-    error rows); returns the per-query status table."""
+def write_outputs(bp: BuildPreferencesConfig, model: ModelConfig, results, checked, out: str):
+    """rewrites/, pairs/, candidates/ and errors/ (the query rows the checks rejected, and every
+    query that retrieved nothing), written by Ray Data; returns the counts, summed batch by batch
+    in this process."""
     rw = bp.rewrite
     results.select_columns(["query_id", "query", "rewritten", "fallback", "truncated"]).map_batches(
         rewrites_table, fn_kwargs={"backend": rw.backend, "variant": rw.variant},
@@ -106,18 +112,39 @@ def write_outputs(bp: BuildPreferencesConfig, model: ModelConfig, results, out: 
         pairs_table, fn_kwargs={"reference_model": model_id(model)}, batch_format="pyarrow"
     ).write_parquet(f"{out}/pairs")
     results.map_batches(candidates_table, batch_format="pyarrow").write_parquet(f"{out}/candidates")
-    status = results.select_columns(["query_id", "status", "error", "fallback", "truncated"])
-    status = status.to_pandas()
-    skipped = status[status["status"] != "ok"]
-    errors += [
-        {"row_id": qid, "stage": "retrieve", "error": err}
-        for qid, err in zip(skipped["query_id"], skipped["error"], strict=True)
-    ]
-    io.write_parquet(
-        conform(pa.Table.from_pylist(errors, schema=ERRORS.schema), ERRORS),
-        f"{out}/errors/part-00000.parquet",
+    errors = (
+        checked.map_batches(query_error_rows, batch_format="pyarrow")
+        .union(
+            results.select_columns(["query_id", "status", "error"]).map_batches(
+                skipped_error_rows, batch_format="pyarrow"
+            )
+        )
+        .materialize()
     )
-    return status
+    errors.write_parquet(f"{out}/errors")
+    reasons: dict[str, int] = {}
+    for batch in errors.iter_batches(batch_format="pyarrow"):
+        for reason, n in count_reasons(batch["error"].to_pylist()).items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    counts = {"rows_error": sum(reasons.values()), "reasons": reasons,
+              "ok": 0, "fallbacks": 0, "truncated": 0}  # fmt: skip
+    columns = ["status", "fallback", "truncated"]
+    for batch in results.select_columns(columns).iter_batches(batch_format="pyarrow"):
+        counts["ok"] += pc.sum(pc.equal(batch["status"], "ok")).as_py() or 0
+        counts["fallbacks"] += pc.sum(pc.not_equal(batch["fallback"], "")).as_py() or 0
+        counts["truncated"] += pc.sum(batch["truncated"]).as_py() or 0
+    if not io.list_files(f"{out}/errors", ".parquet"):  # no error rows: an empty table still
+        io.write_parquet(ERRORS.schema.empty_table(), f"{out}/errors/part-00000.parquet")
+    return counts
+
+
+def skipped_error_rows(batch: pa.Table) -> pa.Table:
+    """Error rows (errors contract) of the queries that retrieved nothing."""
+    skipped = batch.filter(pc.not_equal(batch["status"], "ok"))
+    return conform(
+        pa.table({"row_id": skipped["query_id"], "stage": pa.array(["retrieve"] * skipped.num_rows,
+                  pa.string()), "error": skipped["error"]}), ERRORS,
+    )  # fmt: skip
 
 
 def build_preferences(config: Config) -> dict:
@@ -127,30 +154,30 @@ def build_preferences(config: Config) -> dict:
     queries_path = config.expand(bp.queries)
     index_dir = config.expand(bp.index_corpus_dir)
 
-    # Fail fast: the model, the index it must match, the queries file.
+    # Fail fast: the model, the index it must match, the queries file (Parquet: its footers).
     index_manifest = check_index(config.model, index_dir)
     io.require_exists(queries_path, "queries")
-    with manifest.stage("read"):
-        raw, read_errors = read_queries(queries_path, bp.split)
-        queries, check_errors = check_queries(raw)
-    errors = read_errors + check_errors
-    rows_in = raw.num_rows + len(read_errors)  # undecodable lines are input rows too
-    log.info("%d queries read, %d kept, %d rejected", rows_in, queries.num_rows, len(errors))
+    query_files(queries_path)
 
     init_ray(config.ray)
     for sub in OUTPUTS:  # a re-run replaces, never appends
         empty_output_dir(f"{out}/{sub}", "build_preferences")
+    with manifest.stage("read"):
+        # Read and checked by Ray Data workers; held in the object store, not in this process.
+        checked = check_query_dataset(query_dataset(queries_path, bp.split), queries_path)
+        # Blocks of one embed batch each, so the stages after stream and run in parallel.
+        checked = checked.repartition(target_num_rows_per_block=bp.embed.batch_size).materialize()
+    rows_in = checked.count()
     with manifest.stage("rewrite_embed_retrieve"):
         search, _actors = corpus_search(config.index_corpus.index, index_dir, index_manifest)
-        results = retrieve(bp, config.model, queries, index_dir, search).materialize()
+        results = retrieve(bp, config.model, checked, index_dir, search).materialize()
     # Per-operator wall times (rewrite, text_embed, retrieve) for the share of time per stage.
     io.write_bytes(f"{out}/_ray_data_stats.txt", results.stats().encode())
     with manifest.stage("write"):
-        status = write_outputs(bp, config.model, results, out, errors)
+        counts = write_outputs(bp, config.model, results, checked, out)
 
     pair_files = io.list_files(f"{out}/pairs", ".parquet")
     n_pairs = sum(io.read_parquet(f, columns=["query_id"]).num_rows for f in pair_files)
-    rows_out = int((status["status"] == "ok").sum())
     manifest.extra.update(
         {
             "queries": queries_path,
@@ -158,16 +185,21 @@ def build_preferences(config: Config) -> dict:
             "rewrite": {
                 "backend": bp.rewrite.backend,
                 "variant": bp.rewrite.variant,
-                "fallbacks": int((status["fallback"] != "").sum()),
-                "truncated": int(status["truncated"].sum()),
+                "fallbacks": counts["fallbacks"],
+                "truncated": counts["truncated"],
             },
             "grid": bp.grid.model_dump(),
             "pairs": n_pairs,
-            "errors_by_reason": count_reasons(errors),
+            "errors_by_reason": counts["reasons"],
         }
     )
-    result = manifest.write(out, rows_in=rows_in, rows_out=rows_out, rows_error=len(errors))
-    log.info("%d queries -> %d pairs; %d error rows", rows_out, n_pairs, len(errors))
+    result = manifest.write(
+        out, rows_in=rows_in, rows_out=counts["ok"], rows_error=counts["rows_error"]
+    )
+    log.info(
+        "%d queries in -> %d with pairs (%d pairs); %d error rows",
+        rows_in, counts["ok"], n_pairs, counts["rows_error"],
+    )  # fmt: skip
     return result
 
 

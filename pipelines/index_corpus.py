@@ -28,8 +28,8 @@ from align.cli import run_job
 from align.config import Config, IndexCorpusConfig
 from align.contracts import ERRORS, SCORED, SCORER_COLUMN_PREFIX, conform
 from align.errors import InputNotFound
-from align.index import DUPLICATES_FILE, exact_duplicates
-from align.index_build import write_index
+from align.index import DUPLICATES_FILE
+from align.index_build import exact_duplicates, write_index
 from align.log import get_logger
 from align.manifest import JobManifest
 from align.models import ModelFacts, check_model, model_id

@@ -10,7 +10,7 @@ from actors.score import scored_to_arrow
 from align import io
 from align.config import IndexConfig, ModelConfig
 from align.contracts import SCORED, SCORER_COLUMN_PREFIX, conform
-from align.corpus import Corpus, start_shard_actors
+from align.corpus import Corpus, MergedShards, start_shard_actors
 from align.index_build import write_index
 
 pytestmark = pytest.mark.integration
@@ -42,9 +42,11 @@ def corpus(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     files, x, ids, aesthetic = _scored(root, np.random.default_rng(0))
     model = ModelConfig(name="tiny-clip")
-    for kind, extra in (("flat", {}), ("ivfpq", {"ivf_nlist": 8, "ivf_nprobe": 4})):
-        cfg = IndexConfig(type=kind, num_shards=3, recall_queries=100, **extra)
-        write_index(files, f"{root}/{kind}", cfg, model)
+    ivf = {"type": "ivfpq", "ivf_nlist": 8, "ivf_nprobe": 4}
+    for name, extra in (("flat", {"type": "flat"}), ("ivfpq", ivf),
+                        ("merged", {**ivf, "merge_ondisk": True})):  # fmt: skip
+        cfg = IndexConfig(num_shards=3, recall_queries=100, **extra)
+        write_index(files, f"{root}/{name}", cfg, model)
     return root, x, ids, aesthetic
 
 
@@ -95,6 +97,17 @@ def test_one_actor_per_shard_answers_as_the_shards_in_process(corpus):
         assert [m["peak_rss_mb"] > 0 for m in remote.memory()] == [True] * 3
 
 
+def assert_exact_scores(found, x, q, reference):
+    """The returned scores and reference similarities are exact cosines of the stored vectors,
+    not PQ approximations."""
+    np.testing.assert_allclose(
+        found.scores, np.einsum("qkd,qd->qk", x[found.rows], q), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        found.reference, np.einsum("qkd,qd->qk", x[found.rows], reference), rtol=1e-5, atol=1e-6
+    )
+
+
 def test_ivfpq_shards_rescore_exactly_and_report_streamed_recall(corpus):
     root, x, _, _ = corpus
     ivf = Corpus(f"{root}/ivfpq")
@@ -103,13 +116,35 @@ def test_ivfpq_shards_rescore_exactly_and_report_streamed_recall(corpus):
     assert manifest["recall"]["queries"] == 100 and manifest["recall_at_10"] >= 0.9
     q, reference = _queries(x, 5), _queries(x, 6)
     found = ivf.candidates(q, 10, reference=reference)
-    # The returned scores are exact cosines of the stored vectors, not PQ approximations.
-    np.testing.assert_allclose(
-        found.scores, np.einsum("qkd,qd->qk", x[found.rows], q), rtol=1e-5, atol=1e-6
-    )
-    np.testing.assert_allclose(
-        found.reference, np.einsum("qkd,qd->qk", x[found.rows], reference), rtol=1e-5, atol=1e-6
-    )
+    assert_exact_scores(found, x, q, reference)
     assert (np.diff(found.scores, axis=1) <= 1e-6).all()
     id_map = io.read_parquet(f"{root}/ivfpq/id_map.parquet")
     assert id_map["row"].to_pylist() == list(range(len(x)))
+
+
+def test_ondisk_merge_searches_every_shard_in_one_index(corpus):
+    """index.merge_ondisk: one FAISS index over every shard's lists (OnDiskInvertedLists), global
+    rows, the same exact scores and reference similarities; a rebuild without it removes it."""
+    root, x, ids, aesthetic = corpus
+    merged = Corpus(f"{root}/merged")
+    assert isinstance(merged.shards[0], MergedShards) and len(merged.shards) == 1
+    assert merged.manifest["merged"]["count"] == len(x) and merged.manifest["recall_at_10"] >= 0.9
+    assert (root / "merged" / "merged.ivfdata").stat().st_size >= len(x) * 16  # codes + ids
+    q, reference = _queries(x, 7), _queries(x, 8)
+    found = merged.candidates(q, 10, reference=reference)
+    assert_exact_scores(found, x, q, reference)
+    assert (found.ids == ids[found.rows]).all()
+    np.testing.assert_allclose(found.aesthetic, aesthetic[found.rows])
+    np.testing.assert_allclose(merged.vectors(found.rows[0]), x[found.rows[0]], atol=1e-3)
+    # The shards searched one by one find (nearly) the same top-10 from the same lists.
+    shards = Corpus(f"{root}/merged", merged=False).candidates(q, 10)
+    overlap = np.mean(
+        [len(set(a) & set(b)) / 10 for a, b in zip(found.rows, shards.rows, strict=True)]
+    )
+    assert overlap >= 0.9
+    files, _, _, _ = _scored(root / "rebuilt", np.random.default_rng(0))
+    cfg = IndexConfig(type="ivfpq", num_shards=3, ivf_nlist=8, ivf_nprobe=4, recall_queries=20)
+    write_index(files, f"{root}/merged", cfg, ModelConfig(name="tiny-clip"))
+    assert not (root / "merged" / "merged.faiss").exists()
+    assert not (root / "merged" / "merged.ivfdata").exists()
+    assert len(Corpus(f"{root}/merged").shards) == 3
