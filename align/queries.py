@@ -37,12 +37,17 @@ def is_parquet(path: str) -> bool:
 
 
 def query_files(path: str) -> list[dict]:
-    """The files to read, each with the position of its first row over all of them. Parquet:
-    columns and types checked from the footers (no data read); text and JSONL: one file."""
+    """The files to read, each with the position of its first row over all of them and its size
+    in bytes. Parquet: columns and types checked from the footers (no data read); text and
+    JSONL: one file."""
     import pyarrow.parquet as pq
 
+    def size(file: str) -> int:
+        fs, inside = io.filesystem(file)
+        return fs.get_file_info(inside).size
+
     if not is_parquet(path):
-        return [{"path": path, "first": 0}]
+        return [{"path": path, "first": 0, "bytes": size(path)}]
     out, first = [], 0
     for file in io.parquet_files(path):
         fs, inside = io.filesystem(file)
@@ -54,7 +59,7 @@ def query_files(path: str) -> list[dict]:
             raise ContractError(
                 f"{file}: column 'query' holds {schema.field('query').type}, not strings"
             )
-        out.append({"path": file, "first": first})
+        out.append({"path": file, "first": first, "bytes": size(file)})
         first += meta.num_rows
     return out
 
@@ -134,7 +139,7 @@ def _parse_lines(lines: list[bytes], first_line: int, path: str) -> pa.Table:
 
 
 def read_query_batches(batch: dict, split: str | None) -> Iterator[pa.Table]:
-    """Ray Data: rows naming files (path, first) -> their query rows (read_query_file)."""
+    """Ray Data: rows naming files (query_files) -> their query rows (read_query_file)."""
     for path, first in zip(batch["path"], batch["first"], strict=True):
         yield from read_query_file(str(path), int(first), split)
 
@@ -166,15 +171,13 @@ def mark_duplicates(table: pa.Table) -> pa.Table:
     # Error rows share the empty key and no good row has it: `first` is a good row's own key.
     duplicate = good & ~first
     ids = t["query_id"].to_numpy(zero_copy_only=False)
-    messages = [f"duplicate of {ids[h]}" for h in head[duplicate]]
-    error = t["error"].to_numpy(zero_copy_only=False).astype(object)
-    stage = t["stage"].to_numpy(zero_copy_only=False).astype(object)
-    error[duplicate], stage[duplicate] = messages, "check"
-    t = t.set_column(t.schema.get_field_index("error"), "error", pa.array(error, pa.string()))
-    return t.set_column(t.schema.get_field_index("stage"), "stage", pa.array(stage, pa.string()))
+    messages = np.full(len(ids), "", dtype=object)
+    messages[duplicate] = [f"duplicate of {ids[h]}" for h in head[duplicate]]
+    return _set_errors(t, duplicate, messages)
 
 
-def _set_errors(table: pa.Table, where: np.ndarray, message: str) -> pa.Table:
+def _set_errors(table: pa.Table, where: np.ndarray, message) -> pa.Table:
+    """Rows at `where` become check errors with `message` (one string, or one per row)."""
     error = np.where(where, message, table["error"].to_numpy(zero_copy_only=False))
     stage = np.where(where, "check", table["stage"].to_numpy(zero_copy_only=False))
     table = table.set_column(table.schema.get_field_index("error"), "error",
@@ -183,27 +186,23 @@ def _set_errors(table: pa.Table, where: np.ndarray, message: str) -> pa.Table:
                             pa.array(stage.astype(object), pa.string()))  # fmt: skip
 
 
-def query_dataset(path: str, split: str | None):
-    """Ray Data: every query row of the file(s) at `path` (QUERY_ROWS), read by workers."""
+def query_dataset(files: list[dict], split: str | None):
+    """Ray Data: every query row of the files (query_files) as QUERY_ROWS, read by workers."""
     import ray.data
 
-    files = query_files(path)
     listing = ray.data.from_items(files, override_num_blocks=len(files))
     return listing.map_batches(
         read_query_batches, fn_kwargs={"split": split}, batch_size=1, batch_format="numpy"
     )
 
 
-def check_query_dataset(ds, path: str):
+def check_query_dataset(ds, files: list[dict]):
     """Ray Data: empty queries and duplicates (of the normalised text, over every file) become
     error rows; nothing is dropped. Every copy of a query meets in one block (a repartition on
     the text, sized by the query files' bytes)."""
     from align.stages import gather_by_key
 
-    size = 0
-    for f in query_files(path):
-        fs, inside = io.filesystem(f["path"])
-        size += fs.get_file_info(inside).size
+    size = sum(f["bytes"] for f in files)
     marked = gather_by_key(ds.map_batches(mark_empty, batch_format="pyarrow"), "key", size)
     return marked.map_batches(mark_duplicates, batch_size=None, batch_format="pyarrow")
 
@@ -244,17 +243,8 @@ def check_queries(table: pa.Table) -> tuple[pa.Table, list[dict]]:
 
 
 def error_rows(table: pa.Table) -> list[dict]:
-    """QUERY_ROWS error rows -> the errors contract's rows, in file order."""
-    table = table.sort_by("order")
-    return [
-        {"row_id": r, "stage": s, "error": e}
-        for r, s, e in zip(
-            table["query_id"].to_pylist(),
-            table["stage"].to_pylist(),
-            table["error"].to_pylist(),
-            strict=True,
-        )
-    ]
+    """QUERY_ROWS error rows -> the errors contract's rows (dicts), in file order."""
+    return query_error_rows(table.sort_by("order")).to_pylist()
 
 
 def query_facts(path: str, texts: list[str]) -> dict[str, np.ndarray]:

@@ -157,14 +157,14 @@ def build_preferences(config: Config) -> dict:
     # Fail fast: the model, the index it must match, the queries file (Parquet: its footers).
     index_manifest = check_index(config.model, index_dir)
     io.require_exists(queries_path, "queries")
-    query_files(queries_path)
+    files = query_files(queries_path)
 
     init_ray(config.ray)
     for sub in OUTPUTS:  # a re-run replaces, never appends
         empty_output_dir(f"{out}/{sub}", "build_preferences")
     with manifest.stage("read"):
         # Read and checked by Ray Data workers; held in the object store, not in this process.
-        checked = check_query_dataset(query_dataset(queries_path, bp.split), queries_path)
+        checked = check_query_dataset(query_dataset(files, bp.split), files)
         # Blocks of one embed batch each, so the stages after stream and run in parallel.
         checked = checked.repartition(target_num_rows_per_block=bp.embed.batch_size).materialize()
     rows_in = checked.count()

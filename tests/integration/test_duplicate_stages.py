@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 
 def stage_rows(path, split=None):
     """(kept rows, error rows) from the Ray Data stage, in file order."""
-    checked = Q.check_query_dataset(Q.query_dataset(str(path), split), str(path)).materialize()
+    files = Q.query_files(str(path))
+    checked = Q.check_query_dataset(Q.query_dataset(files, split), files).materialize()
     batches = checked.iter_batches(batch_format="pyarrow", batch_size=None)
     table = pa.concat_tables(list(batches)).sort_by("order")
     bad = table.filter(pa.compute.not_equal(table["error"], ""))
