@@ -62,39 +62,37 @@ def row_correlations(sim: np.ndarray, values: np.ndarray, rel: np.ndarray) -> fl
 
 
 def report(root: Path, model_name: str) -> dict:
-    import pyarrow.parquet as pq
+    import pyarrow.compute as pc
 
+    from align import io
+    from align.evaluation.gallery import GroundTruth
     from align.models import register_model_configs
-    from align.world import ATTRIBUTES, relevant
+    from align.queries import query_facts
+    from align.world import ATTRIBUTES
 
     register_model_configs()
-    gt = pq.read_table(root / "world" / "ground_truth.parquet").to_pandas().set_index("image_id")
-    queries = pq.read_table(root / "world" / "queries.parquet").to_pandas()
-    queries = queries[queries["split"] == "heldout"]
-
-    def facts(frame, column):  # the world's "any background" is None, pandas reads NaN
-        values = frame[column]
-        return values.astype(object).where(values.notna(), None).to_numpy(object)
+    world = root / "world"
+    queries = io.read_parquet(str(world / "queries.parquet"), columns=["query", "split"])
+    texts = queries.filter(pc.equal(queries["split"], "heldout"))["query"].to_pylist()
+    facts = query_facts(str(world / "queries.parquet"), texts)
+    world_gt = io.read_parquet(
+        str(world / "ground_truth.parquet"), columns=["image_id", *ATTRIBUTES, "quality_words"]
+    )
 
     models = {"base": ("index_corpus", "pretrain"), "aligned": ("index_corpus_aligned", "finetune")}
     result = {}
     for name, (index, job) in models.items():
         if not (root / index / "index").is_dir() or not (root / job / "model.pt").is_file():
             continue
-        ids, sim = similarities(
-            root / index, root / job / "model.pt", model_name, queries["query"].tolist()
-        )
-        g = gt.loc[ids]
-        rel = relevant(
-            facts(queries, "colour")[:, None], facts(queries, "shape")[:, None],
-            facts(queries, "background")[:, None],
-            facts(g, "colour")[None], facts(g, "shape")[None], facts(g, "background")[None],
-        )  # fmt: skip
-        true = g["true_aesthetic"].to_numpy()
+        ids, sim = similarities(root / index, root / job / "model.pt", model_name, texts)
+        truth = GroundTruth.read(str(world / "ground_truth.parquet"), ids)
+        rel = truth.relevance(facts, np.broadcast_to(np.arange(len(ids)), sim.shape))
+        true = truth.true_aesthetic.astype(float)
         top = np.argsort(-sim, axis=1)[:, :5]
-        has_words = (g["quality_words"].fillna("") != "").to_numpy(float)
-        columns = {a: g[a].to_numpy(float) for a in ATTRIBUTES}
-        columns |= {"true_aesthetic": true, "caption_has_quality_words": has_words}
+        rows = io.align_rows(ids, world_gt)
+        words = world_gt["quality_words"].fill_null("").to_numpy(zero_copy_only=False)[rows]
+        columns = {a: world_gt[a].to_numpy(zero_copy_only=False)[rows] for a in ATTRIBUTES}
+        columns |= {"true_aesthetic": true, "caption_has_quality_words": (words != "") * 1.0}
         result[name] = {
             "precision@5": round(float(np.take_along_axis(rel, top, axis=1).mean()), 3),
             "true_aesthetic@5": round(float(true[top].mean()), 3),
