@@ -57,6 +57,13 @@ class WorldConfig(Section):
         description="Image-caption pairs outside the corpus, never trained on: the gallery and "
         "captions of evaluate's recall@k.",
     )
+    pretrain_images: int = Field(
+        0,
+        ge=0,
+        description="Image-caption pairs apart from the corpus and the held-out pairs, for "
+        "pretraining the base model (the web a real CLIP learned from; 0: none, and a base "
+        "pretrains on the corpus's own captions).",
+    )
     rated_share: float = Field(
         0.5, ge=0.0, le=1.0, description="Share of corpus images people rated (ratings.parquet)."
     )

@@ -276,28 +276,37 @@ def caption_for(scene: Scene, true_aesthetic: float, rng: np.random.Generator, w
     return f"a {chosen} photo of {content}", chosen
 
 
-# Held-out image-caption pairs come from their own random stream and id prefix, so they never
-# coincide with corpus images and the corpus does not change when their number does.
-_HELDOUT_STREAM = 2_000_003
+# The world's three sets of images. The corpus is what users index and search; the held-out
+# image-caption pairs are evaluate's recall@k gallery; the pretraining pairs stand for the web a
+# real CLIP learned from before it ever saw the user's corpus. Each set has its own random stream
+# and id prefix, so no two coincide and the corpus does not change when another set's size does.
+PARTS = ("corpus", "heldout", "pretrain")
+_STREAMS = {"corpus": (), "heldout": (2_000_003,), "pretrain": (3_000_017,)}
+_PREFIXES = {"corpus": "", "heldout": "h", "pretrain": "p"}
 
 
-def render_shard(
-    world: WorldConfig, shard: int, heldout: bool = False
-) -> tuple[pa.Table, pa.Table]:
-    """Render shard `shard` of the world's corpus (or of its held-out image-caption pairs):
-    (images table, ground-truth table).
+def part_size(world: WorldConfig, part: str) -> int:
+    """Images in one of the world's sets (PARTS)."""
+    sizes = {
+        "corpus": world.num_images,
+        "heldout": world.heldout_images,
+        "pretrain": world.pretrain_images,
+    }
+    return sizes[part]
 
-    A pure function of (world config, shard, heldout): same inputs, same bytes.
+
+def render_shard(world: WorldConfig, shard: int, part: str = "corpus") -> tuple[pa.Table, pa.Table]:
+    """Render shard `shard` of one of the world's sets (PARTS): (images table, ground truth).
+
+    A pure function of (world config, shard, part): same inputs, same bytes.
     """
-    total = world.heldout_images if heldout else world.num_images
+    total = part_size(world, part)
     start = shard * world.shard_size
     n = min(world.shard_size, total - start)
     if n <= 0:
         raise ValueError(f"shard {shard} is past the end of a set of {total} images")
-    rng = np.random.default_rng(
-        [world.seed, _HELDOUT_STREAM, shard] if heldout else [world.seed, shard]
-    )
-    prefix = f"w{world.seed}-h" if heldout else f"w{world.seed}-"
+    rng = np.random.default_rng([world.seed, *_STREAMS[part], shard])
+    prefix = f"w{world.seed}-{_PREFIXES[part]}"
     scenes = sample_scenes(rng, n)
     with_quality = rng.random(n) < world.caption_quality_share
     ids, images, captions, gt_rows = [], [], [], []
@@ -328,8 +337,8 @@ def render_shard(
     return images_table, gt_table
 
 
-def num_shards(world: WorldConfig, heldout: bool = False) -> int:
-    return -(-(world.heldout_images if heldout else world.num_images) // world.shard_size)
+def num_shards(world: WorldConfig, part: str = "corpus") -> int:
+    return -(-part_size(world, part) // world.shard_size)
 
 
 def make_queries(world: WorldConfig) -> pa.Table:

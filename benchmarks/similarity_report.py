@@ -13,8 +13,10 @@ how they order the corpus. Printed as JSON, per model:
   five most beautiful relevant images.
 
 An aligned model that ranks beautiful images of the right content first has a high correlation
-with the true aesthetic; the caption-words correlation measures how much of the spread is the
-pretraining captions remembered image by image rather than anything visible.
+with the true aesthetic; the caption-words correlation (of the corpus's own captions) measures
+how much of the spread is those captions remembered image by image rather than anything visible:
+it is the pretraining data of the demo's base, and never trained on when the base pretrains on
+world.pretrain_images instead.
 """
 
 from __future__ import annotations

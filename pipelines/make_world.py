@@ -4,7 +4,8 @@
 
 Writes under `{output_dir}/world/`: `images/shard-*.parquet` (the corpus, the images contract:
 encoded JPEG bytes and captions), `heldout_images/shard-*.parquet` (image-caption pairs outside the
-corpus, never trained on: evaluate's recall@k), `ground_truth.parquet` (of the corpus),
+corpus, never trained on: evaluate's recall@k), `pretrain_images/shard-*.parquet` (world.pretrain_images
+image-caption pairs apart from both, for pretraining the base model as the web does a real CLIP), `ground_truth.parquet` (of the corpus),
 `queries.parquet`, `hpir.parquet` (the HPIR protocol's file, from the ground truth),
 `ratings.parquet` (people's ratings of a share of the corpus, for train_scorer) and
 `_manifest.json`. Shards are rendered in parallel, one Ray task each, and are a pure function of
@@ -31,9 +32,16 @@ def world_dir(config: Config) -> str:
     return config.expand(config.world.output)
 
 
-def _render_and_write(cfg: WorldConfig, shard: int, images_dir: str, heldout: bool) -> pa.Table:
+_FOLDERS = {
+    "corpus": paths.IMAGES,
+    "heldout": paths.HELDOUT_IMAGES,
+    "pretrain": paths.PRETRAIN_IMAGES,
+}
+
+
+def _render_and_write(cfg: WorldConfig, shard: int, images_dir: str, part: str) -> pa.Table:
     """Ray task: render one shard, write its images, return its ground truth (small)."""
-    images, ground_truth = world.render_shard(cfg, shard, heldout)
+    images, ground_truth = world.render_shard(cfg, shard, part)
     io.write_parquet(images, f"{images_dir}/shard-{shard:05d}.parquet")
     return ground_truth
 
@@ -46,26 +54,23 @@ def make_world(config: Config) -> dict:
     init_ray(config.ray)
     render = ray.remote(num_cpus=1)(_render_and_write)
     refs = {}
-    for heldout, images_dir in (
-        (False, f"{out}/{paths.IMAGES}"),
-        (True, f"{out}/{paths.HELDOUT_IMAGES}"),
-    ):
-        n_shards = world.num_shards(config.world, heldout)
+    for part in world.PARTS:
+        images_dir = f"{out}/{_FOLDERS[part]}"
+        n_shards = world.num_shards(config.world, part)
         # A re-run with fewer images must not leave shards of the old run behind.
         io.delete_files_except(
             images_dir, ".parquet", {f"shard-{i:05d}.parquet" for i in range(n_shards)}
         )
-        refs[heldout] = [
-            render.remote(config.world, i, images_dir, heldout) for i in range(n_shards)
-        ]
+        refs[part] = [render.remote(config.world, i, images_dir, part) for i in range(n_shards)]
     log.info(
-        "rendering %d corpus and %d held-out images",
+        "rendering %d corpus, %d held-out and %d pretraining images",
         config.world.num_images,
         config.world.heldout_images,
+        config.world.pretrain_images,
     )
     with manifest.stage("render"):
-        ground_truth = pa.concat_tables(ray.get(refs[False]))
-        ray.get(refs[True])
+        ground_truth = pa.concat_tables(ray.get(refs["corpus"]))
+        ray.get(refs["heldout"] + refs["pretrain"])
     with manifest.stage("write"):
         io.write_parquet(ground_truth, f"{out}/{paths.GROUND_TRUTH}")
         queries = world.make_queries(config.world)
@@ -76,9 +81,10 @@ def make_world(config: Config) -> dict:
         io.write_parquet(ratings, f"{out}/{paths.RATINGS}")
     splits = queries.column("split").to_pylist()
     manifest.extra["world"] = {
-        "shards": len(refs[False]),
+        "shards": len(refs["corpus"]),
         "images": ground_truth.num_rows,
         "heldout_images": config.world.heldout_images,
+        "pretrain_images": config.world.pretrain_images,
         "hpir_items": hpir.num_rows,
         "rated_images": ratings.num_rows,
         "queries": {s: splits.count(s) for s in ("train", "heldout")},

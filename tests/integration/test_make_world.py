@@ -33,7 +33,7 @@ def test_demo_world_twice_with_the_same_seed_is_byte_identical(tmp_path):
         out = tmp_path / name
         result = run_job(
             "--config", "configs/demo.yaml", f"output_dir={out}", "world.num_images=1500",
-            "world.heldout_images=100",
+            "world.heldout_images=100", "world.pretrain_images=200",
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
         runs.append(out / "world")
@@ -42,6 +42,9 @@ def test_demo_world_twice_with_the_same_seed_is_byte_identical(tmp_path):
     assert len([f for f in files_a if f.startswith("images/")]) == 3  # 1500 / shard_size 500
     images = pq.read_table(runs[0] / "images")
     assert images.num_rows == 1500 and len(set(images["image_id"].to_pylist())) == 1500
+    pretraining = pq.read_table(runs[0] / "pretrain_images")
+    assert pretraining.num_rows == 200
+    assert not set(pretraining["image_id"].to_pylist()) & set(images["image_id"].to_pylist())
     manifest = json.loads((runs[0] / "_manifest.json").read_text())
     assert manifest["counts"] == {"rows_in": 1500, "rows_out": 1500, "rows_error": 0}
     assert manifest["world"]["queries"]["train"] + manifest["world"]["queries"]["heldout"] == 240

@@ -123,10 +123,19 @@ def test_hpir_file_follows_the_ground_truth(small_world):
     assert set(hpir["query"].to_pylist()) <= heldout
 
 
-def test_heldout_images_are_new_images(small_world):
+def test_heldout_and_pretraining_images_are_new_images(small_world):
     cfg, gt, _ = small_world
-    images, _ = world.render_shard(cfg, 0, heldout=True)
-    assert images.num_rows == 20
-    assert not set(images["image_id"].to_pylist()) & set(gt["image_id"].to_pylist())
+    cfg = cfg.model_copy(update={"pretrain_images": 30})
     corpus, _ = world.render_shard(cfg, 0)
-    assert not set(images["image"].to_pylist()) & set(corpus["image"].to_pylist())
+    assert corpus["image_id"].to_pylist() == gt["image_id"].to_pylist()  # untouched by the others
+    parts = {part: world.render_shard(cfg, 0, part)[0] for part in ("heldout", "pretrain")}
+    assert parts["heldout"].num_rows == 20 and parts["pretrain"].num_rows == 30
+    assert parts["pretrain"]["image_id"][0].as_py() == "w4-p0000000"
+    seen_ids, seen_bytes = set(gt["image_id"].to_pylist()), set(corpus["image"].to_pylist())
+    for images in parts.values():
+        assert not set(images["image_id"].to_pylist()) & seen_ids
+        assert not set(images["image"].to_pylist()) & seen_bytes
+        seen_ids |= set(images["image_id"].to_pylist())
+        seen_bytes |= set(images["image"].to_pylist())
+    with pytest.raises(ValueError, match="past the end of a set of 30 images"):
+        world.render_shard(cfg, 1, "pretrain")
