@@ -6,10 +6,10 @@ Writes under `{output_dir}/world/`: `images/shard-*.parquet` (the corpus, the im
 encoded JPEG bytes and captions), `heldout_images/shard-*.parquet` (image-caption pairs outside the
 corpus, never trained on: evaluate's recall@k), `pretrain_images/shard-*.parquet`
 (world.pretrain_images pairs apart from both, to pretrain the base as the web does a real CLIP),
-`ground_truth.parquet` (of the corpus), `queries.parquet`, `hpir.parquet` (the HPIR protocol's file, from the ground truth),
-`ratings.parquet` (people's ratings of a share of the corpus, for train_scorer) and
-`_manifest.json`. Shards are rendered in parallel, one Ray task each, and are a pure function of
-(world config, shard index).
+`ground_truth.parquet` (of the corpus), `queries.parquet`, `hpir.parquet` (the HPIR protocol's
+file, from the ground truth), `ratings.parquet` (people's ratings of a share of the corpus, for
+train_scorer) and `_manifest.json`. Shards are rendered in parallel, one Ray task each, and are a
+pure function of (world config, set, shard index).
 """
 
 from __future__ import annotations
