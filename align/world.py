@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageFilter
 
+from align import paths
 from align.config import WorldConfig
 from align.contracts import GROUND_TRUTH, HPIR, HPIR_DIMENSIONS, IMAGES, QUERIES, RATINGS
 
@@ -276,23 +277,30 @@ def caption_for(scene: Scene, true_aesthetic: float, rng: np.random.Generator, w
     return f"a {chosen} photo of {content}", chosen
 
 
+@dataclass(frozen=True)
+class Part:
+    """One of the world's sets of images."""
+
+    size_field: str  # the WorldConfig field holding its number of images
+    stream: tuple[int, ...]  # its own random stream (after the seed, before the shard)
+    id_prefix: str  # after "w{seed}-"
+    folder: str  # under world.output
+
+
 # The world's three sets of images. The corpus is what users index and search; the held-out
 # image-caption pairs are evaluate's recall@k gallery; the pretraining pairs stand for the web a
 # real CLIP learned from before it ever saw the user's corpus. Each set has its own random stream
 # and id prefix, so no two coincide and the corpus does not change when another set's size does.
-PARTS = ("corpus", "heldout", "pretrain")
-_STREAMS = {"corpus": (), "heldout": (2_000_003,), "pretrain": (3_000_017,)}
-_PREFIXES = {"corpus": "", "heldout": "h", "pretrain": "p"}
+PARTS = {
+    "corpus": Part("num_images", (), "", paths.IMAGES),
+    "heldout": Part("heldout_images", (2_000_003,), "h", paths.HELDOUT_IMAGES),
+    "pretrain": Part("pretrain_images", (3_000_017,), "p", paths.PRETRAIN_IMAGES),
+}
 
 
 def part_size(world: WorldConfig, part: str) -> int:
     """Images in one of the world's sets (PARTS)."""
-    sizes = {
-        "corpus": world.num_images,
-        "heldout": world.heldout_images,
-        "pretrain": world.pretrain_images,
-    }
-    return sizes[part]
+    return getattr(world, PARTS[part].size_field)
 
 
 def render_shard(world: WorldConfig, shard: int, part: str = "corpus") -> tuple[pa.Table, pa.Table]:
@@ -305,8 +313,8 @@ def render_shard(world: WorldConfig, shard: int, part: str = "corpus") -> tuple[
     n = min(world.shard_size, total - start)
     if n <= 0:
         raise ValueError(f"shard {shard} is past the end of a set of {total} images")
-    rng = np.random.default_rng([world.seed, *_STREAMS[part], shard])
-    prefix = f"w{world.seed}-{_PREFIXES[part]}"
+    rng = np.random.default_rng([world.seed, *PARTS[part].stream, shard])
+    prefix = f"w{world.seed}-{PARTS[part].id_prefix}"
     scenes = sample_scenes(rng, n)
     with_quality = rng.random(n) < world.caption_quality_share
     ids, images, captions, gt_rows = [], [], [], []

@@ -32,13 +32,6 @@ def world_dir(config: Config) -> str:
     return config.expand(config.world.output)
 
 
-_FOLDERS = {
-    "corpus": paths.IMAGES,
-    "heldout": paths.HELDOUT_IMAGES,
-    "pretrain": paths.PRETRAIN_IMAGES,
-}
-
-
 def _render_and_write(cfg: WorldConfig, shard: int, images_dir: str, part: str) -> pa.Table:
     """Ray task: render one shard, write its images, return its ground truth (small)."""
     images, ground_truth = world.render_shard(cfg, shard, part)
@@ -55,7 +48,7 @@ def make_world(config: Config) -> dict:
     render = ray.remote(num_cpus=1)(_render_and_write)
     refs = {}
     for part in world.PARTS:
-        images_dir = f"{out}/{_FOLDERS[part]}"
+        images_dir = f"{out}/{world.PARTS[part].folder}"
         n_shards = world.num_shards(config.world, part)
         # A re-run with fewer images must not leave shards of the old run behind.
         io.delete_files_except(
