@@ -34,7 +34,9 @@ def main() -> None:
     out = Path(args.output_dir).resolve()
     qfile = out / "queries.txt"
     config = load_config(
-        REPO / "configs/demo.yaml", [f"output_dir={out}", f"build_preferences.queries={qfile}"]
+        REPO / "configs/demo.yaml",
+        # No pretraining images: this figure needs the corpus and its index only.
+        [f"output_dir={out}", f"build_preferences.queries={qfile}", "world.pretrain_images=0"],
     )
     if not io.exists(config.path("index_corpus", "_manifest.json")):
         make_world(config)

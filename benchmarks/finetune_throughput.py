@@ -54,6 +54,7 @@ def main() -> None:
         f"finetune.checkpoint_every={args.steps}",
         f"finetune.pairs_per_batch={args.pairs_per_batch}",
         "finetune.contrastive_weight=0",  # pairs only: the figure is about the DPO term
+        "world.pretrain_images=0",  # so no captions to pretrain on or to read
     ]
     if args.gpu:
         base += [

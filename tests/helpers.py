@@ -34,6 +34,9 @@ def indexed_world(root: Path, num_images: int, *extra: str) -> list[str]:
         f"output_dir={root}",
         f"world.num_images={num_images}",
         f"world.shard_size={num_images // 2}",
+        # The pretraining set (finetune's captions in demo.yaml) as large as the corpus: the
+        # demo's 24,000 would take longer to render than a test world.
+        f"world.pretrain_images={num_images}",
         "model.name=micro-clip",
         f"model.pretrained={ckpt}",
         "index_corpus.index.recall_queries=20",

@@ -280,7 +280,12 @@ def test_kill_and_rerun_finishes_missing_units_without_duplicates(ray_session, t
     make_world(
         load_config(
             REPO / "configs/demo.yaml",
-            [f"output_dir={tmp_path}", "world.num_images=600", "world.shard_size=100"],
+            [
+                f"output_dir={tmp_path}",
+                "world.num_images=600",
+                "world.shard_size=100",
+                "world.pretrain_images=0",
+            ],
         )
     )
     args = [f"output_dir={tmp_path}", "index_corpus.files_per_unit=2", *SMALL]

@@ -25,6 +25,7 @@ SMALL_DEMO = [
     "world.num_images=300",
     "world.shard_size=150",
     "world.heldout_images=60",
+    "world.pretrain_images=300",
     "world.hpir_items_per_query=2",
     "train_scorer.epochs=2",
     "index_corpus.files_per_unit=1",

@@ -60,6 +60,7 @@ def test_rerun_with_fewer_images_leaves_no_stale_shards(tmp_path):
                 f"output_dir={tmp_path}",
                 f"world.num_images={n}",
                 "world.heldout_images=50",
+                "world.pretrain_images=0",
             ).returncode
             == 0
         )

@@ -85,6 +85,7 @@ def test_jobs_read_and_write_s3(s3, tmp_path):
         "world.num_images=200",
         "world.shard_size=100",
         "world.heldout_images=20",
+        "world.pretrain_images=0",
         "model.name=micro-clip",
         f"model.pretrained=s3://{BUCKET}/models/micro.pt",
         "index_corpus.index.recall_queries=20",

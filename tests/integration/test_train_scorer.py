@@ -26,6 +26,7 @@ def test_scorer_learns_the_ratings_and_index_corpus_uses_it(ray_session, tmp_pat
             "world.num_images=3000",
             "world.shard_size=1500",
             "world.heldout_images=0",
+            "world.pretrain_images=0",
             "world.rated_share=0.7",
             "train_scorer.epochs=30",
             "model.name=micro-clip",
