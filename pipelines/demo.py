@@ -79,7 +79,7 @@ def demo(config: Config) -> None:
     scorers["rated_cnn"] = scorers.get("rated_cnn", ScorerConfig()).model_copy(
         update={"checkpoint": manifest["export"]}
     )
-    log.info("step 3/8: pretrain the base model on the world's captions")
+    log.info("step 3/8: pretrain the base model (CLIP InfoNCE on pretrain.captions)")
     manifest = pretrain(config)
     print(summarise_training("pretrain", manifest))
     # Every later job uses the pretrained base model; it is also the DPO reference.
