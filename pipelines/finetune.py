@@ -324,6 +324,7 @@ def finetune(config: Config) -> dict:
             "steps": summary.get("step"),
             "skipped_steps": summary.get("skipped_steps"),
             "resumed_from": summary.get("resumed_from"),
+            "subnormals_flushed": summary.get("subnormals_flushed"),
             "final": records[-1] if records else None,
             "throughput": throughput(records),
         }

@@ -41,7 +41,7 @@ class Trainer:
         cfg = self.cfg
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        from align.runtime import TorchThreads
+        from align.runtime import TorchThreads, flush_subnormals
 
         self.threads = TorchThreads(cfg.scaling.threads)
         self.use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
@@ -50,6 +50,8 @@ class Trainer:
         self.device = ray.train.torch.get_device() if self.use_gpu else torch.device("cpu")
         self.bf16 = cfg.deepspeed.bf16 == "on" or (cfg.deepspeed.bf16 == "auto" and self.use_gpu)
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
+        # CPU training slows as subnormal floats accumulate (align.runtime.flush_subnormals).
+        self.subnormals_flushed = not self.use_gpu and flush_subnormals()
         torch.manual_seed(cfg.seed)
         self._build_model()
         self.state = {"step": 0, "skipped_steps": 0, "bad_in_a_row": 0, "resumed_from": []}
@@ -340,6 +342,7 @@ class Trainer:
             "skipped_steps": self.state["skipped_steps"],
             "resumed_from": list(self.state["resumed_from"]),
             "loss": self.records[-1]["loss"] if self.records else None,
+            "subnormals_flushed": self.subnormals_flushed,
         }
 
 

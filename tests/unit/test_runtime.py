@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from align.runtime import TorchThreads, cpus_free_of_other_work
+from align.runtime import TorchThreads, cpus_free_of_other_work, flush_subnormals
 
 
 def test_free_cpus_count_idle_time_and_this_process_own_use():
@@ -60,3 +60,15 @@ def test_in_a_ray_task_the_limit_is_the_cpus_ray_assigned(ray_session):
 
     assert ray_session.get(limit.remote()) == 1
     assert ray_session.get(fractional.remote()) == 1
+
+
+def test_flush_subnormals_makes_cpu_math_treat_them_as_zero():
+    tiny = torch.tensor([1e-39], dtype=torch.float32)  # subnormal
+    try:
+        torch.set_flush_denormal(False)
+        assert (tiny * 1.0).item() != 0.0
+        assert flush_subnormals() is True
+        assert (tiny * 1.0).item() == 0.0
+        assert (torch.tensor([1e-30]) * 1.0).item() == pytest.approx(1e-30)  # normal: kept
+    finally:
+        torch.set_flush_denormal(False)
