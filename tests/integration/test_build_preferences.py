@@ -13,7 +13,7 @@ import torch
 from align.config import load_config
 from align.contracts import PAIRS, REWRITES
 from align.models import ModelLoadError, build_clip
-from align.pairing import pair_count
+from align.pairing import candidates_needed, pair_count
 from pipelines.build_preferences import build_preferences
 from tests.helpers import JsonHandler
 from tests.helpers import indexed_world as make_indexed_world
@@ -45,7 +45,8 @@ def test_keyword_pairs_carry_exact_reference_similarities(indexed_world):
     pairs, rewrites = read("pairs"), read("rewrites")
     assert pairs.schema == PAIRS.schema and rewrites.schema == REWRITES.schema
     assert manifest["counts"] == {"rows_in": len(train), "rows_out": len(train), "rows_error": 0}
-    assert pairs.num_rows == manifest["pairs"] == len(train) * pair_count(4, 4)
+    grid = config.build_preferences.grid
+    assert pairs.num_rows == manifest["pairs"] == len(train) * pair_count(grid.u, grid.v)
     assert rewrites.num_rows == len(train)
     assert all("well-composed" in r for r in rewrites["rewritten"].to_pylist())
 
@@ -112,10 +113,12 @@ def test_retrieve_with_chooses_the_query_that_finds_the_candidates(indexed_world
 
 
 def test_too_few_candidates_are_skipped_with_a_reason(indexed_world):
-    _, manifest, read = run(indexed_world, "build_preferences.top_k=10")
+    config, manifest, read = run(indexed_world, "build_preferences.top_k=10")
+    grid = config.build_preferences.grid
+    needs = f"needs {candidates_needed(grid.u, grid.v, grid.stride)}"
     errors = read("errors").to_pylist()
     assert manifest["counts"]["rows_out"] == 0 and len(errors) == manifest["counts"]["rows_in"]
-    assert all("skipped" in e["error"] and "needs 31" in e["error"] for e in errors)
+    assert all("skipped" in e["error"] and needs in e["error"] for e in errors)
     assert read("pairs") is None
 
 
