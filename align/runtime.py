@@ -1,4 +1,5 @@
-"""Connecting to Ray: an existing cluster when there is one, an embedded one when not."""
+"""A process's runtime: joining Ray (an existing cluster when there is one, an embedded one when
+not), torch threads that follow the CPUs a task actually gets, and subnormal floats on CPU."""
 
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ class TorchThreads:
 # and x86 handles each one in microcode, many times slower than a normal float. Measured here (a
 # plain loop of the pretraining step, micro-rn-clip, 256 images, 2 threads): the step time grows
 # from 0.153 s to 0.175 s by step 1000, and in `make demo` from 0.171 s to 0.23 s by step 1200.
-# Flushed to zero, it stays at 0.150-0.154 s. Values that small change no weight CLIP learns.
+# Flushed to zero, it stays at 0.150-0.154 s. Values that small move no weight: Adam divides a
+# gradient's running mean by at least its eps (1e-8), so they would change a weight by ~1e-31.
 
 
 def flush_subnormals() -> bool:
