@@ -21,6 +21,7 @@ import numpy as np
 from align import paths
 from align.config import Config
 from align.images import pixels_to_tensor
+from align.runtime import TorchThreads, flush_subnormals
 from align.training import STEP_METRICS, StepInputs, endless_batches
 
 STATE_FILE = "trainer_state.json"
@@ -41,8 +42,6 @@ class Trainer:
         cfg = self.cfg
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        from align.runtime import TorchThreads, flush_subnormals
-
         self.threads = TorchThreads(cfg.scaling.threads)
         self.use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
         if not self.use_gpu:
@@ -50,8 +49,7 @@ class Trainer:
         self.device = ray.train.torch.get_device() if self.use_gpu else torch.device("cpu")
         self.bf16 = cfg.deepspeed.bf16 == "on" or (cfg.deepspeed.bf16 == "auto" and self.use_gpu)
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
-        # CPU training slows as subnormal floats accumulate (align.runtime.flush_subnormals).
-        self.subnormals_flushed = not self.use_gpu and flush_subnormals()
+        self.subnormals_flushed = not self.use_gpu and flush_subnormals()  # else CPU steps slow
         torch.manual_seed(cfg.seed)
         self._build_model()
         self.state = {"step": 0, "skipped_steps": 0, "bad_in_a_row": 0, "resumed_from": []}

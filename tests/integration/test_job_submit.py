@@ -31,6 +31,7 @@ SMALL_DEMO = [
     "index_corpus.files_per_unit=1",
     "index_corpus.index.recall_queries=20",
     "build_preferences.top_k=32",
+    "build_preferences.grid.v=4",  # 4 x 4 with stride 2 reads 31 of the 32 candidates
     "pretrain.max_steps=20",
     "pretrain.checkpoint_every=10",
     "pretrain.captions_per_batch=32",

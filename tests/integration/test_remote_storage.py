@@ -90,6 +90,7 @@ def test_jobs_read_and_write_s3(s3, tmp_path):
         f"model.pretrained=s3://{BUCKET}/models/micro.pt",
         "index_corpus.index.recall_queries=20",
         "build_preferences.top_k=32",
+        "build_preferences.grid.v=4",  # 4 x 4 with stride 2 reads 31 of the 32 candidates
     ]
     for job in ("make_world", "index_corpus", "build_preferences"):
         done = _job(job, overrides, s3, tmp_path)
