@@ -653,7 +653,8 @@ def test_clip_front_build_searches_this_backend_in_headless_chromium(served, tmp
             await page.navigate(page_url)
             # clip-front hides near-duplicates by default (deduplicate on): on this corpus and
             # random-init model most top results are within cosine 0.94 of the first.
-            await page.wait_for(f"{_DEEP_IMAGES}.filter(([, ok]) => ok).length >= 1", 60)
+            # Wait for the first result's image itself: another can finish loading before it.
+            await page.wait_for(f"(({_DEEP_IMAGES})[0] || [null, false])[1]", 60)
             images = await page.evaluate(_DEEP_IMAGES)
             shot = await page.screenshot(tmp_path / "clip-front.png")
             return images, shot
