@@ -333,6 +333,21 @@ class BuildPreferencesConfig(Section):
     embed: PoolConfig = PoolConfig(batch_size=256)
     retrieve: PoolConfig = PoolConfig(batch_size=64)
 
+    @model_validator(mode="after")
+    def _top_k_fills_the_grid(self):
+        # Too few candidates would skip every query, and the job after it (finetune) would stop
+        # on an empty pairs/ folder: say so here, naming both settings.
+        from align.pairing import candidates_needed
+
+        g = self.grid
+        need = candidates_needed(g.u, g.v, g.stride)
+        if self.top_k < need:
+            raise ValueError(
+                f"top_k ({self.top_k}) is under the {need} candidates that grid {g.u} x {g.v} "
+                f"with stride {g.stride} reads: raise top_k to {need} or shrink the grid"
+            )
+        return self
+
 
 class DpoConfig(Section):
     """Retrieval DPO (PAPER.md, Finding 2; align.losses.retrieval_dpo_loss)."""
@@ -794,6 +809,11 @@ def _format_validation_error(err: ValidationError) -> str:
             problems.append(_unknown_key_message(path))
         elif not path:  # a check across sections; its message names the keys
             problems.append(e["msg"].removeprefix("Value error, "))
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
+            # A check across one section's keys: its message names them, relative to the section.
+            problems.append(
+                f"config section '{'.'.join(path)}': {e['msg'].removeprefix('Value error, ')}"
+            )
         else:
             got = e.get("input")
             got_text = f" (got {got!r})" if not isinstance(got, dict) else ""

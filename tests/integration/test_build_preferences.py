@@ -112,8 +112,12 @@ def test_retrieve_with_chooses_the_query_that_finds_the_candidates(indexed_world
         CandidateRetriever(str(root / "index_corpus"), 40, 4, 4, 2, "neither")
 
 
-def test_too_few_candidates_are_skipped_with_a_reason(indexed_world):
-    config, manifest, read = run(indexed_world, "build_preferences.top_k=10")
+def test_a_corpus_smaller_than_the_grid_skips_each_query_with_a_reason(indexed_world):
+    # The config asks for enough candidates (checked when it loads); the 800-image index has
+    # fewer than a 30 x 30 grid reads.
+    grid_30 = ("build_preferences.grid.u=30", "build_preferences.grid.v=30")
+    config, manifest, read = run(indexed_world, *grid_30, "build_preferences.grid.stride=1",
+                                 "build_preferences.top_k=900")  # fmt: skip
     grid = config.build_preferences.grid
     needs = f"needs {candidates_needed(grid.u, grid.v, grid.stride)}"
     errors = read("errors").to_pylist()

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from align.config import Config, ConfigError, load_config, parse_override
+from align.pairing import candidates_needed
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -89,6 +90,24 @@ def test_baseline_systems_are_checked_when_the_config_loads():
         load_config(REPO / "configs/demo.yaml", ["evaluate.systems.steer.steer.top_share=0"])
     with pytest.raises(ConfigError, match=r"retrieve_with"):
         load_config(None, ["build_preferences.retrieve_with=both"])
+
+
+def test_top_k_must_cover_the_grid_naming_both_settings():
+    cfg = load_config(REPO / "configs/demo.yaml")
+    g = cfg.build_preferences.grid
+    need = candidates_needed(g.u, g.v, g.stride)
+    assert cfg.build_preferences.top_k >= need
+    message = (
+        rf"config section 'build_preferences': top_k \({need - 1}\) is under the {need} candidates "
+        rf"that grid {g.u} x {g.v} with stride {g.stride} reads"
+    )
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "configs/demo.yaml", [f"build_preferences.top_k={need - 1}"])
+    # Shrinking the grid instead is the other way out (the tests' 32-candidate worlds take it).
+    small = load_config(
+        REPO / "configs/demo.yaml", ["build_preferences.top_k=32", "build_preferences.grid.v=4"]
+    )
+    assert small.build_preferences.top_k == 32
 
 
 def test_section_cannot_be_overwritten_by_a_value():
