@@ -404,6 +404,13 @@ class TrainScalingConfig(Section):
         description="Reserved per worker; leave room for the Ray Data ingest tasks beside them.",
     )
     threads: int | None = Field(None, ge=1, description="torch threads per worker (None: Ray's).")
+    threads_follow_load: bool = Field(
+        True,
+        description="Each worker uses no more torch threads than the cores other processes "
+        "leave free, re-checked as it trains (a thread beside a busy process stalls every op). "
+        "false: always `threads`, so two runs repeat bit for bit (a float sum rounds differently "
+        "split over another number of threads), however busy the machine.",
+    )
 
 
 class JoinConfig(Section):
@@ -476,6 +483,14 @@ class FinetuneConfig(Section):
         "and decoded again every epoch. 0: never cache.",
     )
     seed: int = 0
+    preserve_order: bool = Field(
+        True,
+        description="Ray Data hands the workers their blocks in a fixed order (Ray's "
+        "execution_options.preserve_order), so every step's batches follow from `seed` (the "
+        "weights too, where the thread count repeats: scaling.threads_follow_load). false: "
+        "blocks in the order their tasks finish, which can feed a stream decoded every epoch "
+        "faster when some tasks lag.",
+    )
     batchnorm: Literal["auto", "train", "frozen"] = Field(
         "auto",
         description="BatchNorm layers (ResNet towers): frozen keeps the base model's running "

@@ -82,15 +82,27 @@ class TorchThreads:
 
     `limit`: the configured thread count, else the CPUs Ray assigned (rounded down), else the
     machine's cores. Call `refresh()` once per batch or step; it costs one read of /proc/stat.
+    `follow_load=False` keeps `limit` threads whatever the load: torch's float sums round by how
+    the work is split, so only a fixed count lets a run repeat bit for bit.
     """
 
-    def __init__(self, limit: int | None = None, every_s: float = 5.0, first_sample_s: float = 0.2):
+    def __init__(
+        self,
+        limit: int | None = None,
+        every_s: float = 5.0,
+        first_sample_s: float = 0.2,
+        follow_load: bool = True,
+    ):
         import time
 
         cpus = assigned_cpus()
         self.limit = max(1, int(limit or (cpus if cpus else 0) or os.cpu_count() or 1))
         self.every_s = every_s
         self.threads = self.limit
+        if not follow_load:
+            self._last = None  # refresh() keeps the limit
+            self._apply(None)
+            return
         self._last = _cpu_sample()
         time.sleep(first_sample_s if self._last is not None else 0.0)
         self._apply(cpus_free_of_other_work(self._last, _cpu_sample()))

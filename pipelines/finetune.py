@@ -234,6 +234,8 @@ def check_inputs(config: Config, manifest: JobManifest) -> dict[str, Stream]:
             streams["captions"] = prepare_captions(config, sizes)
     with manifest.stage("cache_decoded"):  # small streams: decoded once, not every epoch
         for name, s in streams.items():
+            # A Dataset keeps the options it was made with; materialize reads them here.
+            s.dataset.context.execution_options.preserve_order = cfg.preserve_order
             mb = s.rows_out * s.images_per_row * sizes["image_size"] ** 2 * 3 / 2**20
             s.dataset = decoded_once_if_small(s.dataset, mb, cfg.cache_decoded_mb, cfg.seed, name)
     return streams
@@ -249,6 +251,9 @@ def make_trainer(config: Config, datasets: dict, out: str):
     from pipelines.finetune_worker import train_loop_per_worker
 
     cfg, scaling = config.finetune, config.finetune.scaling
+    # Ray Train replaces each dataset's options with these when it splits it over the workers.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = cfg.preserve_order
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1
@@ -269,7 +274,7 @@ def make_trainer(config: Config, datasets: dict, out: str):
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split="all"),
+        dataset_config=DataConfig(datasets_to_split="all", execution_options=ingest),
     )
 
 

@@ -39,10 +39,10 @@ class Trainer:
 
         self.config, self.cfg = config, config.finetune
         self.output = output.rstrip("/")  # absolute: this process runs in Ray Train's folder
-        cfg = self.cfg
+        cfg, scaling = self.cfg, self.cfg.scaling
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.threads = TorchThreads(cfg.scaling.threads)
+        self.threads = TorchThreads(scaling.threads, follow_load=scaling.threads_follow_load)
         self.use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
         if not self.use_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported

@@ -165,6 +165,41 @@ def test_a_small_stream_is_decoded_once_and_each_epoch_reads_it_in_a_new_order(
     assert decoded_once_if_small(dataset, 0.02, cap_mb=0, seed=3, name="test") is dataset
 
 
+def test_the_training_order_does_not_depend_on_which_task_finishes_first(preferences):
+    """Ray Data hands out blocks in the order their tasks finish unless told to keep them in
+    order. The job keeps them in order, so a run repeats batch for batch from its seed, however
+    many tasks run at once (one at a time here, eight at once there)."""
+    import torch
+
+    root, _ = preferences
+    # The captions in 12 files, the first holding half the rows: decoded eight at once its block
+    # finishes after the others, decoded one at a time it finishes first.
+    captions = root / "captions_in_12"
+    captions.mkdir()
+    table = pa.concat_tables(
+        pq.read_table(f) for f in sorted((root / "world" / "pretrain_images").glob("*.parquet"))
+    )
+    half, rest = table.num_rows // 2, -(-table.num_rows // 22)
+    pq.write_table(table.slice(0, half), captions / "00.parquet")
+    for i, start in enumerate(range(half, table.num_rows, rest), start=1):
+        pq.write_table(table.slice(start, rest), captions / f"{i:02d}.parquet")
+    assert len(list(captions.iterdir())) == 12
+
+    def train(name: str, cpus_per_decode: float) -> tuple[list[dict], dict]:
+        out = root / name
+        run(preferences, f"finetune.output={out}", f"finetune.captions={captions}",
+            f"finetune.decode.num_cpus={cpus_per_decode}", "finetune.max_steps=8",
+            "finetune.checkpoint_every=100")  # fmt: skip
+        steps = [{k: v for k, v in r.items() if k != "time_s"} for r in records(out)]
+        return steps, torch.load(out / "model.pt", map_location="cpu")["state_dict"]
+
+    steps_a, weights_a = train("one_at_a_time", 2)
+    steps_b, weights_b = train("eight_at_once", 0.25)
+    assert len(steps_a) == 8 and steps_a == steps_b
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
 def test_non_finite_loss_skips_steps_then_stops_with_a_clear_message(preferences):
     root, _ = preferences
     out = root / "ft_nan"

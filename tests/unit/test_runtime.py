@@ -41,6 +41,16 @@ def test_threads_drop_to_one_when_other_work_holds_every_core(every_core_busy):
         torch.set_num_threads(before)
 
 
+def test_threads_that_do_not_follow_the_load_keep_the_limit_on_busy_cores(every_core_busy):
+    before = torch.get_num_threads()
+    try:
+        threads = TorchThreads(limit=2, first_sample_s=0.5, every_s=0.0, follow_load=False)
+        assert threads.threads == 2 and torch.get_num_threads() == 2
+        assert threads.refresh() == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_threads_never_exceed_the_configured_limit():
     before = torch.get_num_threads()
     try:
