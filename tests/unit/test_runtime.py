@@ -10,13 +10,25 @@ import sys
 import pytest
 import torch
 
-from align.runtime import TorchThreads, cpus_free_of_other_work, flush_subnormals
+from align.runtime import (
+    TorchThreads,
+    cpus_free_of_other_work,
+    flush_subnormals,
+    threads_for_free_cpus,
+)
 
 
 def test_free_cpus_count_idle_time_and_this_process_own_use():
     # 2 s of wall clock: the machine idled 1.5 CPU-seconds, this process used 1.0.
     assert cpus_free_of_other_work((0.0, 10.0, 3.0), (2.0, 11.5, 4.0)) == pytest.approx(1.25)
     assert cpus_free_of_other_work(None, (2.0, 11.5, 4.0)) is None
+
+
+def test_a_core_half_free_earns_a_thread_so_rays_own_daemons_do_not_cost_one():
+    assert threads_for_free_cpus(1.72, limit=2) == 2  # an idle machine beside Ray's daemons
+    assert threads_for_free_cpus(1.3, limit=2) == 1  # one core mostly busy
+    assert threads_for_free_cpus(0.0, limit=4) == 1 and threads_for_free_cpus(9.0, limit=4) == 4
+    assert threads_for_free_cpus(None, limit=3) == 3  # no /proc/stat: the limit
 
 
 @pytest.fixture
