@@ -81,7 +81,7 @@ def threads_for_free_cpus(free: float | None, limit: int) -> int:
 
     Ray's own daemons (GCS, raylet, log monitor, Train's actors) take about a quarter CPU on an
     idle machine. With a quarter CPU of slack, `make demo`'s 2-thread pretraining worker flipped
-    to 1 thread every few seconds (free 1.71-1.78) and ran at 0.44 s a step instead of 0.19 s.
+    to 1 thread every few seconds (free 1.71-1.78) and ran at 0.44 s a step, not 0.19-0.25 s.
     """
     return limit if free is None else max(1, min(limit, int(free + 0.5)))
 
