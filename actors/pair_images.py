@@ -1,5 +1,5 @@
 """Pair image stage (actor pool): attach the chosen and the rejected image of each pair from a
-broadcast table of image bytes, and decode both.
+broadcast table of image bytes, and decode both (each distinct image of a batch once).
 
 The broadcast join for when the pairs' images are few enough to hold in every actor (a Spark-style
 broadcast threshold, `finetune.broadcast_max_mb`); the blocks stay in Ray's object store and each
@@ -29,15 +29,23 @@ class PairImageDecoder:
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         out = {name: batch[name].to_numpy(zero_copy_only=False) for name in batch.column_names}
+        rows = []
         for side in ("chosen", "rejected"):
-            rows = pc.index_in(batch[f"{side}_id"], value_set=self.ids)
-            if rows.null_count:
-                missing = pc.filter(batch[f"{side}_id"], pc.is_null(rows))[0]
+            found = pc.index_in(batch[f"{side}_id"], value_set=self.ids)
+            if found.null_count:
+                missing = pc.filter(batch[f"{side}_id"], pc.is_null(found))[0]
                 raise KeyError(f"image {missing} of a pair is not in the checked images")
-            out[f"{side}_image"] = self.images.take(rows).to_numpy(zero_copy_only=False)
-        return decode_columns(
-            out,
-            columns={"chosen_image": "chosen_pixels", "rejected_image": "rejected_pixels"},
+            rows.append(found.to_numpy())
+        # A batch holds the pairs of one or two queries, which share their grid's images: each
+        # distinct image is decoded once (a quarter to a half of the decodes of two per pair).
+        distinct, where = np.unique(np.concatenate(rows), return_inverse=True)
+        images = {"image": self.images.take(pa.array(distinct)).to_numpy(zero_copy_only=False)}
+        pixels = decode_columns(
+            images,
+            columns={"image": "pixels"},
             image_size=self.image_size,
             max_pixels=self.max_pixels,
-        )
+        )["pixels"]
+        n = batch.num_rows
+        out["chosen_pixels"], out["rejected_pixels"] = pixels[where[:n]], pixels[where[n:]]
+        return out

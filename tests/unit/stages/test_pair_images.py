@@ -27,9 +27,15 @@ def test_pairs_get_both_images_decoded_from_the_broadcast_blocks(ray_session):
                       "rejected_id": ["img1", "img0"]})  # fmt: skip
     out = decoder(pairs)
     assert "chosen_image" not in out and out["chosen_pixels"].shape == (2, SIZE, SIZE, 3)
-    one = {"image_id": np.array(["x"], dtype=object)}
-    expected = decode_batch({**one, "image": np.array([images["img2"]], dtype=object)},
+
+    def decoded(image_id):
+        one = {"image_id": np.array(["x"], dtype=object)}
+        return decode_batch({**one, "image": np.array([images[image_id]], dtype=object)},
                             image_size=SIZE, max_pixels=10**8)["pixels"][0]  # fmt: skip
-    np.testing.assert_array_equal(out["chosen_pixels"][1], expected)
+
+    # img0 is chosen in one pair and rejected in the other (decoded once, attached twice).
+    for side, ids in (("chosen", ["img0", "img2"]), ("rejected", ["img1", "img0"])):
+        for row, image_id in enumerate(ids):
+            np.testing.assert_array_equal(out[f"{side}_pixels"][row], decoded(image_id))
     with pytest.raises(KeyError, match="img3"):  # an image whose check failed is not attached
         decoder(pa.table({"query": ["q"], "chosen_id": ["img3"], "rejected_id": ["img0"]}))
