@@ -3,9 +3,10 @@
     python -m pipelines.finetune --config configs/demo.yaml [key=value ...]
 
 objective dpo (alignment):       pairs shards -> checks -> + image bytes (broadcast or hash
-                                 join) -> decode
-                                 caption shards -> checks -> decode          (lambda > 0)
-objective contrastive (pretrain): caption shards -> checks -> decode
+                                 join) -> decode -> tokenize the query
+                                 caption shards -> checks -> decode -> tokenize  (lambda > 0)
+objective contrastive (pretrain): caption shards -> checks -> decode -> tokenize
+  (the streams: pipelines/finetune_streams.py)
   -> TorchTrainer (DeepSpeed ZeRO or DDP) with the streams as Ray Train datasets
   -> {output}/model.pt (open_clip loads it), metrics.jsonl + metrics.png, errors/, _manifest.json
 
@@ -22,8 +23,7 @@ import sys
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from actors.decode import check_decode_batch, concat_checks, decode_columns
-from actors.pair_images import PairImageDecoder
+from actors.decode import check_decode_batch, concat_checks
 from align import io, paths
 from align.cli import run_job
 from align.config import Config
@@ -33,7 +33,6 @@ from align.manifest import JobManifest
 from align.models import check_model, model_id
 from align.pair_checks import (
     Stream,
-    has_text,
     image_problems,
     pair_errors,
     parquet_dataset,
@@ -43,18 +42,11 @@ from align.pair_checks import (
 )
 from align.resume import start_over_if_inputs_changed
 from align.runtime import init_ray
-from align.stages import actor_pool, decoded_once_if_small, parquet_files_stream, task_pool
+from align.stages import decoded_once_if_small, task_pool
 from align.training import NonFiniteLoss, plot_metrics, read_metrics_jsonl, throughput
+from pipelines.finetune_streams import caption_stream, pair_stream
 
 log = get_logger("finetune")
-# What a training worker gets per pair: the query text, both reference similarities, both images.
-TRAIN_PAIR_COLUMNS = [
-    "query",
-    "chosen_ref_sim",
-    "rejected_ref_sim",
-    "chosen_pixels",
-    "rejected_pixels",
-]
 
 
 def output_dir(config: Config) -> str:
@@ -98,67 +90,6 @@ def check_images(
     checks = checked_ds.drop_columns(["image"]).to_arrow_refs()
     blocks = checked_ds.select_columns(["image_id", "image", "status"]).to_arrow_refs()
     return concat_checks(ray.get(checks)), blocks
-
-
-# ---------------------------------------------------------------------------------------------
-# The streams
-
-
-def pair_stream(config: Config, sizes: dict, pairs: pa.Table, keep_ids: pa.Array, image_blocks):
-    """The usable pairs (already read by the driver) with both images attached and decoded in
-    the data pipeline: from broadcast blocks of the checked images when given, else by two hash
-    joins with the images table."""
-    import ray.data
-
-    cfg = config.finetune
-    step = max(cfg.decode.batch_size, 1)
-    ds = ray.data.from_arrow([pairs.slice(i, step) for i in range(0, pairs.num_rows, step)])
-    if image_blocks is not None:
-        return ds.map_batches(
-            PairImageDecoder,
-            fn_constructor_kwargs={"image_blocks": image_blocks, **sizes},
-            batch_format="pyarrow",
-            **actor_pool(cfg.decode),
-        ).select_columns(TRAIN_PAIR_COLUMNS)
-    files = io.list_files(config.expand(cfg.images), ".parquet")
-    images = parquet_files_stream(files, ["image_id", "image"], cfg.decode.num_cpus)
-    images = images.map_batches(
-        lambda t: t.filter(pc.is_in(t["image_id"], keep_ids)), batch_format="pyarrow"
-    )
-    join = {
-        "num_partitions": cfg.join.num_partitions,
-        "aggregator_ray_remote_args": {"num_cpus": cfg.join.num_cpus},
-    }
-    for side in ("chosen", "rejected"):
-        renamed = images.rename_columns({"image_id": f"{side}_id", "image": f"{side}_image"})
-        ds = ds.join(renamed, "inner", on=(f"{side}_id",), **join)
-    return ds.map_batches(
-        decode_columns,
-        fn_kwargs={
-            "columns": {"chosen_image": "chosen_pixels", "rejected_image": "rejected_pixels"},
-            **sizes,
-        },
-        batch_format="numpy",
-        **task_pool(cfg.decode),
-    ).select_columns(TRAIN_PAIR_COLUMNS)
-
-
-def caption_stream(config: Config, sizes: dict, bad_images: pa.Array):
-    """Image-caption rows with a caption and a good image, decoded in the data pipeline."""
-    cfg = config.finetune
-    files = io.list_files(config.expand(cfg.captions), ".parquet")
-    ds = parquet_files_stream(files, ["image_id", "image", "caption"], cfg.decode.num_cpus)
-
-    def usable(t: pa.Table) -> pa.Table:
-        keep = pc.and_(has_text(t["caption"]), pc.invert(pc.is_in(t["image_id"], bad_images)))
-        return t.filter(keep).select(["image", "caption"])
-
-    return ds.map_batches(usable, batch_format="pyarrow").map_batches(
-        decode_columns,
-        fn_kwargs={"columns": {"image": "pixels"}, **sizes},
-        batch_format="numpy",
-        **task_pool(cfg.decode),
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -141,18 +141,18 @@ class Trainer:
         def images(pixels: np.ndarray) -> torch.Tensor:
             return pixels_to_tensor(pixels, clip.mean, clip.std, device, dtype)
 
-        def tokens(texts: np.ndarray) -> torch.Tensor:
-            return clip.tokenizer([str(t) for t in texts]).to(device)
+        def tokens(ids: np.ndarray) -> torch.Tensor:  # tokenized in the data pipeline
+            return torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(device)
 
         inputs = StepInputs()
         if pair_batch is not None:
-            inputs.queries = tokens(pair_batch["query"])
+            inputs.queries = tokens(pair_batch["query_tokens"])
             inputs.chosen_images = images(pair_batch["chosen_pixels"])
             inputs.rejected_images = images(pair_batch["rejected_pixels"])
             inputs.chosen_ref = torch.tensor(pair_batch["chosen_ref_sim"], device=device)
             inputs.rejected_ref = torch.tensor(pair_batch["rejected_ref_sim"], device=device)
         if caption_batch is not None:
-            inputs.captions = tokens(caption_batch["caption"])
+            inputs.captions = tokens(caption_batch["caption_tokens"])
             inputs.caption_images = images(caption_batch["pixels"])
         return inputs
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,16 @@ def register_model_configs() -> None:
     known = set(open_clip.list_models())
     if not set(PROJECT_MODELS) <= known:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+@lru_cache(maxsize=8)
+def text_tokenizer(name: str):
+    """open_clip's tokenizer for model `name`, built once per process (SimpleTokenizer reads its
+    BPE vocabulary from disk): shared by every model built here and by the tokenize stage."""
+    import open_clip
+
+    register_model_configs()
+    return open_clip.get_tokenizer(name)
 
 
 @dataclass(frozen=True)
@@ -140,7 +151,7 @@ def build_clip(cfg: ModelConfig, device: str = "cpu") -> Clip:
     vision = model.visual
     return Clip(
         model=model,
-        tokenizer=open_clip.get_tokenizer(cfg.name),
+        tokenizer=text_tokenizer(cfg.name),
         name=cfg.name,
         embed_dim=facts.embed_dim,
         image_size=facts.image_size,
