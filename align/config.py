@@ -384,6 +384,12 @@ class OptimConfig(Section):
     warmup_steps: int = Field(10, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0: no clipping).")
+    fused: bool = Field(
+        True,
+        description="torch's fused AdamW kernel, one pass over every parameter. On CPU torch "
+        "otherwise loops over the tensors: 26 ms against 3.5 ms a step for micro-rn-clip on one "
+        "thread, most of it the 3.2M-row token embedding.",
+    )
 
 
 class DeepSpeedConfig(Section):

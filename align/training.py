@@ -179,6 +179,25 @@ def freeze_batchnorm_statistics(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+def adamw(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the model's trained parameters, weight decay as CLIP trains (none on gains,
+    biases, embeddings and the logit scale), torch's fused kernel unless `optim.fused` is off."""
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "embedding" not in name else rest).append(p)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": optim.weight_decay},
+            {"params": rest, "weight_decay": 0.0},
+        ],
+        lr=optim.lr,
+        betas=optim.betas,
+        eps=optim.eps,
+        fused=optim.fused or None,  # None: torch's default (a loop over the tensors on CPU)
+    )
+
+
 def lr_multiplier(step: int, optim: OptimConfig, max_steps: int) -> float:
     """Linear warm-up over warmup_steps, then constant or cosine decay to 0 at max_steps."""
     if optim.warmup_steps and step < optim.warmup_steps:

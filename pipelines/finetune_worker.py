@@ -60,7 +60,12 @@ class Trainer:
         import torch
 
         from align.models import build_clip
-        from align.training import deepspeed_config, freeze_batchnorm_statistics, lr_multiplier
+        from align.training import (
+            adamw,
+            deepspeed_config,
+            freeze_batchnorm_statistics,
+            lr_multiplier,
+        )
 
         cfg = self.cfg
         self.clip = build_clip(self.config.model, device=str(self.device))
@@ -78,19 +83,7 @@ class Trainer:
         if cfg.uses_pairs and cfg.dpo.reference == "recompute":
             self.reference = build_clip(self.config.model, device=str(self.device)).model
             self.reference.to(self.dtype).eval().requires_grad_(False)
-        # No weight decay on gains, biases, embeddings and the logit scale (as CLIP trains).
-        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        decay = [p for n, p in trained if p.ndim >= 2 and "embedding" not in n]
-        rest = [p for n, p in trained if not (p.ndim >= 2 and "embedding" not in n)]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.optim.weight_decay},
-                {"params": rest, "weight_decay": 0.0},
-            ],
-            lr=cfg.optim.lr,
-            betas=cfg.optim.betas,
-            eps=cfg.optim.eps,
-        )
+        optimizer = adamw(model, cfg.optim)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_multiplier(s, cfg.optim, cfg.max_steps)
         )

@@ -215,3 +215,32 @@ def test_frozen_batchnorm_keeps_the_base_model_at_step_zero():
     after = {k: v for k, v in model.state_dict().items() if "running" in k}
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.training  # the rest of the model still trains (dropout and friends)
+
+
+def test_adamw_groups_weight_decay_as_clip_and_its_fused_step_matches_the_loop():
+    from align.config import OptimConfig
+    from align.training import adamw
+
+    torch.manual_seed(0)
+    model = build_clip(ModelConfig(name="micro-clip")).model
+    model.logit_scale.requires_grad_(False)
+    optim = OptimConfig(lr=1e-2, weight_decay=0.1)
+    fused = adamw(model, optim)
+    decay, rest = (g["params"] for g in fused.param_groups)
+    named = {id(p): n for n, p in model.named_parameters()}
+    assert fused.defaults["fused"] and [g["weight_decay"] for g in fused.param_groups] == [0.1, 0]
+    assert all(p.ndim >= 2 and "embedding" not in named[id(p)] for p in decay)
+    assert any("token_embedding" in named[id(p)] for p in rest)
+    assert len(decay) + len(rest) == sum(p.requires_grad for p in model.parameters())
+
+    twin = build_clip(ModelConfig(name="micro-clip")).model
+    twin.load_state_dict(model.state_dict())
+    twin.logit_scale.requires_grad_(False)
+    loop = adamw(twin, optim.model_copy(update={"fused": False}))
+    assert not loop.defaults["fused"]
+    for m, opt in ((model, fused), (twin, loop)):
+        for p in m.parameters():
+            p.grad = torch.ones_like(p) * 0.01 if p.requires_grad else None
+        opt.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
