@@ -54,7 +54,10 @@ def targets(metrics: dict, k: int = 5) -> dict:
 
 def read_metrics(path: str) -> dict:
     p = Path(path)
-    return json.loads((p if p.suffix == ".json" else p / "evaluate" / "metrics.json").read_text())
+    p = p if p.suffix == ".json" else p / "evaluate" / "metrics.json"
+    if not p.is_file():
+        raise SystemExit(f"demo_targets: no {p} (has evaluate run in that output_dir?)")
+    return json.loads(p.read_text())
 
 
 def main() -> None:
