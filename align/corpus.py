@@ -19,6 +19,7 @@ Ray actors that each hold one (`start_shard_actors`) when the corpus is larger t
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -52,6 +53,13 @@ def check_layout(index_dir: str, manifest: dict) -> None:
         )
 
 
+def shard_file(index_dir: str, entry: dict, key: str) -> str:
+    """A local path to one of a shard's files (`key`: file, rows_file, embeddings_file): a remote
+    index's files are cached by the content hash `_index.json` records for them, so a rebuilt
+    index at the same path is read anew."""
+    return io.local_copy(f"{index_dir}/{entry[key]}", entry.get("sha256", {}).get(key))
+
+
 @dataclass
 class Candidates:
     """Top-k per query, merged over shards; rows are global index rows (-1 pads, score -inf)."""
@@ -81,7 +89,7 @@ class IndexShard:
         if threads:
             faiss.omp_set_num_threads(threads)
         check_layout(index_dir, {"shards": [entry]})
-        path = io.local_copy(f"{index_dir}/{entry['file']}")
+        path = shard_file(index_dir, entry, "file")
         ivf = spec["type"] == "ivfpq"
         self.index = faiss.read_index(
             path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if ivf else 0
@@ -92,7 +100,7 @@ class IndexShard:
         self.refine = refine_factor if ivf else 1
         self.offset = int(entry["offset"])
         self.count = int(entry["count"])
-        self.embeddings = StoredRows(io.local_copy(f"{index_dir}/{entry['embeddings_file']}"))
+        self.embeddings = StoredRows(shard_file(index_dir, entry, "embeddings_file"))
         self.rows = open_rows(index_dir, [entry])
 
     def stats(self) -> dict:
@@ -169,7 +177,7 @@ class MergedShards(IndexShard):
         self.offset, self.count = 0, int(manifest["count"])
         shards = manifest["shards"]
         self.embeddings = ShardedRows(
-            [StoredRows(io.local_copy(f"{index_dir}/{s['embeddings_file']}")) for s in shards],
+            [StoredRows(shard_file(index_dir, s, "embeddings_file")) for s in shards],
             np.array([s["offset"] for s in shards], np.int64),
         )
         self.rows = open_rows(index_dir, shards)
@@ -181,7 +189,7 @@ def open_rows(index_dir: str, shards: list[dict]) -> dict:
     import pyarrow as pa
 
     tables = [
-        pa.ipc.open_file(pa.memory_map(io.local_copy(f"{index_dir}/{s['rows_file']}"))).read_all()
+        pa.ipc.open_file(pa.memory_map(shard_file(index_dir, s, "rows_file"))).read_all()
         for s in shards
     ]
     return {
@@ -281,8 +289,11 @@ def read_index_manifest(index_dir: str) -> dict:
 
 
 def actor_names(index_dir: str, manifest: dict) -> list[str]:
-    """Names of the shard actors of one index (one per shard, unique to the index folder)."""
-    key = hashlib.sha1(io.absolute(index_dir).encode()).hexdigest()[:12]
+    """Names of the shard actors of one index (one per shard, unique to the index folder and its
+    build: an index rebuilt in place gets new actors, never the old build's)."""
+    key = hashlib.sha1(io.absolute(index_dir).encode())
+    key.update(json.dumps(manifest["shards"], sort_keys=True, default=str).encode())
+    key = key.hexdigest()[:12]
     return [f"index-shard-{key}-{i}" for i in range(len(manifest["shards"]))]
 
 

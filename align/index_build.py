@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from align import io
 from align.config import IndexConfig
-from align.corpus import EMBEDDINGS_SUFFIX, ROWS_SUFFIX, Corpus, StoredRows
+from align.corpus import EMBEDDINGS_SUFFIX, ROWS_SUFFIX, Corpus, StoredRows, shard_file
 from align.errors import UserError
 from align.index import (
     SHARD_FILE,
@@ -145,29 +145,38 @@ def build_index_shard(
     build_s = time.perf_counter() - t0
     name = SHARD_FILE.format(shard)
     stem = name.removesuffix(".faiss")
-    io.write_bytes(f"{index_dir}/{name}", faiss.serialize_index(index).tobytes())
+    # Each file's content hash goes into `_index.json`: a reader's local cache keys on it, so a
+    # rebuild at the same path (same names, often the same sizes) is never read from old copies.
+    digests = {"file": _write(f"{index_dir}/{name}", faiss.serialize_index(index).tobytes())}
     buffer = _io.BytesIO()
     np.save(buffer, vectors.astype(np.float16))
     del vectors
-    io.write_bytes(f"{index_dir}/{stem}{EMBEDDINGS_SUFFIX}", buffer.getvalue())
+    digests["embeddings_file"] = _write(f"{index_dir}/{stem}{EMBEDDINGS_SUFFIX}", buffer.getvalue())
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, rows.schema) as writer:
         writer.write_table(rows)
-    io.write_bytes(f"{index_dir}/{stem}{ROWS_SUFFIX}", sink.getvalue().to_pybytes())
+    digests["rows_file"] = _write(f"{index_dir}/{stem}{ROWS_SUFFIX}", sink.getvalue().to_pybytes())
     return {
         "file": name,
         "rows_file": f"{stem}{ROWS_SUFFIX}",
         "embeddings_file": f"{stem}{EMBEDDINGS_SUFFIX}",
+        "sha256": digests,
         "count": rows.num_rows,
         "build_s": round(build_s, 3),
         "rating_level_sums": level_sums,
     }
 
 
+def _write(uri: str, data: bytes) -> str:
+    """Write one shard file; returns its content hash (sha256, hex)."""
+    io.write_bytes(uri, data)
+    return io.sha256_hex(data)
+
+
 def shard_embeddings(index_dir: str, manifest: dict, chunk_rows: int = 65536):
     """The stored embeddings of every shard in global row order, chunk by chunk (float32)."""
     for entry in manifest["shards"]:
-        stored = StoredRows(io.local_copy(f"{index_dir}/{entry['embeddings_file']}"))
+        stored = StoredRows(shard_file(index_dir, entry, "embeddings_file"))
         for chunk in stored.chunks(chunk_rows):
             yield chunk.astype(np.float32)
 
@@ -190,7 +199,7 @@ def write_id_map(index_dir: str, manifest: dict) -> None:
     with io.atomic_target(f"{index_dir}/id_map.parquet") as (fs, tmp):
         writer = None
         for entry in manifest["shards"]:
-            with pa.memory_map(io.local_copy(f"{index_dir}/{entry['rows_file']}")) as source:
+            with pa.memory_map(shard_file(index_dir, entry, "rows_file")) as source:
                 rows = pa.ipc.open_file(source).read_all()
             row = np.arange(entry["offset"], entry["offset"] + rows.num_rows, dtype=np.int64)
             table = conform(rows.append_column("row", pa.array(row)), INDEX_ID_MAP)
@@ -268,7 +277,7 @@ def merge_ondisk(index_dir: str, shards: list[dict], trained: bytes) -> dict:
     index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
     data = f"{index_dir}/{MERGED_DATA}"
     io.delete_file(data)  # an earlier merge's lists: OnDiskInvertedLists would append to them
-    paths = [io.local_copy(f"{index_dir}/{s['file']}") for s in shards]
+    paths = [shard_file(index_dir, s, "file") for s in shards]
     t0 = time.perf_counter()
     _merge_lists(index, paths, [int(s["offset"]) for s in shards], data)
     faiss.write_index(index, f"{index_dir}/{MERGED_FILE}")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
-from contextlib import contextmanager
+import uuid
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from align.errors import InputNotFound, OutputWriteError
+from align.errors import InputNotFound, OutputWriteError, UserError
 
 # OS errors about an output the user can fix: a full disk or quota, a read-only or forbidden folder.
 _USER_FIXABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
@@ -45,15 +47,16 @@ def makedirs(uri: str) -> None:
     fs.create_dir(path, recursive=True)
 
 
-def list_files(uri: str, suffix: str = "") -> list[str]:
-    """Files below `uri` (recursive) whose names end with `suffix`, sorted, as full URIs/paths."""
+def list_files(uri: str, suffix: str = "", hidden: bool = False) -> list[str]:
+    """Files below `uri` (recursive) whose names end with `suffix`, sorted, as full URIs/paths;
+    names starting with '.' or '_' (markers like _manifest.json) only when `hidden`."""
     fs, path = filesystem(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     scheme = uri.split("://", 1)[0] + "://" if is_uri(uri) else ""
     out = []
     for info in infos:
         if info.type == pafs.FileType.File and info.path.endswith(suffix):
-            if info.base_name.startswith((".", "_")):  # hidden files, markers like _manifest.json
+            if not hidden and info.base_name.startswith((".", "_")):
                 continue
             out.append(scheme + info.path)
     return sorted(out)
@@ -84,8 +87,6 @@ def delete_files_except(uri: str, suffix: str, keep: set[str]) -> None:
 
 def _temporary_name(path: str) -> str:
     """A name beside `path` that no other writer uses (several Ray workers may write one file)."""
-    import uuid
-
     head, _, name = path.rpartition("/")
     return f"{head}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
 
@@ -142,33 +143,88 @@ def absolute(path: str) -> str:
     return path if is_uri(path) else os.path.abspath(path)
 
 
-def local_copy(uri: str) -> str:
-    """A local path for a file that may be remote: the path itself when local, else a copy in
-    $AESTHETIC_ALIGN_CACHE (default ~/.cache/aesthetic-align), fetched again when the remote
-    size differs. For libraries that only open local files (open_clip, torch.load with mmap).
-
-    Raises:
-        FileNotFoundError: naming the URI.
-    """
-    import hashlib
-
-    if not is_uri(uri):
-        return uri
+def file_version(uri: str) -> dict | None:
+    """What tells one version of a file from another where no content hash was recorded: its
+    size and modification time (S3's Last-Modified, a local file's mtime), or None when missing.
+    A file rewritten at the same path, even at the same size, is another version."""
     fs, path = filesystem(uri)
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.File:
+        return None
+    return {"bytes": info.size, "mtime_ns": info.mtime_ns}
+
+
+def file_versions(uris: list[str]) -> list[list[int]]:
+    """[size, mtime_ns] of each file ([-1, -1] where missing), listing each parent folder once
+    (one LIST on object storage for a folder's files, not one HEAD per file)."""
+    by_folder: dict[str, dict[str, tuple[int, int]]] = {}
+    out = []
+    for uri in uris:
+        folder = uri.rsplit("/", 1)[0]
+        if folder not in by_folder:
+            fs, path = filesystem(folder)
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+            by_folder[folder] = {
+                i.base_name: (i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File
+            }
+        size, mtime = by_folder[folder].get(uri.rsplit("/", 1)[-1], (-1, -1))
+        out.append([int(size), int(mtime or 0)])
+    return out
+
+
+def cache_root() -> str:
+    """Where remote files are cached locally: $AESTHETIC_ALIGN_CACHE, else
+    ~/.cache/aesthetic-align."""
+    return os.environ.get("AESTHETIC_ALIGN_CACHE") or os.path.expanduser("~/.cache/aesthetic-align")
+
+
+class RemoteFileChanged(UserError):
+    """A remote file's content differs from the hash recorded when it was written (an index
+    rebuilt at the same path while this one was read); the message names the file."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def local_copy(uri: str, sha256: str | None = None) -> str:
+    """A local path for a file that may be remote: the path itself when local, else a copy in
+    the cache (cache_root()), kept per version of the file: the content hash `sha256` when the
+    writer recorded one (index shards in `_index.json`), else its size and modification time.
+    A file rewritten at the same path is fetched again, never served from an older copy; other
+    versions of the same URI are removed from the cache. For libraries that only open local
+    files (open_clip, torch.load with mmap, FAISS memory maps).
+
+    Raises:
+        FileNotFoundError: naming the URI.
+        RemoteFileChanged: the fetched bytes do not have the hash `sha256`.
+    """
+    if not is_uri(uri):
+        return uri
+    version = file_version(uri)
+    if version is None:
         raise InputNotFound(f"not found: {uri}")
-    cache = os.environ.get("AESTHETIC_ALIGN_CACHE") or os.path.expanduser(
-        "~/.cache/aesthetic-align"
-    )
-    key = hashlib.sha1(uri.encode()).hexdigest()[:16]
-    local = os.path.join(cache, "files", f"{key}-{os.path.basename(path)}")
-    if not os.path.isfile(local) or os.path.getsize(local) != info.size:
-        os.makedirs(os.path.dirname(local), exist_ok=True)
-        tmp = f"{local}.{os.getpid()}.tmp"  # several workers may fetch at once
-        with open(tmp, "wb") as f:
-            f.write(read_bytes(uri))
-        os.replace(tmp, local)
+    key = sha256 or f"{version['bytes']}-{version['mtime_ns']}"
+    folder = os.path.join(cache_root(), "files", hashlib.sha1(uri.encode()).hexdigest()[:16])
+    name = os.path.basename(filesystem(uri)[1])
+    local = os.path.join(folder, f"{hashlib.sha1(key.encode()).hexdigest()[:16]}-{name}")
+    if os.path.isfile(local):
+        return local
+    os.makedirs(folder, exist_ok=True)
+    data = read_bytes(uri)
+    if sha256 is not None and sha256_hex(data) != sha256:
+        raise RemoteFileChanged(
+            f"{uri} changed since its index manifest was written (content hash differs): the "
+            f"index is being rebuilt there; search again once it is done"
+        )
+    tmp = f"{local}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # several workers may fetch at once
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, local)
+    for other in os.listdir(folder):  # older versions: processes that mapped them keep them open
+        if other != os.path.basename(local) and not other.endswith(".tmp"):
+            with suppress(OSError):
+                os.remove(os.path.join(folder, other))
     return local
 
 

@@ -169,13 +169,15 @@ def model_id(cfg: ModelConfig) -> str:
 
 
 def weights_fingerprint(cfg: ModelConfig) -> dict:
-    """What identifies the weights a job used: the model id and, for a local checkpoint file, its
-    size and modification time, so that a checkpoint rewritten at the same path (the demo's
-    pretrained base model, after a run with another seed) is not mistaken for the old one."""
+    """What identifies the weights a job used: the model id and, for a checkpoint file (local or
+    remote), its size and modification time, so that a checkpoint rewritten at the same path (a
+    base model retrained in place, a model.pt re-exported to the same bucket) is not mistaken
+    for the old one."""
     fingerprint = {"model": model_id(cfg)}
-    if cfg.pretrained and _is_path(cfg.pretrained) and Path(cfg.pretrained).is_file():
-        stat = Path(cfg.pretrained).stat()
-        fingerprint["checkpoint"] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if cfg.pretrained and _is_path(cfg.pretrained):
+        version = io.file_version(cfg.pretrained)
+        if version is not None:
+            fingerprint["checkpoint"] = version
     return fingerprint
 
 

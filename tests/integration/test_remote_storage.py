@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 import torch
@@ -130,3 +132,69 @@ def test_a_missing_object_is_named(s3, tmp_path):
     )
     assert done.returncode == 2
     assert missing in done.stderr
+
+
+def _scored_to_s3(prefix: str, vectors: np.ndarray) -> str:
+    from actors.score import scored_to_arrow
+    from align import io
+    from align.contracts import SCORED, SCORER_COLUMN_PREFIX, conform
+
+    n = len(vectors)
+    batch = {
+        "image_id": np.array([f"img{i:02d}" for i in range(n)], dtype=object),
+        "embedding": vectors.astype(np.float16),
+        "status": np.full(n, "ok", dtype=object),
+        "error": np.full(n, "", dtype=object),
+    }
+    table = scored_to_arrow(batch).append_column("aesthetic", pa.array(np.zeros(n, np.float32)))
+    path = f"s3://{BUCKET}/{prefix}/scored/part-00000.parquet"
+    io.write_parquet(conform(table, SCORED, extra_prefix=SCORER_COLUMN_PREFIX), path)
+    return path
+
+
+def test_an_index_rebuilt_at_the_same_path_is_searched_anew(s3, tmp_path, monkeypatch):
+    """Shard files keep their names and sizes when an index is rebuilt in place: a node that
+    cached the old build must not search its vectors with the new manifest."""
+    from align.config import IndexConfig
+    from align.corpus import Corpus
+    from align.index_build import write_index
+
+    monkeypatch.setenv("AESTHETIC_ALIGN_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    index = f"s3://{BUCKET}/rebuilt/index"
+    cfg = IndexConfig(type="flat", recall_queries=5)
+    model = ModelConfig(name="tiny-clip")
+    sizes = []
+    for _ in range(2):  # two builds, other vectors, the same ids and the same file sizes
+        x = rng.normal(size=(20, 8)).astype(np.float32)
+        x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+        write_index([_scored_to_s3("rebuilt", x)], index, cfg, model, remote=False)
+        listing = pafs.FileSystem.from_uri(index)[0].get_file_info(
+            pafs.FileSelector(f"{BUCKET}/rebuilt/index")
+        )
+        sizes.append({i.base_name: i.size for i in listing if i.base_name.startswith("shard")})
+        corpus = Corpus(index)
+        found = corpus.candidates(x[3:4].astype(np.float32), 1)
+        assert found.ids[0][0] == "img03" and found.scores[0][0] == pytest.approx(1.0, abs=1e-3)
+        np.testing.assert_array_equal(corpus.vectors(np.arange(20)), x)
+    assert len(sizes[0]) == 3 and sizes[0] == sizes[1]
+
+
+def test_a_remote_checkpoint_rewritten_in_place_is_another_model(s3, tmp_path, monkeypatch):
+    import time
+
+    from align import io
+    from align.models import weights_fingerprint
+
+    monkeypatch.setenv("AESTHETIC_ALIGN_CACHE", str(tmp_path / "cache"))
+    uri = f"s3://{BUCKET}/retrained/model.pt"
+    io.write_bytes(uri, b"a" * 1000)
+    model = ModelConfig(name="micro-clip", pretrained=uri)
+    first = weights_fingerprint(model)
+    assert first["checkpoint"]["bytes"] == 1000
+    assert Path(io.local_copy(uri)).read_bytes() == b"a" * 1000
+    time.sleep(1.1)  # S3's Last-Modified has whole seconds
+    io.write_bytes(uri, b"b" * 1000)  # retrained: same path, same size
+    assert weights_fingerprint(model) != first
+    assert Path(io.local_copy(uri)).read_bytes() == b"b" * 1000
+    assert len(list((tmp_path / "cache" / "files").rglob("*model.pt"))) == 1  # the old one gone
