@@ -1,9 +1,13 @@
 """The resume rules of the jobs that resume after a kill: what a finished piece of work depended
 on, written beside it, and compared when a run starts again. index_corpus redoes a unit whose
-inputs changed; finetune starts its run over when its inputs changed (other pairs, another base
-model) instead of resuming a checkpoint trained on something else."""
+inputs changed; finetune starts its run over when its inputs or any setting that
+changes the trained weights changed (other pairs, another base model, another loss weight)
+instead of resuming a checkpoint trained on something else."""
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 from align import io
 from align.config import Config
@@ -18,16 +22,24 @@ DONE_MARKER = "_SUCCESS.json"
 
 
 def unit_inputs(config: Config, files: list[str]) -> dict:
-    """What a unit's output depends on besides its file names: the weights, the scorers and the
-    input files' sizes. A resumed run redoes a unit when any of them changed (a re-rendered
-    world, a retrained base model at the same path)."""
-    sizes = None  # a folder unit lists thousands of images: not worth a stat each
-    if config.index_corpus.input_format != "folder":
-        sizes = [io.filesystem(f)[0].get_file_info(io.filesystem(f)[1]).size for f in files]
+    """What a unit's output depends on besides its file names: the weights, the scorers, how the
+    input is read (columns, decoder limits) and each input file's size and modification time. A
+    resumed run redoes a unit when any of them changed (a re-rendered world, a retrained base
+    model at the same path, an image replaced in place in a folder corpus)."""
+    ic = config.index_corpus
+    versions = io.file_versions(files)  # one listing per folder, not one request per file
     return {
         "weights": weights_fingerprint(config.model),
-        "scorers": {n: s.model_dump() for n, s in config.index_corpus.scorers.items()},
-        "sizes": sizes,
+        "scorers": {n: s.model_dump() for n, s in ic.scorers.items()},
+        "read": {
+            "input_format": ic.input_format,
+            "id_column": ic.id_column,
+            "image_column": ic.image_column,
+            "path_column": ic.path_column,
+            "max_image_pixels": config.max_image_pixels,
+            "max_member_bytes": ic.max_member_bytes,
+        },
+        "files": hashlib.sha256(json.dumps(versions).encode()).hexdigest(),
     }
 
 
@@ -64,36 +76,92 @@ def finished_units(config: Config, out: str):
 
 
 RUN_INPUTS = "_run_inputs.json"
+# Training-section keys a run may change and still resume its checkpoints: how long it trains
+# (max_steps, longer only), checkpoint cadence and failure handling, and resources that do not
+# change what is computed. Every other key changes the trained weights: a run whose value
+# differs starts over.
+RESUMABLE_KEYS = (
+    "max_steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "max_failures",
+    "max_bad_steps",
+    "output",
+    "decode",
+    "join",
+    "scaling.cpus_per_worker",
+    "scaling.threads",
+    "scaling.threads_follow_load",
+)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
 
 
 def run_inputs(config: Config) -> dict:
-    """What a run's checkpoints depend on. A second run with the same output resumes only when
-    these are unchanged; max_steps and the schedule may change (train longer)."""
+    """What a run's checkpoints depend on, flat (dotted keys): the weights it starts from, the
+    training section's every key but RESUMABLE_KEYS, the decoder limit, and the input files'
+    sizes and modification times."""
     cfg = config.finetune
 
-    def sizes(uri: str) -> list:
+    def versions(uri: str) -> list:
         if not io.exists(uri):
             return []
         files = [uri] if io.is_file(uri) else io.list_files(uri, ".parquet")
-        return [[f, io.filesystem(f)[0].get_file_info(io.filesystem(f)[1]).size] for f in files]
+        return [[f, *v] for f, v in zip(files, io.file_versions(files), strict=True)]
 
+    settings = _flat(cfg.model_dump(mode="json"))
+    for key in RESUMABLE_KEYS:
+        for name in [n for n in settings if n == key or n.startswith(f"{key}.")]:
+            del settings[name]
     return {
         "weights": weights_fingerprint(config.model),
-        "objective": cfg.objective,
-        "backend": cfg.backend,
-        "zero_stage": cfg.deepspeed.zero_stage,
-        "num_workers": cfg.scaling.num_workers,
-        "pairs": sizes(config.expand(cfg.pairs)) if cfg.uses_pairs else [],
-        "captions": sizes(config.expand(cfg.captions)),
+        "max_image_pixels": config.max_image_pixels,
+        **settings,
+        "max_steps": cfg.max_steps,
+        "files.pairs": versions(config.expand(cfg.pairs)) if cfg.uses_pairs else [],
+        "files.images": versions(config.expand(cfg.images)) if cfg.uses_pairs else [],
+        "files.captions": versions(config.expand(cfg.captions)) if cfg.uses_captions else [],
     }
 
 
-def start_over_if_inputs_changed(config: Config, out: str) -> None:
-    """Empty the run's Ray storage (its checkpoints) when `run_inputs` changed since the last run
-    in `out`, and record the current ones."""
+def changed_run_inputs(before: dict, now: dict) -> list[str]:
+    """The keys whose change makes a run start over: any key that differs, except max_steps
+    when it grew (training longer resumes)."""
+    keys = sorted(set(before) | set(now))
+    changed = [k for k in keys if before.get(k) != now.get(k)]
+    grew = isinstance(before.get("max_steps"), int) and now["max_steps"] > before["max_steps"]
+    return [k for k in changed if not (k == "max_steps" and grew)]
+
+
+def start_over_if_inputs_changed(config: Config, out: str, section: str = "finetune") -> list:
+    """Empty the run's Ray storage (its checkpoints) when a setting or input that changes the
+    trained weights differs from the last run's in `out`, and record the current ones. Returns
+    the changed keys (named `section.key`, the config section the job reads), [] when the run
+    resumes or starts fresh."""
     current = run_inputs(config)
     path = f"{out}/{RUN_INPUTS}"
-    if io.exists(path) and io.read_json(path) != current and io.exists(f"{out}/ray"):
-        log.warning("inputs or model changed since the run in %s: starting over", out)
-        io.empty_dir(f"{out}/ray")  # ours: our own _run_inputs.json sits beside it
+    changed = []
+    if io.exists(path) and io.exists(f"{out}/ray"):
+        changed = changed_run_inputs(io.read_json(path), current)
+        section_keys = set(_flat(config.finetune.model_dump(mode="json")))
+        changed = [f"{section}.{k}" if k in section_keys else k for k in changed]
+        if changed:
+            log.warning(
+                "%s changed since the run in %s: starting over (its checkpoints were trained "
+                "with other settings)",
+                ", ".join(changed),
+                out,
+            )
+            io.empty_dir(f"{out}/ray")  # ours: our own _run_inputs.json sits beside it
     io.write_json(path, current)
+    return changed

@@ -209,12 +209,15 @@ def make_trainer(config: Config, datasets: dict, out: str):
     )
 
 
-def train(config: Config, datasets: dict, out: str, manifest: JobManifest) -> dict:
+def train(
+    config: Config, datasets: dict, out: str, manifest: JobManifest, section: str = "finetune"
+) -> dict:
     """Fit, then read what rank 0 wrote: the summary and the metrics (plotted)."""
     from pipelines.finetune_worker import SUMMARY_FILE
 
     trainer = make_trainer(config, datasets, out)
-    start_over_if_inputs_changed(config, out)
+    # Settings that change the trained weights differ from the last run's: its checkpoints go.
+    manifest.extra["started_over_for"] = start_over_if_inputs_changed(config, out, section)
     summary_path = f"{out}/{SUMMARY_FILE}"
     io.delete_file(summary_path)  # read this run's summary after fit, never a stale one
     with manifest.stage("train"):
@@ -236,7 +239,9 @@ def train(config: Config, datasets: dict, out: str, manifest: JobManifest) -> di
     return {**summary, "records": records}
 
 
-def finetune(config: Config) -> dict:
+def finetune(config: Config, section: str = "finetune") -> dict:
+    """The job; `section` names the config section it was given as `finetune` (pretrain's), for
+    messages."""
     cfg = config.finetune
     out = output_dir(config)
     manifest = JobManifest("finetune", config, output=out)  # removes a stale manifest
@@ -249,7 +254,8 @@ def finetune(config: Config) -> dict:
         f"{out}/errors/part-00000.parquet",
     )
     log.info("%d rows in, %d to train on, %d error rows", rows_in, rows_out, len(errors))
-    summary = train(config, {name: s.dataset for name, s in streams.items()}, out, manifest)
+    datasets = {name: s.dataset for name, s in streams.items()}
+    summary = train(config, datasets, out, manifest, section)
     records = summary["records"]
     manifest.extra.update(
         {

@@ -17,7 +17,7 @@ from pipelines.finetune import finetune
 
 
 def pretrain(config: Config) -> dict:
-    return finetune(config.model_copy(update={"finetune": config.pretrain}))
+    return finetune(config.model_copy(update={"finetune": config.pretrain}), section="pretrain")
 
 
 def main(argv: list[str] | None = None) -> int:

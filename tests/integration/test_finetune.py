@@ -89,9 +89,20 @@ def test_deepspeed_trains_exports_and_a_second_run_resumes(preferences):
     _, manifest = run(preferences, f"finetune.output={out}", "finetune.max_steps=6",
                       "finetune.checkpoint_every=2")  # fmt: skip
     assert manifest["resumed_from"] == [4] and manifest["steps"] == 6
+    assert manifest["started_over_for"] == []
     second = records(out)
     assert [r["step"] for r in second] == [1, 2, 3, 4, 5, 6]
     assert second[:4] == first
+
+    # Same output, another loss weight: the checkpoints were trained with the old one, so the
+    # run starts over and trains every step (never hands back the old model).
+    before = (out / "model.pt").read_bytes()
+    _, manifest = run(preferences, f"finetune.output={out}", "finetune.max_steps=6",
+                      "finetune.checkpoint_every=2", "finetune.contrastive_weight=0.3")  # fmt: skip
+    assert manifest["started_over_for"] == ["finetune.contrastive_weight"]
+    assert manifest["resumed_from"] == [] and manifest["steps"] == 6
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4, 5, 6]
+    assert (out / "model.pt").read_bytes() != before
 
 
 def test_ddp_recomputed_reference_matches_the_stored_one_and_bad_images_are_error_rows(
