@@ -138,7 +138,9 @@ def empty_output_dir(uri: str, job: str) -> None:
         OutputNotOurs: naming the folder, when it holds files of something else.
     """
     marker = f"{uri.rstrip('/')}/{WRITTEN_BY}"
-    if io.exists(uri) and io.list_files(uri) and not _written_by(marker, uri, job):
+    # Every file counts, dot and underscore names too: a folder of nothing but `.env` or
+    # `_data.json` is someone's.
+    if io.exists(uri) and io.list_files(uri, hidden=True) and not _written_by(marker, uri, job):
         raise OutputNotOurs(
             f"{uri} holds files that {job} did not write (no {WRITTEN_BY} of {job} there): "
             f"refusing to empty it; choose another output folder or remove them yourself"

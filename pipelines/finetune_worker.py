@@ -164,7 +164,10 @@ class Trainer:
             if self.engine is not None:
                 self.engine.load_checkpoint(d, tag=ENGINE_TAG)
             else:
-                state = torch.load(os.path.join(d, DDP_FILE), map_location=self.device)
+                # Tensors and plain values only: a checkpoint folder is storage other nodes write.
+                state = torch.load(
+                    os.path.join(d, DDP_FILE), map_location=self.device, weights_only=True
+                )
                 self.module.load_state_dict(state["model"])
                 self.optimizer.load_state_dict(state["optimizer"])
                 self.scheduler.load_state_dict(state["scheduler"])

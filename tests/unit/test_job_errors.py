@@ -159,6 +159,18 @@ def test_a_job_never_empties_a_folder_of_files_it_did_not_write(tmp_path):
         empty_output_dir(str(ours), "train_scorer")
 
 
+@pytest.mark.parametrize("name", [".env", "_data.json", ".git/config"])
+def test_a_folder_of_dot_or_underscore_files_is_not_a_jobs_to_empty(tmp_path, name):
+    from align.manifest import OutputNotOurs, empty_output_dir
+
+    theirs = tmp_path / "project"
+    (theirs / name).parent.mkdir(parents=True, exist_ok=True)
+    (theirs / name).write_bytes(b"precious")
+    with pytest.raises(OutputNotOurs, match=str(theirs)):
+        empty_output_dir(str(theirs), "evaluate")
+    assert (theirs / name).read_bytes() == b"precious"
+
+
 def test_a_failed_run_keeps_its_folder_its_own(tmp_path):
     """The manifest goes at the start of a run; the folder must stay the job's for the next."""
     from align.manifest import empty_output_dir
