@@ -202,6 +202,14 @@ class IndexCorpusConfig(Section):
         description="WebDataset: a tar member larger than this (after decompression) is an error "
         "row, never read into memory (tar bombs).",
     )
+    tar_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="WebDataset: seconds a tar's reader (a child process) may be waited on; past "
+        "it the reader is killed, the rest of the tar is an error row naming it and the job goes "
+        "on. Bounds tars crafted to make the interpreter's tar parser loop or backtrack, and "
+        "reads that stall.",
+    )
     decode: PoolConfig = PoolConfig(batch_size=128, concurrency=2)
     embed: PoolConfig = PoolConfig()
     score: PoolConfig = PoolConfig()

@@ -38,6 +38,7 @@ def unit_inputs(config: Config, files: list[str]) -> dict:
             "path_column": ic.path_column,
             "max_image_pixels": config.max_image_pixels,
             "max_member_bytes": ic.max_member_bytes,
+            "tar_timeout_s": ic.tar_timeout_s,
         },
         "files": hashlib.sha256(json.dumps(versions).encode()).hexdigest(),
     }

@@ -7,8 +7,6 @@ The job (pipelines/index_corpus.py) builds its Ray Data reads from these."""
 from __future__ import annotations
 
 import json
-import tarfile
-import zlib
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,6 +17,7 @@ from align.config import IndexCorpusConfig
 from align.contracts import SOURCE_METADATA, ContractError
 from align.errors import InputNotFound
 from align.images import IMAGE_EXTENSIONS
+from align.tars import TarTimeout, TarUnreadable, read_members
 
 
 def plan_units(ic: IndexCorpusConfig, source: str) -> list[list[str]]:
@@ -125,13 +124,30 @@ def _sidecar_metadata(name: str, data: bytes, sample: dict) -> None:
                 sample[column] = value
 
 
-def tar_samples(path: str, max_member_bytes: int):
+TAR_TIMEOUT_S = IndexCorpusConfig.model_fields["tar_timeout_s"].default
+# Members whose bytes a tar's reader sends back: the images and img2dataset's sidecars.
+_READ_EXTENSIONS = (*IMAGE_EXTENSIONS, ".txt", ".json")
+
+
+def _new_sample(key: str) -> dict:
+    return dict.fromkeys(_SAMPLE_COLUMNS) | {"image_id": key, "read_error": ""}
+
+
+def _unread_row(path: str, read_error: str) -> dict:
+    return dict.fromkeys(_SAMPLE_COLUMNS) | {"image_id": f"{path}#unread", "read_error": read_error}
+
+
+def tar_samples(path: str, max_member_bytes: int, tar_timeout_s: float = TAR_TIMEOUT_S):
     """Stream a WebDataset tar (as img2dataset writes it, plain or compressed) member by member:
     yields one dict per sample key with the SCORED source columns (`image_id`, `image` bytes or
     None, `read_error` or "", and caption, url, sha256 from the `.txt`/`.json` sidecars). A
-    member over `max_member_bytes` (a tar bomb), a sample with no image and a tar cut short
-    become errors; what was read before the cut is kept."""
-    fs, inner = io.filesystem(path)
+    member over `max_member_bytes` (a tar bomb), a sample with no image, a tar cut short and a
+    tar not read within `tar_timeout_s` (align.tars: parsed in a child process) become errors;
+    what was read before the cut is kept.
+
+    Raises:
+        align.tars.TarOpenError: the tar could not be opened.
+    """
     current: dict = {}  # samples of the current key: img2dataset writes a key's members together
 
     def flush():
@@ -141,45 +157,44 @@ def tar_samples(path: str, max_member_bytes: int):
             yield sample
         current.clear()
 
-    with fs.open_input_stream(inner) as stream:
-        try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:  # "|": a stream, no seeking
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, _, ext = member.name.rpartition(".")
-                    if key not in current:
-                        yield from flush()
-                        current[key] = dict.fromkeys(_SAMPLE_COLUMNS) | {
-                            "image_id": key, "read_error": ""
-                        }  # fmt: skip
-                    sample = current[key]
-                    image = f".{ext.lower()}" in IMAGE_EXTENSIONS
-                    if not image and ext.lower() not in ("txt", "json"):
-                        continue
-                    if member.size > max_member_bytes:
-                        if image:
-                            sample["read_error"] = (
-                                f"tar member {member.name} is {member.size} bytes, over "
-                                f"index_corpus.max_member_bytes={max_member_bytes}"
-                            )
-                        continue
-                    try:
-                        data = tar.extractfile(member).read()
-                    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-                        sample["read_error"] = f"tar member {member.name} unreadable: {e}"
-                        raise
-                    if image:
-                        sample["image"] = data
-                    else:
-                        _sidecar_metadata(member.name, data, sample)
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-            yield from flush()
-            yield dict.fromkeys(_SAMPLE_COLUMNS) | {
-                "image_id": f"{path}#unread",
-                "read_error": f"tar cut short or corrupt after the samples above: {e}",
-            }
-            return
+    try:
+        for member in read_members(path, _READ_EXTENSIONS, max_member_bytes, tar_timeout_s):
+            key, _, ext = member.name.rpartition(".")
+            if key not in current:
+                yield from flush()
+                current[key] = _new_sample(key)
+            sample = current[key]
+            image = f".{ext.lower()}" in IMAGE_EXTENSIONS
+            if not image and ext.lower() not in ("txt", "json"):
+                continue
+            if member.size > max_member_bytes:
+                if image:
+                    sample["read_error"] = (
+                        f"tar member {member.name} is {member.size} bytes, over "
+                        f"index_corpus.max_member_bytes={max_member_bytes}"
+                    )
+            elif image:
+                sample["image"] = member.data
+            else:
+                _sidecar_metadata(member.name, member.data, sample)
+    except TarUnreadable as e:
+        if e.member is not None:  # its sample is the last, or one of its own
+            key = e.member.rpartition(".")[0]
+            if key not in current:
+                yield from flush()
+                current[key] = _new_sample(key)
+            current[key]["read_error"] = f"tar member {e.member} unreadable: {e.reason}"
+        yield from flush()
+        yield _unread_row(path, f"tar cut short or corrupt after the samples above: {e.reason}")
+        return
+    except TarTimeout:
+        yield from flush()
+        yield _unread_row(
+            path,
+            f"tar not read within index_corpus.tar_timeout_s={tar_timeout_s:g} s (its parse or "
+            f"its read stalled; the reader was stopped): the samples above were read",
+        )
+        return
     yield from flush()
 
 
@@ -240,12 +255,13 @@ def stats_failed_downloads(files: list[str]) -> int:
     return total
 
 
-def read_tars(batch: dict, max_member_bytes: int):
+def read_tars(batch: dict, max_member_bytes: int, tar_timeout_s: float = TAR_TIMEOUT_S):
     """map_batches generator: tar paths -> blocks of the tar reader's columns, then the rows
-    img2dataset listed beside each tar but could not download (with their read error)."""
+    img2dataset listed beside each tar but could not download (with their read error). Each
+    tar is read within `tar_timeout_s` (index_corpus.tar_timeout_s; see tar_samples)."""
     rows: list[dict] = []
     for path in batch["path"]:
-        for sample in tar_samples(str(path), max_member_bytes):
+        for sample in tar_samples(str(path), max_member_bytes, tar_timeout_s):
             rows.append(sample)
             if len(rows) >= TAR_BATCH:
                 yield _tar_block(rows)

@@ -79,7 +79,7 @@ def read_unit(ic: IndexCorpusConfig, files: list[str], source: str, layout: str 
     if ic.input_format == "webdataset":
         return ray.data.from_items([{"path": f} for f in files]).map_batches(
             read_tars,
-            fn_kwargs={"max_member_bytes": ic.max_member_bytes},
+            fn_kwargs={"max_member_bytes": ic.max_member_bytes, "tar_timeout_s": ic.tar_timeout_s},
             batch_size=1,
             batch_format="numpy",
             num_cpus=ic.decode.num_cpus,

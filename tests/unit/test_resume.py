@@ -87,6 +87,7 @@ def test_a_training_input_rewritten_in_place_starts_over(tmp_path):
         {"index_corpus": {"image_column": "jpg"}},
         {"index_corpus": {"image_column": None, "path_column": "path"}},
         {"index_corpus": {"max_member_bytes": 1000}},
+        {"index_corpus": {"tar_timeout_s": 5}},
         {"max_image_pixels": 1000},
     ],
 )
