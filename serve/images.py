@@ -5,10 +5,12 @@ index (by the first replica, then shared through $AESTHETIC_ALIGN_CACHE) and mem
 lookup is a binary search over the sorted ids (numpy searchsorted on a memory map), so a replica
 holds no per-id Python objects. By layout:
 - parquet with an image column: id -> (file, row group, row); a read fetches one row group's image
-  column (a few kept in an LRU) and slices one row;
+  column (kept in an LRU bounded by bytes) and slices one row;
 - parquet with a path column: id -> the path that table lists;
 - folder: the id is the path under the folder; the resolved file must still lie inside it;
-- webdataset tars: id -> (tar, offset, size) from the tar headers; a read is one ranged read.
+- webdataset tars: id -> (tar, offset, size) from the tar headers, listed by a child process
+  under a time bound (align.tars: crafted headers can stall the tar parser); a read is one ranged
+  read, refused for a member whose header size is over the limit.
 
 Only ids in the index are in the table, so nothing outside the configured corpus can be served
 (and `serve.search.check_image_id` refuses traversal before any lookup). For corpora of hundreds
@@ -22,6 +24,7 @@ import json
 import os
 import shutil
 import tarfile
+import threading
 import uuid
 from collections import OrderedDict
 
@@ -30,15 +33,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from align import io
+from align.config import IndexCorpusConfig
 from align.images import IMAGE_EXTENSIONS
+from align.log import get_logger
+from align.tars import list_members
+
+log = get_logger(__name__)
 
 # location columns: parquet (file, row group, row); tar (tar, offset, size; size -1: compressed,
 # the member's name in `names`); path-listing parquet and folders use `names` / the id itself.
 LOCATIONS = ("ids.npy", "where.npy", "names.arrow", "files.json")
-
-
-def cache_root() -> str:
-    return os.environ.get("AESTHETIC_ALIGN_CACHE") or os.path.expanduser("~/.cache/aesthetic-align")
+ROW_GROUP_CACHE_BYTES = 256 * 2**20
 
 
 def _arrow_strings(values) -> pa.Array:
@@ -54,16 +59,36 @@ def _as_bytes(values) -> np.ndarray:
 
 
 class CorpusImages:
-    def __init__(self, corpus: dict, ids, row_group_cache: int = 8, key: str | None = None):
+    def __init__(
+        self,
+        corpus: dict,
+        ids,
+        cache_bytes: int = ROW_GROUP_CACHE_BYTES,
+        key: str | None = None,
+        max_member_bytes: int = IndexCorpusConfig.model_fields["max_member_bytes"].default,
+        tar_timeout_s: float = IndexCorpusConfig.model_fields["tar_timeout_s"].default,
+    ):
         """corpus: the served model's corpus facts (serve.config.ServedModel.corpus); ids: the
         image ids of its index (Arrow or numpy strings, or a callable returning them, called only
-        when the table must be built); key: names the table in the cache (default: a hash of
-        the corpus facts and the ids)."""
+        when the table must be built); cache_bytes: the most bytes of parquet image columns kept
+        (least recently used row groups go first; a row group larger than this is read, not
+        kept); key: names the table in the cache (default: a hash of the corpus facts and the
+        ids); max_member_bytes: a tar member larger than this, by its header, is refused (read
+        gives None), never read; tar_timeout_s: the most seconds listing one tar may take.
+
+        Raises:
+            align.tars.TarTimeout: naming the tar, when listing a tar takes over tar_timeout_s.
+            align.tars.TarUnreadable: naming the tar, when it is corrupt.
+        """
         self.format = corpus["input_format"]
         self.source = corpus["input"]
         self.corpus = corpus
-        self._cache: OrderedDict = OrderedDict()
-        self._cache_size = row_group_cache
+        self.max_member_bytes = max_member_bytes
+        self.tar_timeout_s = tar_timeout_s
+        self._cache: OrderedDict = OrderedDict()  # (file, row group) -> (column, its nbytes)
+        self._cache_bytes = cache_bytes
+        self._cached_bytes = 0
+        self._cache_lock = threading.Lock()  # Serve may call read from several threads
         if self.format == "folder":
             self.root = self.source if io.is_uri(self.source) else os.path.realpath(self.source)
         elif self.format != "webdataset" and corpus["image_column"]:
@@ -73,7 +98,7 @@ class CorpusImages:
             digest = hashlib.sha1(json.dumps(corpus, sort_keys=True).encode())
             digest.update(np.sort(_as_bytes(ids)).tobytes())
             key = digest.hexdigest()[:20]
-        folder = os.path.join(cache_root(), "image_locations", key)
+        folder = os.path.join(io.cache_root(), "image_locations", key)
         if not os.path.isfile(os.path.join(folder, LOCATIONS[-1])):
             self._build(folder, ids() if callable(ids) else ids)
         self.ids = np.load(os.path.join(folder, "ids.npy"), mmap_mode="r")
@@ -164,30 +189,19 @@ class CorpusImages:
     def _tar_members(self, known):
         """(tar, offset, size) for plain tars (a read is one ranged read), or the member's name
         with size -1 for compressed ones, which index_corpus also reads: no offsets there, so a
-        read streams the tar up to the member (slower; keep served corpora uncompressed)."""
+        read streams the tar up to the member (slower; keep served corpora uncompressed). A tar
+        has no index: its headers are the listing, parsed in a child process within
+        tar_timeout_s (align.tars)."""
         files = self._files(".tar")
         keys, where, names = [], [], []
         for t, path in enumerate(files):
-            fs, p = io.filesystem(path)
-            try:
-                with fs.open_input_file(p) as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
-                    for member in tar:  # a tar has no index: its headers are the listing
-                        key = self._image_key(member)
-                        if key is not None:
-                            keys.append(key)
-                            where.append((t, member.offset_data, member.size))
-                            names.append(member.name)
-            except tarfile.ReadError:  # not a plain tar: gzip, bzip2 or xz inside
-                with (
-                    fs.open_input_stream(p) as stream,
-                    tarfile.open(fileobj=stream, mode="r|*") as tar,
-                ):
-                    for member in tar:
-                        key = self._image_key(member)
-                        if key is not None:
-                            keys.append(key)
-                            where.append((t, 0, -1))
-                            names.append(member.name)
+            for member in list_members(path, self.tar_timeout_s):
+                key, _, ext = member.name.rpartition(".")
+                if f".{ext.lower()}" in IMAGE_EXTENSIONS:
+                    keys.append(key)
+                    plain = member.offset >= 0
+                    where.append((t, member.offset, member.size) if plain else (t, 0, -1))
+                    names.append(member.name)
         keys = pa.array(keys, pa.string())
         keep = pc.is_in(keys, value_set=known)
         rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
@@ -199,32 +213,63 @@ class CorpusImages:
             files,
         )
 
-    @staticmethod
-    def _image_key(member: tarfile.TarInfo) -> str | None:
-        key, _, ext = member.name.rpartition(".")
-        if member.isfile() and f".{ext.lower()}" in IMAGE_EXTENSIONS:
-            return key
-        return None
-
     # -- reading ---------------------------------------------------------------------------------
 
     def _row_group_images(self, f: int, g: int):
         import pyarrow.parquet as pq
 
         key = (f, g)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key][0]
         fs, p = io.filesystem(self.files[f])
         with fs.open_input_file(p) as fh:
             column = pq.ParquetFile(fh).read_row_group(g, columns=[self.column])[self.column]
-        self._cache[key] = column
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        size = column.nbytes
+        if size > self._cache_bytes:  # kept, it would evict everything and still not fit
+            return column
+        with self._cache_lock:
+            if key not in self._cache:  # another thread may have read it meanwhile
+                self._cache[key] = (column, size)
+                self._cached_bytes += size
+            while self._cached_bytes > self._cache_bytes:
+                self._cached_bytes -= self._cache.popitem(last=False)[1][1]
         return column
 
+    def _tar_member(self, image_id: str, tar: str, offset: int, size: int, row: int):
+        """A member's bytes, refused (None) when its header gives more than max_member_bytes."""
+        fs, p = io.filesystem(tar)
+        if size < 0:  # a compressed tar: found by the member's name, streaming
+            # Parsed here, not in a child: the listing parsed these same headers within the
+            # bound, and an unchanged tar parses the same way again.
+            name = self.names[row].as_py()
+            with fs.open_input_stream(p) as stream, tarfile.open(fileobj=stream, mode="r|*") as t:
+                for member in t:
+                    if member.name == name:
+                        if member.size > self.max_member_bytes:
+                            return self._refused(image_id, tar, member.size)
+                        return t.extractfile(member).read()
+            return None
+        if size > self.max_member_bytes:
+            return self._refused(image_id, tar, size)
+        with fs.open_input_file(p) as fh:
+            fh.seek(offset)
+            return fh.read(size)
+
+    def _refused(self, image_id: str, tar: str, size: int) -> None:
+        log.warning(
+            "image %s refused: its member of %s is %d bytes, over max_member_bytes=%d",
+            image_id,
+            tar,
+            size,
+            self.max_member_bytes,
+        )
+        return None
+
     def read(self, image_id: str) -> bytes | None:
-        """The image's encoded bytes, or None for an id not in the index."""
+        """The image's encoded bytes, or None for an id not in the index (or a tar member over
+        max_member_bytes)."""
         row = self._find(image_id)
         if row is None:
             return None
@@ -237,20 +282,7 @@ class CorpusImages:
             return io.read_bytes(path)
         first, second, third = (int(v) for v in self.where[row])
         if self.format == "webdataset":
-            fs, p = io.filesystem(self.files[first])
-            if third < 0:  # a compressed tar: found by the member's name, streaming
-                name = self.names[row].as_py()
-                with (
-                    fs.open_input_stream(p) as stream,
-                    tarfile.open(fileobj=stream, mode="r|*") as tar,
-                ):
-                    for member in tar:
-                        if member.name == name:
-                            return tar.extractfile(member).read()
-                return None
-            with fs.open_input_file(p) as fh:
-                fh.seek(second)
-                return fh.read(third)
+            return self._tar_member(image_id, self.files[first], second, third, row)
         if not self.corpus["image_column"]:  # a listing of paths
             return io.read_bytes(self.names[row].as_py())
         image = self._row_group_images(first, second)[third].as_py()

@@ -62,7 +62,9 @@ def test_request_defaults_and_types_from_query_strings_and_json():
     r = parse_search_request(
         {"embedding": [0, 1, 0.5], "model": "base", "min_aesthetic": -1}, LIMITS
     )
-    assert (r.embedding, r.min_aesthetic, r.filtered) == ([0.0, 1.0, 0.5], -1.0, True)
+    # The embedding comes back as searched: float32, unit length.
+    np.testing.assert_allclose(r.embedding, np.array([0, 1, 0.5]) / np.sqrt(1.25), rtol=1e-6)
+    assert (r.min_aesthetic, r.filtered) == (-1.0, True)
     assert parse_search_request({"q": "x", "min_aesthetic": ""}, LIMITS).min_aesthetic is None
 
 
@@ -94,7 +96,7 @@ def test_request_defaults_and_types_from_query_strings_and_json():
         ({"q": "x", "weight": "-0.1"}, "'weight' must be between 0 and 1"),
         ({"q": "x", "weight": "inf"}, "'weight' must be a finite number"),
         ({"q": "x", "model": "aligned2"}, "unknown model 'aligned2'"),
-        ({"q": "x", "limit": 3}, "unknown field(s) limit"),
+        ({"q": "x", "limit": 3}, "unknown field(s) ['limit']"),
     ],
 )
 def test_bad_requests_name_the_field(fields, message):
@@ -146,12 +148,13 @@ def test_parquet_corpus_reads_each_row_from_its_row_group(tmp_path):
     corpus = {"input": str(tmp_path), "input_format": "parquet", "id_column": "image_id",
               "image_column": "image", "path_column": None}  # fmt: skip
     indexed = np.array(ids[:40], dtype=object)  # the last 10 failed to decode: not in the index
-    store = CorpusImages(corpus, indexed, row_group_cache=2)
+    group = 7 * max(map(len, images)) + 4 * 8  # the most one row group's column holds
+    store = CorpusImages(corpus, indexed, cache_bytes=2 * group)
     assert len(store) == 40
     for i in (0, 6, 7, 24, 25, 39, 3):
         assert store.read(ids[i]) == images[i]
     assert store.read(ids[45]) is None and store.read("nope") is None
-    assert len(store._cache) == 2
+    assert len(store._cache) == 2 and store._cached_bytes <= 2 * group
 
 
 def test_image_lookup_is_a_sorted_table_on_disk_built_once(tmp_path, monkeypatch):
