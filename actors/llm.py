@@ -1,6 +1,8 @@
 """What the LLM stages share (query rewriting, the LMM judge): one ray.data.llm processor for
 chat messages, sent to any OpenAI-compatible endpoint (`http`) or to vLLM on GPU workers
 (`vllm`), and an HTTP session whose failures become error answers rather than a failed job.
+The online client (`chat_completion`, serve's query rewriter) adds a deadline over all of a
+call's attempts and a `CircuitBreaker` for an endpoint that keeps failing.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import functools
 import ipaddress
 import os
 import random
+import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -154,13 +157,74 @@ class TolerantSession:
         return _TolerantPost(self._session, url, kwargs, self.retries, self.wait_s)
 
 
+class CircuitBreaker:
+    """Stops calling an endpoint that keeps failing: after `failures` consecutive failed calls
+    it is open for `cooldown_s` (callers fall back at once instead of each waiting out the
+    outage), then lets one trial call through, whose success closes it and whose failure opens
+    it again. For one event loop (no locking)."""
+
+    def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] | None = None):
+        self.failures, self.cooldown_s = failures, cooldown_s
+        self.clock = clock or time.monotonic
+        self.failed = 0  # consecutive failures
+        self.opened_at: float | None = None
+        self.trial = False  # a trial call is under way
+
+    def allow(self) -> bool:
+        """Whether a call may go to the endpoint now (the caller then reports it in `record`)."""
+        if self.opened_at is None:
+            return True
+        if self.trial or self.clock() - self.opened_at < self.cooldown_s:
+            return False
+        self.trial = True
+        return True
+
+    def record(self, ok: bool) -> None:
+        """The outcome of a call that `allow` let through."""
+        self.trial = False
+        if ok:
+            self.failed, self.opened_at = 0, None
+            return
+        self.failed += 1
+        if self.opened_at is not None or self.failed >= self.failures:
+            self.opened_at = self.clock()
+
+    def refusal(self) -> str:
+        """Why a call was not let through, for a fallback reason."""
+        since = 0.0 if self.opened_at is None else self.clock() - self.opened_at
+        left = max(0.0, self.cooldown_s - since)
+        return (
+            f"circuit breaker open after {self.failed} consecutive endpoint failures "
+            f"(next try in {left:.0f} s)"
+        )
+
+
 async def chat_completion(
-    session, url: str, body: dict, headers: dict, retries: int, wait_s: float
+    session,
+    url: str,
+    body: dict,
+    headers: dict,
+    retries: int,
+    wait_s: float,
+    deadline_s: float | None = None,
 ) -> tuple[str | None, str | None]:
     """(completion text, error) of one OpenAI-style chat request, with the retry policy of the
     batch stages (retryable statuses and network errors, exponential backoff) and the same
-    parsing of choices[0]: the online client (serve's query rewriter). Never raises for what
-    the endpoint does; the error never names its host."""
+    parsing of choices[0]: the online client (serve's query rewriter). `deadline_s` bounds the
+    whole call, every attempt and backoff included (None: only the session's timeouts). Never
+    raises for what the endpoint does; the error never names its host."""
+    import asyncio
+
+    call = _chat_completion(session, url, body, headers, retries, wait_s)
+    if deadline_s is None:
+        return await call
+    try:
+        return await asyncio.wait_for(call, deadline_s)
+    except asyncio.TimeoutError:
+        return None, f"no answer within {deadline_s:g} s (all attempts)"
+
+
+async def _chat_completion(session, url, body, headers, retries, wait_s):
     import asyncio
 
     import aiohttp

@@ -22,7 +22,7 @@ class ImageDecodeError(ValueError):
     """The bytes are not a usable image; the message says why."""
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB where that is sound: alpha is composited on white, 16-bit
     and float greyscale are rescaled to 8 bits, CMYK and palettes are converted."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -69,7 +69,7 @@ def decode_image(data: bytes | None, size: int, max_pixels: int) -> np.ndarray:
             img = ImageOps.exif_transpose(img)
             # Conversion and resizing inside the guard too: a frame that decodes but cannot be
             # converted (odd modes, broken palettes) is a refusal, not a crash of the batch.
-            img = _to_rgb(img)
+            img = to_rgb(img)
             img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
             return np.asarray(img, dtype=np.uint8)
     except ImageDecodeError:

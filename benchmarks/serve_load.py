@@ -1,11 +1,11 @@
 """Load, autoscaling and fault benchmark of the search endpoint, on loopback.
 
     python benchmarks/serve_load.py [--config configs/serve.yaml] [--clients 8] [--seconds 30]
-        [--k 10] [--scale-clients 32] [--kill TextEncoder] [--url http://host:port]
-        [--output results.json]
+        [--k 10] [--scale-clients 32] [--kill TextEncoder] [--image-bombs 4]
+        [--url http://host:port] [--output results.json]
 
 Deploys the Serve config on an embedded Ray (or the cluster in RAY_ADDRESS) as `serve run` does,
-unless --url points at a running endpoint. Then up to three phases, replicas per deployment
+unless --url points at a running endpoint. Then up to four phases, replicas per deployment
 sampled every 0.5 s throughout:
 1. load: N clients (asyncio tasks, keep-alive connections) send GET /search for --seconds:
    throughput, p50/p95/p99 latency, errors.
@@ -14,6 +14,9 @@ sampled every 0.5 s throughout:
 3. fault (--kill DEPLOYMENT): N clients again; a replica of DEPLOYMENT is killed a third of the
    way in: requests that failed even after one client retry, requests a retry absorbed, and how
    long until a new replica was running and as many ran as before.
+4. image bombs (--image-bombs B): N clients search by text for --seconds while B more send
+   POST /search with a 7,900 x 7,900 single-colour PNG (about 200 KB, 190 MB decoded) back to
+   back: the text searches' p50/p99/max latency and the bombs' answers, printed as JSON.
 Queries are the world's held-out queries when the demo's outputs exist, else a built-in list.
 """
 
@@ -60,6 +63,8 @@ class LoadGenerator(threading.Thread):
         super().__init__(daemon=True)
         self.base, self.queries, self.k, self.clients, self.stop = base, queries, k, clients, stop
         self.records: list[tuple[float, float, bool, bool]] = []  # start, seconds, ok, retried
+        self.bombs, self.bomb = 0, b""  # clients sending this body instead of text searches
+        self.bomb_answers: list[tuple[int, str]] = []  # status, error message
 
     async def _once(self, session, url: str) -> bool:
         import aiohttp
@@ -83,16 +88,42 @@ class LoadGenerator(threading.Thread):
                 ok = await self._once(session, url)
             self.records.append((t0, time.perf_counter() - t0, ok, retried))
 
+    async def _bomber(self, session, body: bytes) -> None:
+        import aiohttp
+
+        while not self.stop.is_set():
+            try:
+                async with session.post(f"{self.base}/search", data=body) as response:
+                    answer = await response.json(content_type=None)
+                    self.bomb_answers.append((response.status, answer.get("error", "")))
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+                self.bomb_answers.append((0, type(e).__name__))
+
     async def _main(self) -> None:
         import aiohttp
 
-        connector = aiohttp.TCPConnector(limit=self.clients)
+        connector = aiohttp.TCPConnector(limit=self.clients + self.bombs)
         timeout = aiohttp.ClientTimeout(total=30)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            await asyncio.gather(*(self._client(session, seed) for seed in range(self.clients)))
+            await asyncio.gather(
+                *(self._client(session, seed) for seed in range(self.clients)),
+                *(self._bomber(session, self.bomb) for _ in range(self.bombs)),
+            )
 
     def run(self) -> None:
         asyncio.run(self._main())
+
+
+def image_bomb() -> str:
+    """A 7,900 x 7,900 single-colour PNG, base64: about 200 KB that declare 62 megapixels."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (7900, 7900), (10, 200, 30)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def replica_counts(app: str) -> dict[str, int]:
@@ -104,10 +135,12 @@ def replica_counts(app: str) -> dict[str, int]:
     return {name: int(d.replica_states.get("RUNNING", 0)) for name, d in status.deployments.items()}
 
 
-def run_load(base, queries, clients, seconds, k, app, on_tick=None) -> dict:
-    """Run the clients for `seconds`, sampling replica counts; returns figures and the trace."""
+def run_load(base, queries, clients, seconds, k, app, on_tick=None, bombs=0, bomb=b"") -> dict:
+    """Run the clients (and `bombs` clients posting the body `bomb` to /search) for `seconds`,
+    sampling replica counts; returns figures and the trace."""
     stop = threading.Event()
     load = LoadGenerator(base, queries, k, clients, stop)
+    load.bombs, load.bomb = bombs, bomb
     t_start = time.perf_counter()
     load.start()
     trace = []
@@ -129,6 +162,7 @@ def run_load(base, queries, clients, seconds, k, app, on_tick=None) -> dict:
         "p50_ms": round(float(np.percentile(latency, 50)), 1) if len(latency) else None,
         "p95_ms": round(float(np.percentile(latency, 95)), 1) if len(latency) else None,
         "p99_ms": round(float(np.percentile(latency, 99)), 1) if len(latency) else None,
+        "max_ms": round(float(latency.max()), 1) if len(latency) else None,
         "errors": sum(not r[2] for r in records),
         "absorbed_by_retry": sum(r[2] and r[3] for r in records),
         "max_replicas": {
@@ -137,6 +171,7 @@ def run_load(base, queries, clients, seconds, k, app, on_tick=None) -> dict:
         if trace
         else {},
         "trace": trace,
+        **({"bomb_answers": load.bomb_answers} if bombs else {}),
     }
 
 
@@ -190,6 +225,34 @@ def recovered(app: str, deployment: str, killed: dict) -> bool:
     return bool(new) and states.get("RUNNING", 0) >= killed["before"] and not states.get("STARTING")
 
 
+def image_bomb_phase(base: str, queries: list[str], args, app: str) -> dict:
+    """Text searches while --image-bombs clients post 7,900^2 PNG queries; prints the text
+    searches' latency and the bombs' answers as one JSON line, and returns the figures."""
+    body = json.dumps({"image": image_bomb()}).encode()
+    r = run_load(
+        base, queries, args.clients, args.seconds, args.k, app, bombs=args.image_bombs, bomb=body
+    )
+    answers = r.pop("bomb_answers")
+    statuses: dict[str, int] = {}
+    for status, _ in answers:
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+    summary = {
+        "text_clients": args.clients,
+        "image_bomb_clients": args.image_bombs,
+        "seconds": args.seconds,
+        "text_requests": r["requests"],
+        "text_errors": r["errors"],
+        "text_p50_ms": r["p50_ms"],
+        "text_p99_ms": r["p99_ms"],
+        "text_max_ms": r["max_ms"],
+        "bomb_requests": len(answers),
+        "bomb_statuses": statuses,
+        "bomb_error": answers[0][1] if answers else None,
+    }
+    print("image bombs:", json.dumps(summary))
+    return {**r, **summary}
+
+
 def print_load(title: str, r: dict) -> None:
     print(
         f"{title}: {r['clients']} clients x {r['seconds']} s: {r['requests']} requests, "
@@ -213,6 +276,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--scale-clients", type=int, default=32, help="0: no autoscaling phase")
     parser.add_argument("--kill", default=None, help="deployment to kill a replica of (phase 3)")
+    parser.add_argument(
+        "--image-bombs", type=int, default=0, help="clients sending 7,900^2 PNGs (phase 4)"
+    )
     parser.add_argument("--scale-down-timeout", type=float, default=90.0)
     parser.add_argument("--output", default=None, help="write the figures as JSON here")
     args = parser.parse_args()
@@ -267,6 +333,8 @@ def main() -> None:
             f"fault: killed {killed.get('name')}; running replicas back to {killed.get('before')} "
             f"after {killed.get('recovered_s')} s"
         )
+    if args.image_bombs:
+        results["image_bombs"] = image_bomb_phase(base, queries, args, app)
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=1))
 

@@ -13,7 +13,7 @@ import time
 
 from ray.serve import Application
 
-from serve.config import parse_args, resolve_models
+from serve.config import ServeConfigError, parse_args, resolve_models
 from serve.deployments import ImageStore, QueryRewriter, SearchIngress, TextEncoder, VectorIndex
 
 
@@ -58,21 +58,45 @@ def build_app(args: dict) -> Application:
         "allowed_hosts": cfg.allowed_hosts,
         "max_image_body_bytes": cfg.max_image_body_bytes,
         "filters": cfg.filters.model_dump(),
-        "max_image_pixels": cfg.max_image_pixels,
+        "max_query_image_pixels": cfg.max_query_image_pixels,
+        "query_image_decoders": cfg.query_image_decoders,
+        "cors_origins": cfg.cors_origins,
         # Per model, what an image or embedding query must match.
         "model_facts": {n: model_facts(m.model) for n, m in models.items()},
     }
     return SearchIngress.bind(encoder, index, images, rewriter, settings)
 
 
+def check_request_timeouts(config: dict) -> None:
+    """Each search application's `request_timeout_s` arg, where given, is the config's
+    http_options.request_timeout_s. Serve hands `build_app` only the args, so the arg is how the
+    rewriter's deadline is checked against the proxy's timeout when the app starts, under
+    `serve run` too (configs/serve.yaml sets both from one YAML anchor); this check catches the
+    two drifting apart in a config read or deployed from Python.
+
+    Raises:
+        ServeConfigError: naming the application and both values.
+    """
+    proxy = (config.get("http_options") or {}).get("request_timeout_s")
+    for app in config.get("applications", []):
+        given = (app.get("args") or {}).get("request_timeout_s")
+        if app.get("import_path") == "serve.app:build_app" and given is not None:
+            if given != proxy:
+                raise ServeConfigError(
+                    f"application {app.get('name')!r}: args.request_timeout_s ({given}) is not "
+                    f"http_options.request_timeout_s ({proxy})"
+                )
+
+
 def load_serve_config(path: str) -> dict:
-    """A Serve config file (YAML), checked against Serve's own schema."""
+    """A Serve config file (YAML), checked against Serve's schema and check_request_timeouts."""
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
     with open(path) as f:
         config = yaml.safe_load(f)
     ServeDeploySchema.model_validate(config)
+    check_request_timeouts(config)
     return config
 
 
@@ -82,6 +106,7 @@ def deploy(config: dict, host: str | None = None, port: int | None = None, timeo
     deployments' options itself); returns the HTTP base URL once every application is RUNNING.
 
     Raises:
+        ServeConfigError: an application's args.request_timeout_s is not the proxy's.
         RuntimeError: `serve run` refused the config, an application failed to deploy (the
             message is Serve's, e.g. a ServeConfigError from `build_app`), or it was not running
             within timeout_s.
@@ -97,6 +122,7 @@ def deploy(config: dict, host: str | None = None, port: int | None = None, timeo
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config)  # a malformed config fails here, clearly
+    check_request_timeouts(config)
     http = schema.http_options.model_dump(exclude_unset=True)
     http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
     config = {**config, "http_options": http}

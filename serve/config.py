@@ -49,13 +49,31 @@ class RewriterConfig(Section):
     """The optional query rewriter: keywords (no model) or an OpenAI-compatible endpoint."""
 
     method: RewriteConfig = RewriteConfig(backend="keywords", variant="k_phrase")
-    timeout_s: float = Field(10.0, gt=0.0, description="Per endpoint call; then the query as is.")
+    timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        description="The whole endpoint call, every retry and backoff included; then the query "
+        "as is. Must leave the search time under the proxy's request timeout "
+        "(request_timeout_s).",
+    )
     retry_wait_s: float = Field(
         0.2,
         ge=0.0,
         description="First retry's wait; doubling, with jitter (method.http.max_retries).",
     )
     cache_size: int = Field(10_000, ge=0, description="Rewrites kept per replica (LRU).")
+    breaker_failures: int = Field(
+        5,
+        ge=1,
+        description="Consecutive failed calls after which a replica stops calling the endpoint "
+        "(circuit breaker open: the query as is at once) for breaker_cooldown_s.",
+    )
+    breaker_cooldown_s: float = Field(
+        30.0,
+        gt=0.0,
+        description="How long the breaker stays open; then one trial call goes through, and "
+        "its success closes the breaker, its failure opens it again.",
+    )
 
     @model_validator(mode="after")
     def _online_backend(self):
@@ -113,8 +131,31 @@ class ServeArgs(Section):
         description="The same limit for bodies that may hold a query image: POST /search and "
         "clip-back's /knn-service.",
     )
-    max_image_pixels: int = Field(
-        64_000_000, ge=1, description="Decompression-bomb guard of image queries."
+    max_query_image_pixels: int = Field(
+        4096**2,
+        ge=1,
+        description="Most pixels a query image may have, read from its header before it is "
+        "decoded (a 250 KB PNG can declare 62 megapixels: 190 MB and seconds of CPU); queries "
+        "are reduced to the model's size, so a larger one would add nothing.",
+    )
+    query_image_decoders: int = Field(
+        2,
+        ge=1,
+        description="Query images decoded at once per ingress replica, on threads of its own "
+        "(the event loop answers other requests meanwhile); more wait their turn.",
+    )
+    cors_origins: list[str] = Field(
+        [],
+        description="Origins (scheme://host[:port]) whose pages may call clip-back's routes "
+        "(/knn-service, /metadata, /indices-list) from the browser; '*': any (clip-back's own "
+        "answer, for a drop-in). Empty: no cross-origin access.",
+    )
+    request_timeout_s: float | None = Field(
+        None,
+        gt=0.0,
+        description="The proxy's http_options.request_timeout_s, repeated here because Serve "
+        "gives an app's builder only its args: rewriter.timeout_s is checked against it. "
+        "None: not checked.",
     )
     allowed_hosts: list[str] | None = Field(
         None,
@@ -141,6 +182,24 @@ class ServeArgs(Section):
             )
         if self.image_url_template is not None and "{image_id}" not in self.image_url_template:
             raise ValueError("image_url_template needs an {image_id} slot")
+        for origin in self.cors_origins:
+            scheme, _, host = origin.partition("://")
+            if origin != "*" and (scheme not in ("http", "https") or not host or "/" in host):
+                raise ValueError(
+                    f"cors_origins: {origin!r} is not an origin (scheme://host[:port], no path) "
+                    "or '*'"
+                )
+        rewriter, limit = self.rewriter, self.request_timeout_s
+        # The rewrite comes before the search, in the same request: a rewriter that may take
+        # more than half the proxy's timeout would turn an LLM outage into 408s instead of the
+        # query as is.
+        if rewriter and rewriter.method.backend == "http" and limit is not None:
+            if rewriter.timeout_s > limit / 2:
+                raise ValueError(
+                    f"rewriter.timeout_s ({rewriter.timeout_s:g}) is over half of "
+                    f"request_timeout_s ({limit:g}): the search after a slow rewrite would time "
+                    "out instead of falling back to the query as is"
+                )
         return self
 
     @property

@@ -32,18 +32,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from align.ranking import rank
 from serve.clip_back import (
-    CORS_HEADERS,
+    cors_headers,
     indice_names,
     knn_answer,
     parse_knn_request,
     parse_metadata_request,
 )
+from serve.query_images import QueryImageDecoder
 from serve.search import (
     BadRequest,
     SearchLimits,
     check_image_id,
     content_type,
+    parse_json_body,
     parse_search_request,
+    shown,
 )
 
 PAGE = Path(__file__).with_name("page.html")
@@ -259,15 +262,17 @@ class ImageStore:
 @serve.deployment(ray_actor_options={"num_cpus": 0.1})
 class QueryRewriter:
     """The query with its aesthetic expectations spelled out: keywords, or an OpenAI-compatible
-    chat endpoint (then cached, and the query as is when the endpoint fails or times out)."""
+    chat endpoint (then cached, and the query as is when the endpoint fails, misses the
+    `timeout_s` deadline, or has failed so often that the circuit breaker is open)."""
 
     def __init__(self, rewriter: dict):
-        from actors.llm import api_key_headers
+        from actors.llm import CircuitBreaker, api_key_headers
         from serve.config import RewriterConfig
 
         self.cfg = RewriterConfig.model_validate(rewriter)
         self.cache: OrderedDict[str, dict] = OrderedDict()
         self.session = None
+        self.breaker = CircuitBreaker(self.cfg.breaker_failures, self.cfg.breaker_cooldown_s)
         self.headers = (
             api_key_headers(self.cfg.method.http, "rewriter.method.http")
             if self.cfg.method.backend == "http"
@@ -300,19 +305,30 @@ class QueryRewriter:
         from actors.rewrite import checked_completion, rewrite_messages
 
         http = self.cfg.method.http
+        if not self.breaker.allow():
+            return {"rewritten": query, "fallback": self.breaker.refusal()}
         if self.session is None:
-            self.session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s)
-            )
+            # No per-attempt timeout: the deadline below bounds the call, attempts and backoff.
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         body = {
             "model": http.model,
             "messages": rewrite_messages(query, self.cfg.method),
             "max_tokens": http.max_tokens,
             "temperature": http.temperature,
         }
-        text, error = await chat_completion(
-            self.session, http.url, body, self.headers, http.max_retries, self.cfg.retry_wait_s
-        )
+        error = "cancelled"  # a call cancelled (its client gone) counts as a failure
+        try:
+            text, error = await chat_completion(
+                self.session,
+                http.url,
+                body,
+                self.headers,
+                http.max_retries,
+                self.cfg.retry_wait_s,
+                deadline_s=self.cfg.timeout_s,
+            )
+        finally:
+            self.breaker.record(error is None)
         rewritten, fallback = checked_completion(query, text, error, self.cfg.method.max_chars)
         return {"rewritten": rewritten, "fallback": fallback}
 
@@ -449,6 +465,9 @@ class SearchIngress:
         if hosts is None:
             hosts = ["*"] if self.api_key is not None else list(LOOPBACK_HOSTS)
         self.allowed_hosts = None if "*" in hosts else {h.lower() for h in hosts}
+        self.query_images = QueryImageDecoder(
+            settings["query_image_decoders"], settings["max_query_image_pixels"]
+        )
 
     def _authorise(self, request: Request) -> None:
         self._check_host(request)
@@ -467,7 +486,8 @@ class SearchIngress:
         if name not in self.allowed_hosts:
             raise BadRequest(
                 400,
-                f"Host {name!r} is not served here (allowed_hosts: {sorted(self.allowed_hosts)})",
+                f"Host {shown(name)} is not served here (allowed_hosts: "
+                f"{sorted(self.allowed_hosts)})",
             )
 
     def _image_url(self, request: Request, image_id: str) -> str:
@@ -480,20 +500,14 @@ class SearchIngress:
     async def _query_vector(self, model: str, text, image, embedding):
         """What a query is searched with: the encoder's answer for text or an image (handed to
         the index as is: Serve passes it on without a round trip through this replica), or the
-        given embedding, L2-normalised."""
-        from align.images import ImageDecodeError, decode_image
-
+        given embedding (already float32 and L2-normalised by the request's parsing)."""
         if text is not None:
             return self.encoder.encode.remote(model, text)
         if image is not None:
             size = self.settings["model_facts"][model]["image_size"]
-            try:
-                pixels = decode_image(image, size, self.settings["max_image_pixels"])
-            except ImageDecodeError as e:
-                raise BadRequest(400, f"the query image does not decode: {e}") from None
+            pixels = await self.query_images.decode(image, size)  # off the event loop
             return self.encoder.encode_pixels.remote(model, pixels)
-        vector = np.asarray(embedding, dtype=np.float32)
-        return vector / np.linalg.norm(vector)
+        return np.asarray(embedding, dtype=np.float32)
 
     async def _search(self, request: Request, fields: dict) -> JSONResponse:
         self._authorise(request)
@@ -568,8 +582,9 @@ class SearchIngress:
         read."""
         limit = limit or self.settings["max_body_bytes"]
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise BadRequest(413, f"request body is {declared} bytes; the limit is {limit}")
+        # Over 18 digits is over any limit (and int() of thousands of digits would raise).
+        if declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+            raise BadRequest(413, f"request body is {shown(declared)} bytes; the limit is {limit}")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -581,12 +596,7 @@ class SearchIngress:
         """The body as JSON whatever the Content-Type (ClipClient sends none, clip-front
         text/plain), and its size."""
         body = await self._body(request, limit)
-        try:
-            return json.loads(body), len(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRequest(400, f"malformed JSON body: {e}") from None
-        except RecursionError:
-            raise BadRequest(400, "malformed JSON body: nested too deeply") from None
+        return parse_json_body(body), len(body)
 
     @api.post("/search")
     async def search_post(self, request: Request) -> JSONResponse:
@@ -608,8 +618,13 @@ class SearchIngress:
     # -----------------------------------------------------------------------------------------
     # clip-retrieval's back-end API (serve/clip_back.py): ClipClient and clip-front unchanged.
 
-    def _knn_headers(self) -> dict:
-        return {**self._cache_headers(0), **CORS_HEADERS}
+    def _cors_headers(self, request: Request) -> dict:
+        return cors_headers(
+            request.headers.get("origin"), self.settings["cors_origins"], self.api_key is not None
+        )
+
+    def _knn_headers(self, request: Request) -> dict:
+        return {**self._cache_headers(0), **self._cors_headers(request)}
 
     def _metadata(self, request: Request, found: dict, i: int) -> dict:
         """clip-back's metadata of result i: `url` is where this app serves the image (the
@@ -630,12 +645,12 @@ class SearchIngress:
     @api.options("/metadata")
     @api.options("/indices-list")
     async def cors_preflight(self, request: Request) -> Response:
-        return Response(status_code=204, headers=CORS_HEADERS)
+        return Response(status_code=204, headers=self._cors_headers(request))
 
     @api.get("/indices-list")
     async def indices_list(self, request: Request) -> JSONResponse:
         self._authorise(request)
-        return JSONResponse(indice_names(self.limits.models), headers=self._knn_headers())
+        return JSONResponse(indice_names(self.limits.models), headers=self._knn_headers(request))
 
     @api.post("/knn-service")
     async def knn_service(self, request: Request) -> JSONResponse:
@@ -672,7 +687,7 @@ class SearchIngress:
         answer = knn_answer(
             found["rows"][order], found["similarity"][order], metadata, req.num_images
         )
-        return JSONResponse(answer, headers=self._knn_headers())
+        return JSONResponse(answer, headers=self._knn_headers(request))
 
     @api.post("/metadata")
     async def metadata(self, request: Request) -> JSONResponse:
@@ -684,7 +699,7 @@ class SearchIngress:
             {"id": i, "metadata": self._metadata(request, found, j) if found["valid"][j] else {}}
             for j, i in enumerate(ids)
         ]
-        return JSONResponse(answer, headers=self._knn_headers())
+        return JSONResponse(answer, headers=self._knn_headers(request))
 
     @api.get("/images/{image_id:path}")
     async def image(self, request: Request, image_id: str) -> Response:
@@ -692,7 +707,7 @@ class SearchIngress:
         check_image_id(image_id)
         data = await _call(lambda: self.images.read.remote(image_id))
         if data is None:
-            raise BadRequest(404, f"unknown image id {image_id!r}")
+            raise BadRequest(404, f"unknown image id {shown(image_id)}")
         return Response(data, media_type=content_type(data), headers=self._cache_headers(86400))
 
     @api.get("/healthz")

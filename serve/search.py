@@ -1,16 +1,22 @@
 """What the search endpoint does between the HTTP request and the deployments, without Ray:
-parse and check a request, check image ids, and tell an image's content type from its bytes.
+read a JSON body, parse and check a request, check image ids, and tell an image's content type
+from its bytes.
 
 Every problem with a request raises `BadRequest` with the HTTP status and a message that names the
 field; the ingress turns it into a JSON error. Nothing here may raise anything else on user input.
+A message shows a client's value only through `shown`, which cuts it to a few hundred characters.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
+import reprlib
 from dataclasses import dataclass, field
+
+import numpy as np
 
 SEARCH_FIELDS = (
     "q", "image", "embedding", "k", "rewrite", "rerank", "weight", "model", "dedup",
@@ -18,6 +24,15 @@ SEARCH_FIELDS = (
 )  # fmt: skip
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+# No field takes a longer integer (index rows are 64-bit, float32 ends at 39 digits); longer ones
+# are not converted at all: int() of a long digit string costs time quadratic in its length, and
+# Python refuses more than 4,300 digits with a ValueError.
+MAX_INT_DIGITS = 100
+MAX_SHOWN_CHARS = 200
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = _SHOWN.maxlong = MAX_SHOWN_CHARS
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 8
+_SHOWN.maxlevel = 3
 
 
 class BadRequest(Exception):
@@ -27,6 +42,58 @@ class BadRequest(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def shown(value) -> str:
+    """A client's value as an error message may show it: its repr, at most MAX_SHOWN_CHARS
+    characters (a 4 MB field must not come back as a 4 MB answer). Cheap on any size: only the
+    part shown is formatted."""
+    text = _SHOWN.repr(value)
+    return text if len(text) <= MAX_SHOWN_CHARS else text[: MAX_SHOWN_CHARS - 3] + "..."
+
+
+class LongInteger:
+    """A JSON integer of more than MAX_INT_DIGITS digits, left unconverted: no field accepts it,
+    and each field's check refuses it by name."""
+
+    def __init__(self, digits: str):
+        self.digits = len(digits.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"<an integer of {self.digits} digits>"
+
+
+def _json_int(text: str) -> int | LongInteger:
+    return int(text) if len(text) <= MAX_INT_DIGITS else LongInteger(text)
+
+
+def parse_json_body(body: bytes):
+    """A request body as JSON, whatever its Content-Type; integers over MAX_INT_DIGITS digits
+    stay `LongInteger`s for the fields' checks to refuse.
+
+    Raises:
+        BadRequest: 400 for malformed JSON, text that is not UTF-8, or nesting too deep.
+    """
+    try:
+        return json.loads(body, parse_int=_json_int)
+    except RecursionError:
+        raise BadRequest(400, "malformed JSON body: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BadRequest(400, f"malformed JSON body: {shown(str(e))}") from None
+
+
+def _too_long(name: str, value) -> None:
+    """Refuse an integer too long for any field, from JSON or from a query string."""
+    if isinstance(value, str):
+        digits = value.strip().lstrip("+-")
+        if len(digits) > MAX_INT_DIGITS and digits.isdigit():
+            value = LongInteger(digits)
+    if isinstance(value, LongInteger):
+        raise BadRequest(
+            400,
+            f"'{name}' is an integer of {value.digits} digits; no field takes more than "
+            f"{MAX_INT_DIGITS}",
+        )
 
 
 @dataclass(frozen=True)
@@ -67,28 +134,56 @@ def _as_bool(name: str, value) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise BadRequest(400, f"'{name}' must be true or false (got {value!r})")
+    raise BadRequest(400, f"'{name}' must be true or false (got {shown(value)})")
 
 
 def _as_int(name: str, value) -> int:
+    _too_long(name, value)
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise BadRequest(400, f"'{name}' must be an integer (got {value!r})")
+        raise BadRequest(400, f"'{name}' must be an integer (got {shown(value)})")
     try:
         return int(value)
     except ValueError:
-        raise BadRequest(400, f"'{name}' must be an integer (got {value!r})") from None
+        raise BadRequest(400, f"'{name}' must be an integer (got {shown(value)})") from None
 
 
 def _as_float(name: str, value) -> float:
+    _too_long(name, value)
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise BadRequest(400, f"'{name}' must be a number (got {value!r})")
+        raise BadRequest(400, f"'{name}' must be a number (got {shown(value)})")
     try:
         number = float(value)
     except ValueError:
-        raise BadRequest(400, f"'{name}' must be a number (got {value!r})") from None
+        raise BadRequest(400, f"'{name}' must be a number (got {shown(value)})") from None
     if not math.isfinite(number):
-        raise BadRequest(400, f"'{name}' must be a finite number (got {value!r})")
+        raise BadRequest(400, f"'{name}' must be a finite number (got {shown(value)})")
     return number
+
+
+def unit_vector(name: str, values: list, dim: int | None) -> list[float]:
+    """An embedding query as searched: float32, L2-normalised. Checked after the cast to float32,
+    where finite doubles can overflow to infinity (1e39) or underflow to zero (1e-50).
+
+    Raises:
+        BadRequest: 400 naming `name`: not a list of `dim` finite numbers, out of float32's range,
+            or no direction (all zeros in float32).
+    """
+    ok = isinstance(values, list) and (dim is None or len(values) == dim)
+    ok = ok and all(isinstance(x, int | float) and not isinstance(x, bool) for x in values)
+    if not ok or not all(math.isfinite(x) for x in values):
+        raise BadRequest(400, f"'{name}' must be a list of {dim} finite numbers")
+    with np.errstate(over="ignore"):
+        vector = np.asarray(values, dtype=np.float64).astype(np.float32)
+    if not np.isfinite(vector).all():
+        largest = float(np.finfo(np.float32).max)
+        raise BadRequest(400, f"'{name}' has values beyond float32's range (+-{largest:.4g})")
+    # Scaled by its largest value first: the sum of squares of 1e-30s or 1e30s would underflow
+    # or overflow float32 and the norm come out 0 or inf.
+    scale = np.abs(vector).max() if len(vector) else 0.0
+    if not scale > 0:
+        raise BadRequest(400, f"'{name}' is all zeros (as float32): it has no direction")
+    vector = vector / scale
+    return (vector / np.linalg.norm(vector)).tolist()
 
 
 def parse_query_input(
@@ -96,7 +191,8 @@ def parse_query_input(
 ) -> tuple[str | None, bytes | None, list[float] | None]:
     """(text, image bytes, embedding) of a query given as exactly one of the fields `names`
     (text, base64 image, list of floats; absent or None: not given). `dim`: the width an
-    embedding must have. Shared by /search and clip-back's /knn-service."""
+    embedding must have; it comes back float32 and L2-normalised (`unit_vector`). Shared by
+    /search and clip-back's /knn-service."""
     text_name, image_name, embedding_name = names
     text, image, embedding = (fields.get(n) for n in names)
     given = [n for n, v in zip(names, (text, image, embedding), strict=True) if v is not None]
@@ -124,13 +220,7 @@ def parse_query_input(
         if not data:
             raise BadRequest(400, f"'{image_name}' must be a base64-encoded image")
         return None, data, None
-    ok = isinstance(embedding, list) and (dim is None or len(embedding) == dim)
-    ok = ok and all(isinstance(x, int | float) and not isinstance(x, bool) for x in embedding)
-    if not ok or not all(math.isfinite(x) for x in embedding):
-        raise BadRequest(400, f"'{embedding_name}' must be a list of {dim} finite numbers")
-    if not any(embedding):
-        raise BadRequest(400, f"'{embedding_name}' is all zeros: it has no direction")
-    return None, None, [float(x) for x in embedding]
+    return None, None, unit_vector(embedding_name, embedding, dim)
 
 
 def parse_search_request(fields: dict, limits: SearchLimits) -> SearchRequest:
@@ -146,19 +236,19 @@ def parse_search_request(fields: dict, limits: SearchLimits) -> SearchRequest:
     unknown = sorted(set(fields) - set(SEARCH_FIELDS))
     if unknown:
         raise BadRequest(
-            400, f"unknown field(s) {', '.join(unknown)}; known: {', '.join(SEARCH_FIELDS)}"
+            400, f"unknown field(s) {shown(unknown)}; known: {', '.join(SEARCH_FIELDS)}"
         )
     model = fields.get("model", limits.default_model)
-    if model not in limits.models:
+    if not isinstance(model, str) or model not in limits.models:
         raise BadRequest(
-            400, f"unknown model {model!r}; this server has {', '.join(limits.models)}"
+            400, f"unknown model {shown(model)}; this server has {', '.join(limits.models)}"
         )
     q, image, embedding = parse_query_input(
         fields, ("q", "image", "embedding"), limits.dims.get(model), limits.max_query_chars
     )
     k = _as_int("k", fields.get("k", limits.default_k))
     if not 1 <= k <= limits.max_k:
-        raise BadRequest(400, f"'k' must be between 1 and {limits.max_k} (got {k})")
+        raise BadRequest(400, f"'k' must be between 1 and {limits.max_k} (got {shown(k)})")
     rewrite = _as_bool("rewrite", fields.get("rewrite", False))
     if rewrite and not limits.rewrite_available:
         raise BadRequest(400, "'rewrite' is not available: this server has no rewriter configured")

@@ -6,7 +6,10 @@ import asyncio
 import base64
 import copy
 import http.client
+import io as _io
 import json
+import threading
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
+from PIL import Image
 
 from align import io
 from align.config import ModelConfig, load_config
@@ -27,6 +31,7 @@ from tests.helpers import HeadlessChromium, free_port, indexed_world
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 KEY_ENV, KEY = "SEARCH_TEST_API_KEY", "test-secret-123"
+FRONT_ORIGIN = "http://front.example:3000"
 
 
 class Client:
@@ -54,7 +59,8 @@ class Client:
 @pytest.fixture(scope="module")
 def served(ray_session, tmp_path_factory):
     """A small world indexed by two micro-clip checkpoints (`base`, `other`), and two apps from
-    configs/serve.yaml: `search` (both models, keywords rewriter) and `secured` (an API key)."""
+    configs/serve.yaml: `search` (both models, keywords rewriter, CORS for any origin, as the
+    config has it) and `secured` (an API key, CORS for one origin)."""
     from ray import serve
 
     root = tmp_path_factory.mktemp("serve")
@@ -91,6 +97,7 @@ def served(ray_session, tmp_path_factory):
     secured["args"].update(models={"base": search["args"]["models"]["base"]}, api_key_env=KEY_ENV)
     secured["args"].pop("default_model")
     secured["args"]["filters"] = {"max_depth": 150}  # a filtered search stops short here
+    secured["args"]["cors_origins"] = [FRONT_ORIGIN]
     secured["runtime_env"] = {"env_vars": {KEY_ENV: KEY}}
     config["applications"].append(secured)
     port = free_port()
@@ -167,8 +174,19 @@ def test_image_and_embedding_queries_and_captions_in_results(served):
     # Every result carries the corpus's caption (the world's images table has one).
     assert all(r["caption"] == captions[r["image_id"]] for r in answer["results"])
     assert all(r["source_url"] is None for r in answer["results"])  # the world has no urls
+    # A large query image (the corpus image, 47 times as large) is reduced to the model's size.
+    small = Image.open(_io.BytesIO(row["image"][0].as_py()))
+    buf = _io.BytesIO()
+    small.resize((small.width * 47, small.height * 47), Image.Resampling.NEAREST).save(buf, "PNG")
+    answer = _post(client, image=base64.b64encode(buf.getvalue()).decode(), k=4)
+    assert answer["results"][0]["image_id"] == ids[11]
+    assert answer["results"][0]["similarity"] > 0.95
+    buf = _io.BytesIO()
+    small.save(buf, "GIF")
+    gif = base64.b64encode(buf.getvalue()).decode()
     for fields, message in (
-        ({"image": "bm90IGFuIGltYWdl"}, "does not decode"),
+        ({"image": "bm90IGFuIGltYWdl"}, "'image' is not a JPEG, PNG or WebP image"),
+        ({"image": gif}, "'image' is not a JPEG, PNG or WebP image"),
         ({"embedding": [1.0] * 7}, "list of 32 finite numbers"),
         ({"image": image, "rewrite": True}, "'rewrite' rewrites text"),
     ):
@@ -265,7 +283,7 @@ BAD_REQUESTS = [
     ("GET", "/search?q=star&weight=2", 400, "'weight' must be between 0 and 1"),
     ("GET", "/search?q=star&weight=nan", 400, "'weight' must be a finite number"),
     ("GET", "/search?q=star&model=huge", 400, "unknown model 'huge'"),
-    ("GET", "/search?q=star&colour=red", 400, "unknown field(s) colour"),
+    ("GET", "/search?q=star&colour=red", 400, "unknown field(s) ['colour']"),
     ("GET", "/search?q=star&q=moon", 400, "each field may be given once"),
     ("POST", "/search", 400, "malformed JSON body"),
     ("POST", "/search", 400, "must be an object"),
@@ -466,6 +484,110 @@ def test_hardened_http_answers(served):
         assert status == 400 and "attacker.example" in json.loads(body)["error"], path
     status, _, _ = client.request("GET", "/secured/search?q=star", headers={**evil, **key})
     assert status == 200  # a keyed server may sit behind any name
+
+
+HOSTILE = [
+    # Integers Python will not convert, ids past 64 bits, floats float32 cannot hold.
+    ("POST", "/search", b'{"q": "star", "k": 1' + b"0" * 5000 + b"}", "'k' is an integer of"),
+    ("GET", "/search?q=star&k=1" + "0" * 5000, None, "'k' is an integer of 5001 digits"),
+    ("POST", "/metadata", b'{"indice_name": "base", "ids": [9223372036854775808]}', "'ids' holds"),
+    ("POST", "/search", json.dumps({"embedding": [1e39] * 32}).encode(), "float32's range"),
+    ("POST", "/search", json.dumps({"embedding": [1e-50] * 32}).encode(), "is all zeros"),
+    (
+        "POST",
+        "/knn-service",
+        json.dumps(
+            {"text": "star", "indice_name": "base", "aesthetic_score": 9, "aesthetic_weight": 1e6}
+        ).encode(),
+        "'aesthetic_weight' must be between 0 and 10",
+    ),
+    # A body of megabytes echoes a few hundred characters of it.
+    (
+        "POST",
+        "/search",
+        json.dumps({"image": "AAAA", "k": "9" * 10 + "x" * (3 * 2**20)}).encode(),
+        "'k' must be an integer (got '9999999999xxx",
+    ),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "message"), HOSTILE)
+def test_hostile_values_are_a_short_400_naming_the_field(served, method, path, body, message):
+    client, _ = served
+    status, kind, answer = client.request(method, path, body)
+    assert status == 400 and kind.startswith("application/json"), answer[:1000]
+    assert message in json.loads(answer)["error"] and len(answer) < 1000
+
+
+def test_cors_echoes_only_the_configured_origin_and_allows_the_key_header(served):
+    """`secured` lists one origin and needs an API key: that origin is echoed (Vary: Origin) and
+    may send X-API-Key; another origin gets no CORS answer."""
+    client, _ = served
+    conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=60)
+    try:
+        for origin, allowed in ((FRONT_ORIGIN, True), ("http://evil.example", False)):
+            conn.request("OPTIONS", "/secured/knn-service", headers={"Origin": origin})
+            preflight = conn.getresponse()
+            preflight.read()
+            assert preflight.status == 204 and preflight.getheader("Vary") == "Origin"
+            echoed = preflight.getheader("Access-Control-Allow-Origin")
+            assert echoed == (origin if allowed else None)
+            if allowed:
+                assert "X-API-Key" in preflight.getheader("Access-Control-Allow-Headers")
+        headers = {"Origin": FRONT_ORIGIN, "X-API-Key": KEY}
+        conn.request("GET", "/secured/indices-list", headers=headers)
+        answer = conn.getresponse()
+        assert answer.status == 200 and json.loads(answer.read()) == ["base", "base+rerank"]
+        assert answer.getheader("Access-Control-Allow-Origin") == FRONT_ORIGIN
+    finally:
+        conn.close()
+
+
+def _image_bomb() -> bytes:
+    """A 7,900 x 7,900 single-colour PNG: about 200 KB that decode to 190 MB of pixels."""
+    buf = _io.BytesIO()
+    Image.new("RGB", (7900, 7900), (10, 200, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_image_bombs_are_refused_while_text_searches_go_on(served):
+    """The load case: 8 clients search by text while 4 send 7,900 x 7,900 PNG queries at once.
+    The bombs get a 400 naming max_query_image_pixels from the header alone; every text search
+    is answered (benchmarks/serve_load.py --image-bombs measures their latency)."""
+    client, _ = served
+    bomb = json.dumps({"image": base64.b64encode(_image_bomb()).decode(), "k": 5}).encode()
+    stop, searches, bombs = threading.Event(), [], []
+
+    def search():
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            status, _, _ = client.request("GET", "/search?q=a+red+star&k=10")
+            searches.append((status, time.perf_counter() - t0))
+
+    def send_bomb():
+        status, _, body = client.request("POST", "/search", bomb)
+        bombs.append((status, json.loads(body)["error"]))
+
+    searchers = [threading.Thread(target=search) for _ in range(8)]
+    for t in searchers:
+        t.start()
+    time.sleep(1.0)
+    senders = [threading.Thread(target=send_bomb) for _ in range(4)]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join()
+    time.sleep(1.0)
+    stop.set()
+    for t in searchers:
+        t.join()
+    refusal = (
+        "'image' is 7900x7900 pixels; query images may have at most 16777216 "
+        "(max_query_image_pixels)"
+    )
+    assert bombs == [(400, refusal)] * 4
+    assert len(searches) > 8 and all(status == 200 for status, _ in searches)
+    print(f"text searches: {len(searches)}, slowest {max(s for _, s in searches):.2f} s")
 
 
 # ---------------------------------------------------------------------------------------------

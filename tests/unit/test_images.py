@@ -92,6 +92,6 @@ def test_a_conversion_failure_is_a_refusal_not_a_crash(monkeypatch):
     def broken(img):
         raise ValueError("conversion not supported")
 
-    monkeypatch.setattr(align.images, "_to_rgb", broken)
+    monkeypatch.setattr(align.images, "to_rgb", broken)
     with pytest.raises(ImageDecodeError, match="conversion not supported"):
         decode_image(encode(rgb(), "PNG"), SIZE, LIMIT)
