@@ -10,6 +10,8 @@ import torch
 
 from pipelines.finetune_worker import DDP_FILE, STATE_FILE, Trainer
 
+pytestmark = pytest.mark.integration
+
 MARK = "restore-ran-code"
 
 
