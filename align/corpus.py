@@ -278,8 +278,13 @@ def process_memory() -> dict:
     """This process's peak and current resident set in MB (VmHWM, VmRSS), and the current one by
     kind: anonymous (heap), file-backed (memory maps: IVF lists, rows files, libraries) and
     shared memory (Ray's object store pages this process has mapped). Linux."""
-    fields = {"VmHWM": "peak_rss_mb", "VmRSS": "rss_mb", "RssAnon": "anon_mb",
-              "RssFile": "file_mb", "RssShmem": "shmem_mb"}  # fmt: skip
+    fields = {
+        "VmHWM": "peak_rss_mb",
+        "VmRSS": "rss_mb",
+        "RssAnon": "anon_mb",
+        "RssFile": "file_mb",
+        "RssShmem": "shmem_mb",
+    }
     out = dict.fromkeys(fields.values(), 0.0)
     with open("/proc/self/status") as f:
         for line in f:
@@ -329,8 +334,11 @@ def start_shard_actors(index_dir: str, num_cpus: float, refine_factor: int) -> S
         log.warning(
             "%d shard actors x index.shard_actor_cpus %.3g = %.3g CPUs, the cluster has %.3g now: "
             "they start as CPUs free up (lower index.shard_actor_cpus, or fewer, larger shards)",
-            len(names), num_cpus, needed, total,
-        )  # fmt: skip
+            len(names),
+            num_cpus,
+            needed,
+            total,
+        )
     actor = ray.remote(IndexShard)
     threads = max(1, math.ceil(num_cpus))  # FAISS's threads: the CPUs each actor reserved
     handles = [

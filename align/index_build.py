@@ -312,7 +312,10 @@ def build_sharded_index(files, index_dir: str, cfg: IndexConfig, exclude=None, r
     spec = choose_index(sum(counts.values()), vectors.shape[1], cfg, shard_vectors=largest)
     queries, training = hold_back(vectors, cfg.recall_queries, cfg.seed)
     del vectors
+    t0 = time.perf_counter()
     trained = shared = train_index(training, spec, seed=cfg.seed)
+    if trained is not None:
+        spec.sizing["train_s"] = round(time.perf_counter() - t0, 3)
     del training
     if remote:  # one copy in the object store, not one per task
         import ray
@@ -354,8 +357,12 @@ def merge_ondisk(index_dir: str, shards: list[dict], trained: bytes) -> dict:
     t0 = time.perf_counter()
     _merge_lists(index, paths, [int(s["offset"]) for s in shards], data)
     faiss.write_index(index, f"{index_dir}/{MERGED_FILE}")
-    return {"file": MERGED_FILE, "data": MERGED_DATA, "count": int(index.ntotal),
-            "merge_s": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    return {
+        "file": MERGED_FILE,
+        "data": MERGED_DATA,
+        "count": int(index.ntotal),
+        "merge_s": round(time.perf_counter() - t0, 3),
+    }
 
 
 def _merge_lists(index, paths: list[str], offsets: list[int], data: str) -> None:
@@ -433,6 +440,7 @@ def measure_search(index_dir: str, manifest: dict, queries, cfg: IndexConfig, re
     choose = spec["type"] == "ivfpq" and not cfg.ivf_nprobe
     target = cfg.target_recall if choose else None
     args = (index_dir, queries, 10, cfg.refine_factor, target)
+    t0 = time.perf_counter()
     (recall,) = _run(corpus_recall, [args], remote)
     if choose:
         spec["params"]["nprobe"] = recall.pop("nprobe")
@@ -440,5 +448,7 @@ def measure_search(index_dir: str, manifest: dict, queries, cfg: IndexConfig, re
             nprobe_rule=f"smallest power of two reaching index.target_recall ({target}) "
             f"recall@10 after exact re-scoring, on {len(queries)} held-back sample vectors",
             nprobe_recall=recall.pop("nprobe_recall"),
+            # Exact search for the queries, then one corpus search per nprobe tried.
+            nprobe_s=round(time.perf_counter() - t0, 3),
         )
     return recall
