@@ -329,9 +329,15 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return float(hits.sum() / max(1, truth.size))
 
 
+# nprobe stops doubling once this many doublings in a row gained less than PLATEAU_GAIN recall:
+# the codes, not the lists searched, bound it then (more lists would only cost time).
+PLATEAU_STEPS, PLATEAU_GAIN = 2, 0.001
+
+
 def choose_nprobe(search, truth: np.ndarray, nlist: int, target: float) -> tuple[int, dict]:
     """The smallest nprobe, of powers of two up to nlist tried in order, whose search reaches
-    `target` recall@k against `truth` (exact top-k rows); the best tried where none does.
+    `target` recall@k against `truth` (exact top-k rows). Where none does, the smallest reaching
+    the best recall tried; the doubling stops early once recall has stopped rising.
 
     Args:
         search: nprobe -> found rows (Q, k), the search users get at that nprobe.
@@ -339,10 +345,13 @@ def choose_nprobe(search, truth: np.ndarray, nlist: int, target: float) -> tuple
         (nprobe, {str(nprobe): recall} of every nprobe tried).
     """
     tried = {}
-    nprobe = 1
+    nprobe, flat = 1, 0
     while True:
         tried[nprobe] = recall_at_k(search(nprobe), truth)
-        if tried[nprobe] >= target or nprobe >= nlist:
+        if len(tried) > 1:
+            previous = list(tried.values())[-2]
+            flat = flat + 1 if tried[nprobe] - previous < PLATEAU_GAIN else 0
+        if tried[nprobe] >= target or nprobe >= nlist or flat >= PLATEAU_STEPS:
             break
         nprobe = min(2 * nprobe, nlist)
     best = max(tried.values())

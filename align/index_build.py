@@ -451,4 +451,12 @@ def measure_search(index_dir: str, manifest: dict, queries, cfg: IndexConfig, re
             # Exact search for the queries, then one corpus search per nprobe tried.
             nprobe_s=round(time.perf_counter() - t0, 3),
         )
+        if recall["recall_at_k"] < target:  # the PQ codes bound it: more are re-scored exactly
+            log.warning(
+                "recall@10 %.3f at the best nprobe (%d) is under index.target_recall %.3g: a "
+                "higher index.refine_factor re-scores more candidates exactly",
+                recall["recall_at_k"],
+                spec["params"]["nprobe"],
+                target,
+            )
     return recall

@@ -158,3 +158,23 @@ def test_chosen_nprobe_reaches_the_target_recall(tmp_path, capfd):
     truth = np.argsort(-(q @ stored.T), axis=1)[:, :10]
     assert recall_at_k(corpus.search(q, 10)[1], truth) >= 0.93
     assert FAISS_WARNING not in capfd.readouterr().err
+
+
+def test_nprobe_doubles_to_the_target_and_stops_where_recall_stops_rising():
+    """A hand-made recall curve (found rows per nprobe): the smallest power of two reaching the
+    target; short of it, the smallest reaching the best, the doubling stopped after two flat
+    steps (the codes, not the lists, bound it)."""
+    from align.index import choose_nprobe
+
+    truth = np.tile(np.arange(10), (4, 1))
+    found_per_nprobe = {1: 5, 2: 7, 4: 8, 8: 8, 16: 8, 32: 9, 64: 10}
+
+    def search(nprobe):
+        found = np.full((4, 10), -1)
+        found[:, : found_per_nprobe[nprobe]] = np.arange(found_per_nprobe[nprobe])
+        return found
+
+    assert choose_nprobe(search, truth, 64, 0.7) == (2, {"1": 0.5, "2": 0.7})
+    nprobe, tried = choose_nprobe(search, truth, 64, 0.95)
+    assert nprobe == 4 and list(tried) == ["1", "2", "4", "8", "16"]
+    assert choose_nprobe(search, truth, 2, 0.95) == (2, {"1": 0.5, "2": 0.7})  # up to nlist
