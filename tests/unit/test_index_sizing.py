@@ -22,9 +22,9 @@ FAISS_WARNING = "WARNING clustering"
 @pytest.mark.parametrize(
     ("n", "nlist", "quantizer", "m"),
     [
-        (100_000, 1024, "flat", 256),  # 4 sqrt(n) = 1265: the nearest power of two
-        (1_000_000, 16_384, "hnsw", 256),
-        (20_000_000, 65_536, "hnsw", 256),
+        (100_000, 1024, "flat", 128),  # 4 sqrt(n) = 1265: the nearest power of two; d/4 bytes
+        (1_000_000, 16_384, "hnsw", 128),
+        (20_000_000, 65_536, "hnsw", 128),
         # 500M codes in one 8 GiB shard: 8 bytes a code (+ 8 of id) is the largest that fits.
         (500_000_000, 131_072, "hnsw", 8),
     ],
