@@ -129,18 +129,39 @@ class IndexConfig(Section):
         "budget, else IVF-PQ.",
     )
     flat_max_vectors: int = Field(200_000, ge=1)
-    memory_budget_mb: int = Field(8192, ge=1, description="Per index shard.")
+    memory_budget_mb: int = Field(
+        8192,
+        ge=1,
+        description="Per index shard (what one searching process holds): HNSW while a shard's "
+        "graph fits, else IVF-PQ with the largest PQ code whose codes and ids fit.",
+    )
     hnsw_m: int = Field(32, ge=4)
     hnsw_ef_search: int = Field(128, ge=1)
-    ivf_nprobe: int = Field(32, ge=1)
+    ivf_nprobe: int | None = Field(
+        None,
+        ge=1,
+        description="IVF lists searched per query (None: the smallest power of two whose "
+        "measured recall@10 reaches target_recall, chosen at build time).",
+    )
+    target_recall: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="IVF-PQ: recall@10 of the corpus search (exact re-scoring included) that the "
+        "chosen nprobe must reach on held-back sample vectors.",
+    )
     ivf_nlist: int | None = Field(
-        None, ge=1, description="IVF lists for the whole corpus (None: 4 sqrt(n), at most 65536)."
+        None,
+        ge=1,
+        description="IVF lists for the whole corpus (None: autofaiss' table: a power of two near "
+        "4 sqrt(n) below 1M vectors, 16384 to 10M, 65536 to 300M, 131072 beyond).",
     )
     train_sample: int = Field(
         262_144,
         ge=1,
         description="Vectors drawn across every scored shard to train the IVF quantizer and PQ "
-        "codebook once (all shards share them), and to draw recall queries from.",
+        "codebook once (all shards share them); grown to 39 per IVF list where the corpus has "
+        "them. Recall queries are held back from the sample beside it.",
     )
     num_shards: int = Field(
         1,

@@ -94,8 +94,9 @@ class IndexShard:
         self.index = faiss.read_index(
             path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if ivf else 0
         )
-        if "nprobe" in spec["params"]:
-            faiss.extract_index_ivf(self.index).nprobe = spec["params"]["nprobe"]
+        self.ivf = ivf
+        if spec["params"].get("nprobe"):
+            self.set_nprobe(spec["params"]["nprobe"])
         # Scores of a PQ index are approximate: take more candidates, re-score them exactly.
         self.refine = refine_factor if ivf else 1
         self.offset = int(entry["offset"])
@@ -106,6 +107,14 @@ class IndexShard:
     def stats(self) -> dict:
         """This process's peak and current resident memory (for benchmarks)."""
         return process_memory()
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """IVF lists searched per query (the build's choice is `_index.json`'s; the build tries
+        others); a no-op for flat and HNSW shards."""
+        from align.index import set_nprobe
+
+        if self.ivf:
+            set_nprobe(self.index, nprobe)
 
     def vectors(self, local_rows: np.ndarray) -> np.ndarray:
         """Stored embeddings of some rows of this shard, float16 (n, d)."""
@@ -172,7 +181,9 @@ class MergedShards(IndexShard):
         # The lists file is found beside the index file, wherever the folder has moved.
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
         self.index = faiss.read_index(f"{index_dir}/{merged['file']}", flags)
-        faiss.extract_index_ivf(self.index).nprobe = manifest["spec"]["params"]["nprobe"]
+        self.ivf = True
+        if manifest["spec"]["params"].get("nprobe"):  # unset while the build chooses it
+            self.set_nprobe(manifest["spec"]["params"]["nprobe"])
         self.refine = refine_factor
         self.offset, self.count = 0, int(manifest["count"])
         shards = manifest["shards"]
@@ -267,8 +278,13 @@ def process_memory() -> dict:
     """This process's peak and current resident set in MB (VmHWM, VmRSS), and the current one by
     kind: anonymous (heap), file-backed (memory maps: IVF lists, rows files, libraries) and
     shared memory (Ray's object store pages this process has mapped). Linux."""
-    fields = {"VmHWM": "peak_rss_mb", "VmRSS": "rss_mb", "RssAnon": "anon_mb",
-              "RssFile": "file_mb", "RssShmem": "shmem_mb"}  # fmt: skip
+    fields = {
+        "VmHWM": "peak_rss_mb",
+        "VmRSS": "rss_mb",
+        "RssAnon": "anon_mb",
+        "RssFile": "file_mb",
+        "RssShmem": "shmem_mb",
+    }
     out = dict.fromkeys(fields.values(), 0.0)
     with open("/proc/self/status") as f:
         for line in f:
@@ -318,8 +334,11 @@ def start_shard_actors(index_dir: str, num_cpus: float, refine_factor: int) -> S
         log.warning(
             "%d shard actors x index.shard_actor_cpus %.3g = %.3g CPUs, the cluster has %.3g now: "
             "they start as CPUs free up (lower index.shard_actor_cpus, or fewer, larger shards)",
-            len(names), num_cpus, needed, total,
-        )  # fmt: skip
+            len(names),
+            num_cpus,
+            needed,
+            total,
+        )
     actor = ray.remote(IndexShard)
     threads = max(1, math.ceil(num_cpus))  # FAISS's threads: the CPUs each actor reserved
     handles = [
@@ -407,6 +426,10 @@ class Corpus:
             aesthetic=take(join("aesthetic")),
             reference=None if reference is None else take(join("reference")),
         )
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """IVF lists every shard searches per query (the build tries several to choose one)."""
+        self._each("set_nprobe", [(nprobe,)] * len(self.shards))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, global rows) like a FAISS index's search."""

@@ -1,9 +1,12 @@
 """FAISS vector indexes over L2-normalised embeddings (inner product = cosine similarity).
 
 `choose_index` picks the type from corpus size and a memory budget: exact (flat) for small corpora,
-HNSW while one shard's graph fits the budget, IVF-PQ beyond. `train_index` trains an IVF-PQ index
-once (on a sample drawn across the corpus) for every shard to add to; `build_index` builds one
-shard. `exact_top_k` streams exact search over chunks of vectors, never holding two copies.
+HNSW while one shard's graph fits the budget, IVF-PQ beyond, sized as autofaiss sizes it (nlist
+from the corpus, an HNSW coarse quantizer at thousands of lists, the largest PQ code the budget
+holds). `train_index` trains an IVF-PQ index once (on a sample drawn across the corpus, at least
+39 vectors per centroid) for every shard to add to; `build_index` builds one shard;
+`choose_nprobe` finds the nprobe that reaches a recall target. `exact_top_k` streams exact search
+over chunks of vectors, never holding two copies.
 index_corpus's sharded build is align.index_build; searching it is align.corpus.
 """
 
@@ -16,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from align.config import IndexConfig, ModelConfig
+from align.errors import UserError
 
 SHARD_FILE = "shard-{:03d}.faiss"
 INDEX_MANIFEST = "_index.json"
@@ -24,14 +28,66 @@ DUPLICATES_FILE = "duplicates.parquet"
 
 @dataclass
 class IndexSpec:
-    """What to build: the FAISS type and its parameters."""
+    """What to build: the FAISS type, its parameters, and (IVF-PQ) why each was chosen."""
 
     type: str  # flat | hnsw | ivfpq
     dim: int
     params: dict = field(default_factory=dict)
+    sizing: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# FAISS k-means warns below 39 training points per centroid (Clustering::min_points_per_centroid):
+# the centroids are poorly placed. Held for the IVF lists and each PQ codebook (2^nbits) alike.
+MIN_POINTS_PER_CENTROID = 39
+# An HNSW graph over the centroids replaces the exact scan of them from this many lists. Measured
+# on one core at d = 512 (clustered centroids): a single query's scan costs 71 us at 1,024 lists,
+# 231 at 4,096 and 1,733 at 16,384, the graph's 89, 131 and 81, with 0.99 of the 32 nearest lists
+# found; a batch of 2,000 (adding vectors, retrieval) still scans faster at 4,096 (62 against 127
+# us a vector) and slower from 16,384 (229 against 83). Serving's single queries decide.
+HNSW_QUANTIZER_MIN_NLIST = 4096
+QUANTIZER_HNSW_M = 32
+ID_BYTES = 8  # each IVF list entry: its code and an int64 id
+NLIST_RULE = (
+    "autofaiss: a power of two near 4 sqrt(n) below 1M, 16384 to 10M, 65536 to 300M, 131072 beyond"
+)
+
+
+def table_nlist(n: int) -> int:
+    """IVF lists for n vectors by autofaiss' table (get_optimal_nb_clusters' first choice)."""
+    if n < 1_000_000:
+        return 2 ** round(math.log2(4 * math.sqrt(max(n, 1))))
+    if n < 10_000_000:
+        return 16_384
+    if n < 300_000_000:
+        return 65_536
+    return 131_072
+
+
+def quantizer_bytes(nlist: int, dim: int, quantizer: str) -> int:
+    """Bytes of the coarse quantizer: the centroids, and an HNSW graph's level-0 links."""
+    links = nlist * QUANTIZER_HNSW_M * 2 * 4 if quantizer == "hnsw" else 0
+    return nlist * dim * 4 + links
+
+
+def pq_code_size(dim: int, shard_vectors: int, fixed_bytes: int, budget_bytes: int) -> int | None:
+    """The largest PQ code (m bytes at 8 bits) with m dividing dim and at least four dimensions
+    per sub-quantizer, whose codes and ids for shard_vectors fit the budget beside fixed_bytes
+    (quantizer, codebook); None if none does. Four dimensions a byte (d/4 bytes, PQ128 at
+    d=512) keeps a served image at about d/4 + 8 bytes: the search re-scores its candidates
+    exactly from the stored float16 vectors, so a finer code buys little recall for its memory."""
+    for m in range(max(1, dim // 4), 0, -1):
+        if dim % m == 0 and shard_vectors * (m + ID_BYTES) + fixed_bytes <= budget_bytes:
+            return m
+    return None
+
+
+def training_points(train_sample: int, nlist: int, nbits: int) -> int:
+    """Training vectors an IVF-PQ index asks for: index.train_sample, grown to 39 per IVF list
+    and per PQ centroid."""
+    return max(train_sample, MIN_POINTS_PER_CENTROID * max(nlist, 2**nbits))
 
 
 def choose_index(n: int, dim: int, cfg: IndexConfig, shard_vectors: int | None = None) -> IndexSpec:
@@ -39,7 +95,10 @@ def choose_index(n: int, dim: int, cfg: IndexConfig, shard_vectors: int | None =
     shard_vectors of them (default n).
 
     Bytes per vector held by a search: flat and HNSW 4 d (+ 8 m of HNSW links), IVF-PQ m codes
-    (d / 4 at most) + 8 of id; the float16 embeddings (2 d) stay on disk, read per candidate.
+    + 8 of id; the float16 embeddings (2 d) stay on disk, read per candidate.
+
+    Raises:
+        UserError: IVF-PQ codes of the largest shard do not fit index.memory_budget_mb.
     """
     kind = cfg.type
     shard_vectors = n if shard_vectors is None else shard_vectors
@@ -57,14 +116,86 @@ def choose_index(n: int, dim: int, cfg: IndexConfig, shard_vectors: int | None =
         return IndexSpec(
             "hnsw", dim, {"m": cfg.hnsw_m, "ef_construction": 80, "ef_search": cfg.hnsw_ef_search}
         )
-    # IVF-PQ: ~4 sqrt(n) lists; PQ codes of dim/4 bytes (8 bits each, m divides dim).
-    nlist = cfg.ivf_nlist or max(1, min(65536, int(4 * math.sqrt(n))))
-    m = next(k for k in (dim // 4, dim // 8, dim // 2, dim) if k >= 1 and dim % k == 0)
-    return IndexSpec(
-        "ivfpq",
-        dim,
-        {"nlist": nlist, "m": m, "nbits": 8, "nprobe": min(cfg.ivf_nprobe, nlist), "train": 0},
-    )
+    return ivfpq_spec(n, dim, cfg, shard_vectors)
+
+
+def ivfpq_spec(n: int, dim: int, cfg: IndexConfig, shard_vectors: int) -> IndexSpec:
+    """IVF-PQ sized as autofaiss sizes it: nlist from the corpus (index.ivf_nlist overrides), an
+    HNSW coarse quantizer from HNSW_QUANTIZER_MIN_NLIST lists, the largest PQ code the per-shard
+    memory budget holds, and the training vectors that asks for (train_index fits it to the
+    sample). nprobe is index.ivf_nprobe, or None until the build measures one."""
+    nlist = cfg.ivf_nlist or table_nlist(n)
+    quantizer = "hnsw" if nlist >= HNSW_QUANTIZER_MIN_NLIST else "flat"
+    nbits = 8
+    fixed = quantizer_bytes(nlist, dim, quantizer) + 2**nbits * dim * 4  # + the PQ codebook
+    budget = cfg.memory_budget_mb * 2**20
+    m = pq_code_size(dim, shard_vectors, fixed, budget)
+    if m is None:
+        need = shard_vectors * (1 + ID_BYTES) + fixed  # the smallest code: one byte
+        raise UserError(
+            f"index.memory_budget_mb={cfg.memory_budget_mb} cannot hold IVF-PQ codes and ids of "
+            f"{shard_vectors} vectors in one shard (at least {math.ceil(need / 2**20)} MB): raise "
+            f"it, or split the corpus into more index.num_shards"
+        )
+    params = {
+        "nlist": nlist,
+        "quantizer": quantizer,
+        "m": m,
+        "nbits": nbits,
+        "nprobe": min(cfg.ivf_nprobe, nlist) if cfg.ivf_nprobe else None,
+        "train": training_points(cfg.train_sample, nlist, nbits),
+    }
+    sizing = {
+        "vectors": n,
+        "nlist_rule": "index.ivf_nlist" if cfg.ivf_nlist else NLIST_RULE,
+        "quantizer_rule": f"HNSW{QUANTIZER_HNSW_M} from {HNSW_QUANTIZER_MIN_NLIST} lists, else exact",
+        "m_rule": f"largest m dividing {dim} whose codes + ids fit index.memory_budget_mb",
+        "shard_vectors": shard_vectors,
+        "shard_bytes": shard_vectors * (m + ID_BYTES) + fixed,
+        "budget_bytes": budget,
+        "train_rule": f"index.train_sample ({cfg.train_sample}), at least "
+        f"{MIN_POINTS_PER_CENTROID} per IVF list and per PQ centroid",
+        "nprobe_rule": "index.ivf_nprobe" if cfg.ivf_nprobe else None,
+    }
+    return IndexSpec("ivfpq", dim, params, sizing)
+
+
+def fit_training(spec: IndexSpec, available: int) -> None:
+    """Fit an IVF-PQ spec to `available` training vectors at 39 per centroid: it trains on
+    params["train"] of them at most; nlist is lowered to the largest power of two they train
+    (unless index.ivf_nlist fixed it), and the PQ bits to what they train.
+
+    Raises:
+        UserError: index.ivf_nlist, or IVF-PQ at all, asks for more vectors than there are.
+    """
+    p = spec.params
+    used = min(available, spec.sizing.setdefault("train_target", p["train"]))
+    enough = used // MIN_POINTS_PER_CENTROID  # centroids the training vectors can place
+    if enough < p["nlist"] and spec.sizing.get("nlist_rule") == "index.ivf_nlist":
+        raise UserError(
+            f"index.ivf_nlist={p['nlist']} needs {MIN_POINTS_PER_CENTROID * p['nlist']} training "
+            f"vectors ({MIN_POINTS_PER_CENTROID} a list) but the corpus supplies {used} (its "
+            f"sample, less the recall queries; index.train_sample grows to 39 per list where the "
+            f"corpus has the vectors): set index.ivf_nlist to at most {max(1, enough)} or unset it"
+        )
+    if enough < 2:
+        raise UserError(
+            f"index.type ivfpq needs at least {2 * MIN_POINTS_PER_CENTROID} training vectors, the "
+            f"corpus supplies {used}: use index.type flat for a corpus this small"
+        )
+    if enough < p["nlist"]:
+        wanted, p["nlist"] = p["nlist"], 2 ** int(math.log2(enough))
+        p["quantizer"] = "hnsw" if p["nlist"] >= HNSW_QUANTIZER_MIN_NLIST else "flat"
+        spec.sizing["nlist_rule"] = (
+            f"{spec.sizing.get('nlist_rule')}: {wanted}, lowered to the {used} training "
+            f"vectors at {MIN_POINTS_PER_CENTROID} a list"
+        )
+    p["nbits"] = min(p["nbits"], int(math.log2(enough)))
+    if p["nprobe"]:
+        p["nprobe"] = min(p["nprobe"], p["nlist"])
+    p["train"] = used
+    graph = f"_HNSW{QUANTIZER_HNSW_M}" if p["quantizer"] == "hnsw" else ""
+    spec.sizing["factory"] = f"IVF{p['nlist']}{graph},PQ{p['m']}x{p['nbits']}"
 
 
 def _empty_index(spec: IndexSpec):
@@ -79,28 +210,45 @@ def _empty_index(spec: IndexSpec):
         return index
     if spec.type == "ivfpq":
         p = spec.params
-        quantizer = faiss.IndexFlatIP(spec.dim)
+        if p.get("quantizer") == "hnsw":
+            quantizer = faiss.IndexHNSWFlat(spec.dim, QUANTIZER_HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        else:
+            quantizer = faiss.IndexFlatIP(spec.dim)
         return faiss.IndexIVFPQ(
             quantizer, spec.dim, p["nlist"], p["m"], p["nbits"], faiss.METRIC_INNER_PRODUCT
         )
     raise ValueError(f"unknown index type {spec.type!r}")
 
 
+def set_nprobe(index, nprobe: int) -> None:
+    """The IVF lists `index` searches per query. An HNSW coarse quantizer searches twice as deep
+    (efSearch) as the lists it returns, so that it finds the nprobe nearest."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    ivf.nprobe = nprobe
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(16, 2 * nprobe)
+
+
 def train_index(sample: np.ndarray, spec: IndexSpec, seed: int = 0) -> bytes | None:
     """An IVF-PQ index's coarse quantizer and PQ codebook trained on a sample (rows of the
     corpus), serialised empty, for every shard to add its vectors to; None for types that need
-    no training (flat, HNSW)."""
+    no training (flat, HNSW). The spec is fitted to the sample first (`fit_training`).
+
+    Raises:
+        UserError: the sample cannot train the spec (fit_training).
+    """
     import faiss
 
     if spec.type != "ivfpq":
         return None
     x = np.ascontiguousarray(sample, dtype=np.float32)
-    p = spec.params
-    n_train = min(len(x), max(p["nlist"] * 64, 10_000))
-    pick = np.sort(np.random.default_rng(seed).choice(len(x), size=n_train, replace=False))
+    fit_training(spec, len(x))
+    pick = np.random.default_rng(seed).choice(len(x), size=spec.params["train"], replace=False)
     index = _empty_index(spec)
-    index.train(x[pick])
-    p["train"] = n_train
+    index.train(x[np.sort(pick)])
     return faiss.serialize_index(index).tobytes()
 
 
@@ -114,7 +262,8 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, seed: int = 0, trained: by
         trained = train_index(x, spec, seed)
     if trained is not None:
         index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
-        index.nprobe = spec.params["nprobe"]
+        if spec.params.get("nprobe"):
+            set_nprobe(index, spec.params["nprobe"])
     else:
         index = _empty_index(spec)
     index.add(x)
@@ -146,8 +295,8 @@ def measure_recall(index, vectors: np.ndarray, n_queries: int, k: int = 10, seed
     chunks, no second copy), on sampled stored vectors used as queries; also both query rates."""
     x = np.asarray(vectors)
     rng = np.random.default_rng(seed)
-    q = np.ascontiguousarray(x[rng.choice(len(x), size=min(n_queries, len(x)), replace=False)],
-                             dtype=np.float32)  # fmt: skip
+    pick = rng.choice(len(x), size=min(n_queries, len(x)), replace=False)
+    q = np.ascontiguousarray(x[pick], dtype=np.float32)
     chunks = (x[i : i + 65536] for i in range(0, len(x), 65536))
     return recall_against_exact(index, chunks, q, min(k, len(x)))
 
@@ -158,18 +307,58 @@ def recall_against_exact(index, chunks, queries: np.ndarray, k: int) -> dict:
     q = np.ascontiguousarray(queries, dtype=np.float32)
     t0 = time.perf_counter()
     _, truth = exact_top_k(chunks, q, k)
-    t_exact = time.perf_counter() - t0
+    return search_recall(index, q, truth, time.perf_counter() - t0)
+
+
+def search_recall(index, queries: np.ndarray, truth: np.ndarray, exact_s: float) -> dict:
+    """recall@k of `index.search` against the exact top-k rows `truth` (Q, k), and the query rate
+    of each (exact_s: the seconds exact search took)."""
     t0 = time.perf_counter()
-    _, found = index.search(q, k)
+    _, found = index.search(queries, truth.shape[1])
     t_index = time.perf_counter() - t0
-    hits = (found[:, :, None] == truth[:, None, :]).any(axis=2) & (found >= 0)
     return {
-        "recall_at_k": float(hits.sum() / max(1, truth.size)),
-        "k": k,
-        "queries": len(q),
-        "qps": len(q) / max(t_index, 1e-9),
-        "exact_qps": len(q) / max(t_exact, 1e-9),
+        "recall_at_k": recall_at_k(found, truth),
+        "k": truth.shape[1],
+        "queries": len(queries),
+        "qps": len(queries) / max(t_index, 1e-9),
+        "exact_qps": len(queries) / max(exact_s, 1e-9),
     }
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Share of the exact top-k rows (Q, k) that the search found (Q, k; -1 pads)."""
+    hits = (found[:, :, None] == truth[:, None, :]).any(axis=2) & (found >= 0)
+    return float(hits.sum() / max(1, truth.size))
+
+
+# nprobe stops doubling once this many doublings in a row gained less than PLATEAU_GAIN recall:
+# the codes, not the lists searched, bound it then (more lists would only cost time).
+PLATEAU_STEPS, PLATEAU_GAIN = 2, 0.001
+
+
+def choose_nprobe(search, truth: np.ndarray, nlist: int, target: float) -> tuple[int, dict]:
+    """The smallest nprobe, of powers of two up to nlist tried in order, whose search reaches
+    `target` recall@k against `truth` (exact top-k rows). Where none does, the smallest reaching
+    the best recall tried; the doubling stops early once recall has stopped rising.
+
+    Args:
+        search: nprobe -> found rows (Q, k), the search users get at that nprobe.
+    Returns:
+        (nprobe, {str(nprobe): recall} of every nprobe tried).
+    """
+    tried = {}
+    nprobe, flat = 1, 0
+    while True:
+        tried[nprobe] = recall_at_k(search(nprobe), truth)
+        if len(tried) > 1:
+            previous = list(tried.values())[-2]
+            flat = flat + 1 if tried[nprobe] - previous < PLATEAU_GAIN else 0
+        if tried[nprobe] >= target or nprobe >= nlist or flat >= PLATEAU_STEPS:
+            break
+        nprobe = min(2 * nprobe, nlist)
+    best = max(tried.values())
+    chosen = min(p for p, r in tried.items() if r >= min(target, best))
+    return chosen, {str(p): round(r, 4) for p, r in tried.items()}
 
 
 def read_scored_embeddings(files: list[str], exclude=None):

@@ -1,6 +1,7 @@
 """Build index_corpus's sharded index from the scored shards, with no process holding the corpus.
 
-sample (one Ray task per scored file: a random share of its vectors and aesthetic scores)
+sample (one Ray task per scored file: a random share of its vectors and aesthetic scores; for
+  IVF-PQ index.train_sample grown to 39 vectors per list, and the recall queries held back)
   -> choose the index type (align.index.choose_index) and, for IVF-PQ, train the coarse
      quantizer and PQ codebook ONCE on the sample (every shard shares them)
   -> one Ray task per index shard: read only its own scored files, add them, write the shard
@@ -8,8 +9,9 @@ sample (one Ray task per scored file: a random share of its vectors and aestheti
   -> with index.merge_ondisk, every shard's lists merged into one on-disk index (merged.faiss +
      merged.ivfdata) for single-node serving
   -> `_index.json` with offsets, recall@10 of the search users get (align.corpus.Corpus)
-     against exact search streamed over the shards' embeddings, and `id_map.parquet` written
-     shard by shard.
+     against exact search streamed over the shards' embeddings on the held-back queries (for
+     IVF-PQ at the nprobe chosen there to reach index.target_recall), how the index was sized
+     (spec.sizing), and `id_map.parquet` written shard by shard.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from align.index import (
     SHARD_FILE,
     IndexSpec,
     build_index,
+    exact_top_k,
     read_scored_embeddings,
-    recall_against_exact,
     train_index,
 )
 from align.log import get_logger
@@ -181,12 +183,33 @@ def shard_embeddings(index_dir: str, manifest: dict, chunk_rows: int = 65536):
             yield chunk.astype(np.float32)
 
 
-def corpus_recall(index_dir: str, queries: np.ndarray, k: int, refine_factor: int) -> dict:
+def corpus_recall(
+    index_dir: str, queries: np.ndarray, k: int, refine_factor: int, target: float | None = None
+) -> dict:
     """Ray task: recall@k of the corpus search (all shards, merged, as retrieval runs it) against
-    exact search streamed over the stored embeddings; and the rate of each."""
+    exact search streamed over the stored embeddings; and the rate of each. Given `target`, the
+    IVF index's nprobe is chosen first (align.index.choose_nprobe: powers of two up to nlist, the
+    smallest reaching it), the recall is that nprobe's, and `nprobe` and `nprobe_recall` (every
+    nprobe tried -> its recall) are added."""
+    from align.index import choose_nprobe, search_recall
+
     corpus = Corpus(index_dir, refine_factor=refine_factor)
-    chunks = shard_embeddings(index_dir, corpus.manifest)
-    return recall_against_exact(corpus, chunks, queries, min(k, corpus.ntotal))
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    k = min(k, corpus.ntotal)
+    t0 = time.perf_counter()
+    _, truth = exact_top_k(shard_embeddings(index_dir, corpus.manifest), q, k)
+    exact_s = time.perf_counter() - t0
+    if target is None:
+        return search_recall(corpus, q, truth, exact_s)
+
+    def search(nprobe: int) -> np.ndarray:
+        corpus.set_nprobe(nprobe)
+        return corpus.search(q, k)[1]
+
+    nlist = corpus.spec["params"]["nlist"]
+    nprobe, tried = choose_nprobe(search, truth, nlist, target)
+    corpus.set_nprobe(nprobe)
+    return {**search_recall(corpus, q, truth, exact_s), "nprobe": nprobe, "nprobe_recall": tried}
 
 
 def write_id_map(index_dir: str, manifest: dict) -> None:
@@ -220,25 +243,80 @@ def _run(fn, calls: list[tuple], remote: bool) -> list:
     return ray.get([task.remote(*args) for args in calls])
 
 
+def embedding_dim(files: list[str]) -> int:
+    """The embedding width of scored shards: the first ok row's, read from the first row group
+    that holds one."""
+    import pyarrow.parquet as pq
+
+    for f in files:
+        fs, path = io.filesystem(f)
+        with fs.open_input_file(path) as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=4096, columns=["embedding"]):
+                lengths = batch.column(0).value_lengths().drop_null()
+                if len(lengths):
+                    return int(lengths[0].as_py())
+    return 0
+
+
+def sample_size(files: list[str], rows: list[int], groups: list[list], cfg: IndexConfig) -> int:
+    """Vectors to sample: the recall queries, and index.train_sample grown to what an IVF-PQ
+    index over these files asks for (39 per list), planned from the files' row counts."""
+    from align.index import choose_index
+
+    per_file = dict(zip(files, rows, strict=True))
+    largest = max(sum(per_file[f] for f in g) for g in groups)
+    plan = choose_index(sum(rows), embedding_dim(files), cfg, shard_vectors=largest)
+    train = plan.params["train"] if plan.type == "ivfpq" else cfg.train_sample
+    return min(sum(rows), train + cfg.recall_queries)
+
+
+def draw_sample(files: list[str], total: int, need: int, cfg: IndexConfig, exclude, remote):
+    """Every scored file's ok vectors sampled at one rate (Ray tasks, `sample_scored_file`), at
+    least `need` of them where the corpus holds that many: the rate, sized from the `total` rows,
+    is raised and the sample drawn again when error rows or left-out duplicates cut it short."""
+    rate = min(1.0, (1.1 * need + 100) / max(1, total))
+    while True:
+        calls = [(f, rate, cfg.seed + i, exclude) for i, f in enumerate(files)]
+        samples = _run(sample_scored_file, calls, remote)
+        drawn, ok = (sum(len(s["vectors"]) for s in samples), sum(s["count"] for s in samples))
+        if drawn >= need or rate >= 1.0:
+            return samples
+        log.info("sample of %d vectors, %d wanted: drawing again at a higher rate", drawn, need)
+        rate = min(1.0, max(2 * rate, (1.1 * need + 100) / max(1, ok)))
+
+
+def hold_back(vectors: np.ndarray, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(recall queries, training vectors): up to `queries` rows of the sample (half of it at
+    most) held back from training; they are still indexed, as every corpus vector is."""
+    picked = np.zeros(len(vectors), bool)
+    count = min(queries, len(vectors) // 2 if len(vectors) > 1 else len(vectors))
+    picked[np.random.default_rng(seed).choice(len(vectors), size=count, replace=False)] = True
+    return vectors[picked], vectors[~picked]
+
+
 def build_sharded_index(files, index_dir: str, cfg: IndexConfig, exclude=None, remote=True) -> dict:
     """Sample, choose, train once, add per shard; returns the shards' entries with offsets, the
-    spec, the rating edges and the recall queries (drawn from the sample)."""
+    spec, the rating edges and the recall queries (held back from the sample's training)."""
     from align.index import choose_index
     from align.ranking import rating_edges
 
-    rows = scored_rows(files)
-    rate = min(1.0, cfg.train_sample / max(1, sum(rows)))
-    samples = _run(
-        sample_scored_file, [(f, rate, cfg.seed + i, exclude) for i, f in enumerate(files)], remote
-    )
-    vectors = np.concatenate([s["vectors"] for s in samples])
-    edges = rating_edges(np.concatenate([s["aesthetic"] for s in samples]))
     groups = [list(g) for g in np.array_split(np.array(files, dtype=object), cfg.num_shards)]
     groups = [g for g in groups if g]
+    rows = scored_rows(files)
+    need = sample_size(files, rows, groups, cfg)
+    samples = draw_sample(files, sum(rows), need, cfg, exclude, remote)
+    vectors = np.concatenate([s["vectors"] for s in samples])
+    edges = rating_edges(np.concatenate([s["aesthetic"] for s in samples]))
     counts = dict(zip(files, (s["count"] for s in samples), strict=True))
     largest = max(sum(counts[f] for f in g) for g in groups)
     spec = choose_index(sum(counts.values()), vectors.shape[1], cfg, shard_vectors=largest)
-    trained = shared = train_index(vectors, spec, seed=cfg.seed)
+    queries, training = hold_back(vectors, cfg.recall_queries, cfg.seed)
+    del vectors
+    t0 = time.perf_counter()
+    trained = shared = train_index(training, spec, seed=cfg.seed)
+    if trained is not None:
+        spec.sizing["train_s"] = round(time.perf_counter() - t0, 3)
+    del training
     if remote:  # one copy in the object store, not one per task
         import ray
 
@@ -250,12 +328,10 @@ def build_sharded_index(files, index_dir: str, cfg: IndexConfig, exclude=None, r
     offset = 0
     for shard in shards:
         shard["offset"], offset = offset, offset + shard["count"]
-    rng = np.random.default_rng(cfg.seed)
-    picked = rng.choice(len(vectors), size=min(cfg.recall_queries, len(vectors)), replace=False)
     return {
         "spec": spec,
         "shards": shards,
-        "queries": vectors[picked],
+        "queries": queries,
         "edges": edges,
         "trained": trained,
     }
@@ -281,8 +357,12 @@ def merge_ondisk(index_dir: str, shards: list[dict], trained: bytes) -> dict:
     t0 = time.perf_counter()
     _merge_lists(index, paths, [int(s["offset"]) for s in shards], data)
     faiss.write_index(index, f"{index_dir}/{MERGED_FILE}")
-    return {"file": MERGED_FILE, "data": MERGED_DATA, "count": int(index.ntotal),
-            "merge_s": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    return {
+        "file": MERGED_FILE,
+        "data": MERGED_DATA,
+        "count": int(index.ntotal),
+        "merge_s": round(time.perf_counter() - t0, 3),
+    }
 
 
 def _merge_lists(index, paths: list[str], offsets: list[int], data: str) -> None:
@@ -341,11 +421,42 @@ def write_index(
         log.warning(
             "index.merge_ondisk: a %s index has no lists to merge", manifest["spec"]["type"]
         )
-    (recall,) = _run(corpus_recall, [(index_dir, built["queries"], 10, cfg.refine_factor)], remote)
-    manifest.update(recall=recall, recall_at_10=recall["recall_at_k"])
+    manifest["recall"] = measure_search(index_dir, manifest, built["queries"], cfg, remote)
+    manifest["recall_at_10"] = manifest["recall"]["recall_at_k"]
     io.write_json(f"{index_dir}/{INDEX_MANIFEST}", manifest)
     write_id_map(index_dir, manifest)
     keep = {s[key] for s in manifest["shards"] for key in SHARD_KEYS} | {MERGED_FILE}
     for suffix in (".faiss", ROWS_SUFFIX, EMBEDDINGS_SUFFIX):  # shards of an earlier build
         io.delete_files_except(index_dir, suffix, keep)
     return manifest
+
+
+def measure_search(index_dir: str, manifest: dict, queries, cfg: IndexConfig, remote: bool) -> dict:
+    """recall@10 of the corpus search on the held-back queries (`corpus_recall`, a Ray task); for
+    an IVF-PQ index without index.ivf_nprobe, the nprobe reaching index.target_recall, chosen
+    there and written into the manifest's spec (params.nprobe, and sizing.nprobe_recall: each
+    nprobe tried -> its recall) for every searcher to use."""
+    spec = manifest["spec"]
+    choose = spec["type"] == "ivfpq" and not cfg.ivf_nprobe
+    target = cfg.target_recall if choose else None
+    args = (index_dir, queries, 10, cfg.refine_factor, target)
+    t0 = time.perf_counter()
+    (recall,) = _run(corpus_recall, [args], remote)
+    if choose:
+        spec["params"]["nprobe"] = recall.pop("nprobe")
+        spec["sizing"].update(
+            nprobe_rule=f"smallest power of two reaching index.target_recall ({target}) "
+            f"recall@10 after exact re-scoring, on {len(queries)} held-back sample vectors",
+            nprobe_recall=recall.pop("nprobe_recall"),
+            # Exact search for the queries, then one corpus search per nprobe tried.
+            nprobe_s=round(time.perf_counter() - t0, 3),
+        )
+        if recall["recall_at_k"] < target:  # the PQ codes bound it: more are re-scored exactly
+            log.warning(
+                "recall@10 %.3f at the best nprobe (%d) is under index.target_recall %.3g: a "
+                "higher index.refine_factor re-scores more candidates exactly",
+                recall["recall_at_k"],
+                spec["params"]["nprobe"],
+                target,
+            )
+    return recall

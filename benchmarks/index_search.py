@@ -4,7 +4,9 @@
 
 Vectors are random unit vectors with cluster structure (a mixture of Gaussians), closer to real
 embeddings than i.i.d. noise. Uses the same `choose_index` / `build_index` / `measure_recall` as
-index_corpus, with the default IndexConfig (auto type).
+index_corpus, with the default IndexConfig (auto type); an IVF-PQ index's nprobe is chosen as the
+build chooses it (`choose_nprobe`: the smallest power of two reaching index.target_recall, here
+without the exact re-scoring index_corpus's search adds).
 """
 
 from __future__ import annotations
@@ -23,6 +25,23 @@ def clustered_unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
         np.float32
     )
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def tune_nprobe(index, x: np.ndarray, spec, target: float, queries: int) -> None:
+    """Set the nprobe that reaches `target` recall@10 on sampled stored vectors (another sample
+    than measure_recall's)."""
+    from align.index import choose_nprobe, exact_top_k, set_nprobe
+
+    q = x[np.random.default_rng(1).choice(len(x), size=min(queries, len(x)), replace=False)]
+    _, truth = exact_top_k([x], q, 10)
+
+    def search(nprobe: int) -> np.ndarray:
+        set_nprobe(index, nprobe)
+        return index.search(q, 10)[1]
+
+    nprobe, _ = choose_nprobe(search, truth, spec.params["nlist"], target)
+    set_nprobe(index, nprobe)
+    spec.params["nprobe"] = nprobe
 
 
 def main() -> None:
@@ -45,6 +64,8 @@ def main() -> None:
         t0 = time.perf_counter()
         index = build_index(x, spec)
         build_s = time.perf_counter() - t0
+        if spec.type == "ivfpq" and not spec.params["nprobe"]:
+            tune_nprobe(index, x, spec, cfg.target_recall, args.queries)
         r = measure_recall(index, x, args.queries, k=10)
         print(
             f"n={n:>9,} {spec.type:6s} {spec.params} build {build_s:7.1f} s | "

@@ -2,10 +2,15 @@
 
     python benchmarks/scale.py --images 1000000 --dim 512 --shard-images 250000 [--nlist 1024]
 
+The index is sized by the project's own rules (align.index.choose_index: nlist from the corpus,
+the PQ code the memory budget holds, nprobe chosen at build time to reach index.target_recall);
+--nlist and --nprobe fix them instead.
+
 1. Writes synthetic scored shards (the SCORED contract; unit vectors with clustered structure,
    float16 as index_corpus writes them), one file per `--shard-images`, in Ray tasks.
 2. Builds the index with index_corpus' own code (align.index_build.write_index: sample, train
-   IVF-PQ once, one task per shard, recall@10 against exact search streamed over the shards).
+   IVF-PQ once, one task per shard, nprobe chosen and recall@10 measured against exact search
+   streamed over the shards).
 3. build_preferences' retrieval: the real CandidateRetriever stage, in a Ray actor, over
    `--queries` query vectors (perturbed corpus vectors), searching through one actor per shard.
 4. A serving search load: single-query searches (`--serve-queries`) from 4 threads through the
@@ -90,8 +95,13 @@ def bare_process_mb(root: str, dim: int, top_k: int) -> float:
 
     files = [f"{root}/tiny/scored/part-00000.parquet"]
     write_synthetic_shard(files[0], 0, 1000, np.eye(dim, dtype=np.float32)[:16], 0)
-    write_index(files, f"{root}/tiny/index", IndexConfig(type="flat"),
-                ModelConfig(name="tiny-clip"), remote=False)  # fmt: skip
+    write_index(
+        files,
+        f"{root}/tiny/index",
+        IndexConfig(type="flat"),
+        ModelConfig(name="tiny-clip"),
+        remote=False,
+    )
     actors = start_shard_actors(f"{root}/tiny/index", 0.1, IndexConfig().refine_factor)
     corpus = Corpus(f"{root}/tiny/index", shard_actors=actors.names)
     q = np.random.default_rng(0).normal(size=(256, dim)).astype(np.float32)
@@ -178,18 +188,25 @@ def merged_serving(index_dir: str, manifest: dict, queries: np.ndarray, k: int) 
     (memory,) = ray.get(server.memory.remote())
     ray.kill(server)
     recall = corpus_recall(index_dir, queries[:200], 10, IndexConfig().refine_factor)
-    return {"merge_s": manifest["merged"]["merge_s"], "serve_qps": round(qps, 1),
-            "peak_rss_mb": round(memory["peak_rss_mb"], 1),
-            "recall_at_10": round(recall["recall_at_k"], 4)}  # fmt: skip
+    return {
+        "merge_s": manifest["merged"]["merge_s"],
+        "serve_qps": round(qps, 1),
+        "peak_rss_mb": round(memory["peak_rss_mb"], 1),
+        "recall_at_10": round(recall["recall_at_k"], 4),
+    }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, required=True)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--shard-images", type=int, default=250_000)
-    parser.add_argument("--nlist", type=int, default=1024, help="IVF lists (whole corpus)")
-    parser.add_argument("--nprobe", type=int, default=32)
+    parser.add_argument(
+        "--nlist", type=int, default=None, help="IVF lists (whole corpus; default: the sizing's)"
+    )
+    parser.add_argument(
+        "--nprobe", type=int, default=None, help="default: chosen at build time (target recall)"
+    )
     parser.add_argument("--queries", type=int, default=10_000)
     parser.add_argument("--serve-queries", type=int, default=1000)
     parser.add_argument("--top-k", type=int, default=64)
@@ -205,45 +222,63 @@ def main() -> None:
         action="store_true",
         help="also merge the shards into one on-disk index and serve single queries from it",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def build_or_reuse(args, root: str, cfg) -> tuple[dict, float, float]:
+    """The synthetic corpus and its index (or a --workdir's from an earlier run with the same
+    arguments): (index manifest, seconds writing the corpus, seconds building the index)."""
+    from align.config import ModelConfig
+    from align.index_build import write_index
+
+    built = Path(root, "built.json")
+    if built.exists():
+        times = json.loads(built.read_text())
+        manifest = json.loads(Path(root, "index", "_index.json").read_text())
+        return manifest, times["write_s"], times["build_s"]
+    t0 = time.perf_counter()
+    files = write_corpus(root, args.images, args.dim, args.shard_images, args.seed)
+    write_s = time.perf_counter() - t0
+    print(f"wrote {len(files)} scored shards in {write_s:.0f} s", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    manifest = write_index(files, f"{root}/index", cfg, ModelConfig(name="tiny-clip"))
+    build_s = time.perf_counter() - t0
+    built.write_text(json.dumps({"write_s": write_s, "build_s": build_s, "args": vars(args)}))
+    return manifest, write_s, build_s
+
+
+def near_queries(root: str, args) -> np.ndarray:
+    """Queries near corpus images: a stored vector plus noise (a fifth of a unit vector's
+    length), renormalised."""
+    from align.corpus import Corpus
+
+    rng = np.random.default_rng(args.seed + 99)
+    sample = Corpus(f"{root}/index").vectors(rng.integers(0, args.images, args.queries))
+    noise = rng.normal(size=sample.shape).astype(np.float32) * (0.2 / np.sqrt(args.dim))
+    q = sample.astype(np.float32) + noise
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def main() -> None:
+    args = parse_args()
 
     import ray
 
-    from align.config import IndexConfig, ModelConfig
+    from align.config import IndexConfig
     from align.corpus import start_shard_actors
-    from align.index_build import write_index
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     tmp = None if args.workdir else tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR"))
     root = args.workdir or tmp.name
     shards = -(-args.images // args.shard_images)
     cfg = IndexConfig(type="ivfpq", num_shards=shards, ivf_nlist=args.nlist, ivf_nprobe=args.nprobe)
-    built = Path(root, "built.json")
-    if built.exists():  # a --workdir kept from an earlier run with the same arguments
-        times = json.loads(built.read_text())
-        manifest = json.loads(Path(root, "index", "_index.json").read_text())
-        write_s, build_s = times["write_s"], times["build_s"]
-    else:
-        t0 = time.perf_counter()
-        files = write_corpus(root, args.images, args.dim, args.shard_images, args.seed)
-        write_s = time.perf_counter() - t0
-        print(f"wrote {len(files)} scored shards in {write_s:.0f} s", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        manifest = write_index(files, f"{root}/index", cfg, ModelConfig(name="tiny-clip"))
-        build_s = time.perf_counter() - t0
-        built.write_text(json.dumps({"write_s": write_s, "build_s": build_s, "args": vars(args)}))
-    print(f"index built in {build_s:.0f} s, recall@10 {manifest['recall_at_10']:.3f}",
-          file=sys.stderr, flush=True)  # fmt: skip
-
-    rng = np.random.default_rng(args.seed + 99)
-    # Queries near corpus images: a stored vector plus noise, renormalised.
-    from align.corpus import Corpus
-
-    sample = Corpus(f"{root}/index").vectors(rng.integers(0, args.images, args.queries))
-    noise = rng.normal(size=sample.shape).astype(np.float32) * (0.2 / np.sqrt(args.dim))
-    q = sample.astype(np.float32) + noise  # a fifth of a unit vector's length
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-
+    manifest, write_s, build_s = build_or_reuse(args, root, cfg)
+    print(
+        f"index built in {build_s:.0f} s, recall@10 {manifest['recall_at_10']:.3f}",
+        file=sys.stderr,
+        flush=True,
+    )
+    q = near_queries(root, args)
     bare = bare_process_mb(root, args.dim, args.top_k)
     # Every shard actor must fit beside the retriever: half the machine's CPUs shared out.
     shard_cpus = args.shard_cpus or round(0.5 * os.cpu_count() / shards, 4)
@@ -252,48 +287,57 @@ def main() -> None:
     print(f"retrieval: {args.queries / retrieve_s:.1f} queries/s", file=sys.stderr, flush=True)
     serve_qps = serving_load(f"{root}/index", actors, q[: args.serve_queries], 10)
     shard_stats = ray.get([h.stats.remote() for h in actors.handles])
-    shard_mb = [m["peak_rss_mb"] for m in shard_stats]
     merged = None
     if args.merge_ondisk:
         merged = merged_serving(f"{root}/index", manifest, q[: args.serve_queries], 10)
-    largest = shard_stats[int(np.argmax(shard_mb))]
-    processes = [retriever_mb, *shard_mb]
-    total = sum(processes)
-    print(
-        json.dumps(
-            {
-                "images": args.images,
-                "dim": args.dim,
-                "shard_images": args.shard_images,
-                "shards": shards,
-                "index": manifest["spec"],
-                "write_s": round(write_s, 1),
-                "build_s": round(build_s, 1),
-                "recall_at_10": round(manifest["recall_at_10"], 4),
-                "recall_queries": manifest["recall"]["queries"],
-                "queries": args.queries,
-                "top_k": args.top_k,
-                "qps": round(args.queries / retrieve_s, 1),
-                "serve_qps": round(serve_qps, 1),
-                "peak_rss_largest_mb": round(max(processes), 1),
-                "peak_rss_retriever_mb": round(retriever_mb, 1),
-                "peak_rss_shard_actor_mb": round(max(shard_mb), 1),
-                # That actor's resident memory at the end, by kind (shmem: Ray's object store).
-                "shard_actor_now_mb": {k: round(v, 1) for k, v in largest.items()},
-                "peak_rss_sum_mb": round(total, 1),
-                "bare_process_mb": round(bare, 1),
-                "ram_bytes_per_image": round((total - bare * len(processes)) * 2**20 / args.images),
-                "ram_bytes_per_image_raw": round(total * 2**20 / args.images),
-                "disk_bytes_per_image": round(
-                    sum(f.stat().st_size for f in Path(root, "index").iterdir()) / args.images
-                ),
-                "merged_ondisk": merged,
-                "cpus": os.cpu_count(),
-            }
-        )
-    )
+    measured = {
+        "write_s": write_s,
+        "build_s": build_s,
+        "retrieve_s": retrieve_s,
+        "serve_qps": serve_qps,
+        "retriever_mb": retriever_mb,
+        "bare_mb": bare,
+    }
+    print(json.dumps(summary(args, root, manifest, measured, shard_stats, merged)))
     if tmp is not None:
         tmp.cleanup()
+
+
+def summary(args, root: str, manifest: dict, measured: dict, shard_stats: list, merged) -> dict:
+    """The one JSON line the benchmark prints (the module docstring lists its keys)."""
+    shard_mb = [m["peak_rss_mb"] for m in shard_stats]
+    largest = shard_stats[int(np.argmax(shard_mb))]
+    processes = [measured["retriever_mb"], *shard_mb]
+    total, bare = sum(processes), measured["bare_mb"]
+    return {
+        "images": args.images,
+        "dim": args.dim,
+        "shard_images": args.shard_images,
+        "shards": len(shard_stats),
+        "index": manifest["spec"],
+        "write_s": round(measured["write_s"], 1),
+        "build_s": round(measured["build_s"], 1),
+        "recall_at_10": round(manifest["recall_at_10"], 4),
+        "recall_queries": manifest["recall"]["queries"],
+        "queries": args.queries,
+        "top_k": args.top_k,
+        "qps": round(args.queries / measured["retrieve_s"], 1),
+        "serve_qps": round(measured["serve_qps"], 1),
+        "peak_rss_largest_mb": round(max(processes), 1),
+        "peak_rss_retriever_mb": round(measured["retriever_mb"], 1),
+        "peak_rss_shard_actor_mb": round(max(shard_mb), 1),
+        # That actor's resident memory at the end, by kind (shmem: Ray's object store).
+        "shard_actor_now_mb": {k: round(v, 1) for k, v in largest.items()},
+        "peak_rss_sum_mb": round(total, 1),
+        "bare_process_mb": round(bare, 1),
+        "ram_bytes_per_image": round((total - bare * len(processes)) * 2**20 / args.images),
+        "ram_bytes_per_image_raw": round(total * 2**20 / args.images),
+        "disk_bytes_per_image": round(
+            sum(f.stat().st_size for f in Path(root, "index").iterdir()) / args.images
+        ),
+        "merged_ondisk": merged,
+        "cpus": os.cpu_count(),
+    }
 
 
 if __name__ == "__main__":

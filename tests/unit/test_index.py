@@ -15,7 +15,7 @@ def test_index_type_follows_size_and_memory_budget():
     assert choose_index(1000, 64, cfg).type == "flat"
     assert choose_index(100_000, 64, cfg).type == "hnsw"  # 100k x (256 + 256) B = 49 MB
     spec = choose_index(1_000_000, 64, cfg)  # ~490 MB of HNSW: over budget
-    assert spec.type == "ivfpq" and 64 % spec.params["m"] == 0 and spec.params["nlist"] == 4000
+    assert spec.type == "ivfpq" and 64 % spec.params["m"] == 0 and spec.params["nlist"] == 16384
     assert choose_index(10, 64, IndexConfig(type="hnsw")).type == "hnsw"
 
 
@@ -53,3 +53,27 @@ def test_ivfpq_shards_share_one_trained_quantizer():
         centroids = part.quantizer.reconstruct_n(0, 32)
         np.testing.assert_array_equal(centroids, parts[0].quantizer.reconstruct_n(0, 32))
     assert sum(p.ntotal for p in parts) == len(x)
+
+
+def test_hnsw_coarse_quantizer_trains_searches_and_reads_back_memory_mapped(tmp_path):
+    """The quantizer the sizing picks from 4,096 lists (forced here at 64, to stay small): trained,
+    added to, its search as deep as twice nprobe, and read back as the corpus reads a shard."""
+    import faiss
+
+    from align.index import set_nprobe
+
+    x = unit_vectors(6000, 16, seed=4)
+    spec = choose_index(len(x), 16, IndexConfig(type="ivfpq", ivf_nlist=64, ivf_nprobe=8))
+    flat = build_index(x, spec)
+    spec.params["quantizer"] = "hnsw"
+    index = build_index(x, spec)
+    quantizer = faiss.downcast_index(index.quantizer)
+    assert isinstance(quantizer, faiss.IndexHNSWFlat) and quantizer.ntotal == 64
+    assert quantizer.hnsw.efSearch == 16 and index.nprobe == 8
+    hnsw_recall = measure_recall(index, x, n_queries=100)["recall_at_k"]
+    assert hnsw_recall >= measure_recall(flat, x, n_queries=100)["recall_at_k"] - 0.05
+    faiss.write_index(index, str(tmp_path / "shard.faiss"))
+    mapped = faiss.read_index(str(tmp_path / "shard.faiss"), faiss.IO_FLAG_MMAP)
+    set_nprobe(mapped, 32)
+    assert faiss.downcast_index(faiss.extract_index_ivf(mapped).quantizer).hnsw.efSearch == 64
+    assert measure_recall(mapped, x, n_queries=100)["recall_at_k"] >= hnsw_recall
