@@ -44,6 +44,17 @@ def _parquet_corpus(tmp_path):
     return corpus, ids, images, group_bytes
 
 
+def _tars(folder) -> dict:
+    """The served-corpus facts of a folder of WebDataset tars."""
+    return {
+        "input": str(folder),
+        "input_format": "webdataset",
+        "id_column": "image_id",
+        "image_column": None,
+        "path_column": None,
+    }
+
+
 def test_row_group_cache_is_bounded_by_bytes_least_recently_used_out_first(tmp_path):
     corpus, ids, images, group_bytes = _parquet_corpus(tmp_path)
     budget = 2 * max(group_bytes) + max(group_bytes) // 2  # two row groups fit, three do not
@@ -79,13 +90,7 @@ def test_a_tar_member_over_the_size_limit_is_refused(tmp_path, mode):
             info = tarfile.TarInfo(f"{key}.jpg")
             info.size = len(data)
             tar.addfile(info, _io.BytesIO(data))
-    corpus = {
-        "input": str(tmp_path),
-        "input_format": "webdataset",
-        "id_column": "image_id",
-        "image_column": None,
-        "path_column": None,
-    }
+    corpus = _tars(tmp_path)
     store = CorpusImages(corpus, np.array(list(members), dtype=object), max_member_bytes=1000)
     assert store.read("small") == members["small"]
     assert "large" in store and store.read("large") is None
@@ -96,13 +101,7 @@ def test_listing_a_tar_past_its_time_bound_is_an_error_naming_the_tar(tmp_path):
         info = tarfile.TarInfo("a.jpg")
         info.size = 3
         tar.addfile(info, _io.BytesIO(b"abc"))
-    corpus = {
-        "input": str(tmp_path),
-        "input_format": "webdataset",
-        "id_column": "image_id",
-        "image_column": None,
-        "path_column": None,
-    }
+    corpus = _tars(tmp_path)
     ids = np.array(["a"], dtype=object)
     # No reader starts within a millisecond: the listing is stopped at its bound.
     with pytest.raises(TarTimeout, match=r"shard-0\.tar: not read within 0\.001 s"):
