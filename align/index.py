@@ -149,7 +149,8 @@ def ivfpq_spec(n: int, dim: int, cfg: IndexConfig, shard_vectors: int) -> IndexS
         "vectors": n,
         "nlist_rule": "index.ivf_nlist" if cfg.ivf_nlist else NLIST_RULE,
         "quantizer_rule": f"HNSW{QUANTIZER_HNSW_M} from {HNSW_QUANTIZER_MIN_NLIST} lists, else exact",
-        "m_rule": f"largest m dividing {dim} whose codes + ids fit index.memory_budget_mb",
+        "m_rule": f"largest m dividing {dim}, at most {dim // 4}, whose codes + ids fit "
+        "index.memory_budget_mb",
         "shard_vectors": shard_vectors,
         "shard_bytes": shard_vectors * (m + ID_BYTES) + fixed,
         "budget_bytes": budget,
