@@ -1,14 +1,15 @@
 """Candidate retrieval and pairing stage (actor pool).
 
-For each query: top-K from the corpus (align.corpus: every index shard searched, merged) for the
+For each query: top-K from the corpus (align.corpus: every index shard searched as one) for the
 REWRITTEN query (or, by `retrieve_with`, the renormalised sum of the original and rewritten
 embeddings, or the original); the semantic score of each candidate is the reference model's
-cosine similarity to the ORIGINAL query, exact, computed by the shard that found it from its
-stored embeddings; the aesthetic score is index_corpus's combined score. The u x v grid then
+cosine similarity to the ORIGINAL query, exact, computed from the candidate's stored
+embedding; the aesthetic score is index_corpus's combined score. The u x v grid then
 gives the preference pairs (align.pairing), emitted as list columns, one row per query.
 
-The shards are loaded in this actor for a small corpus, or searched through one Ray actor per
-shard (`shard_actors`, started by the job) for a large one: no actor holds the corpus.
+The shards are loaded in this actor for a small corpus, or searched through search actors
+(`shard_actors`, started by the job: one per node, each holding a share of the shards) for a
+large one.
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ class IndexConfig(Section):
         1,
         ge=1,
         description=">1: index shards built in parallel Ray tasks (each reads only its own scored "
-        "files), searched by fan-out and merge.",
+        "files); a search assigns a query to IVF lists once and scans every shard's part of them.",
     )
     refine_factor: int = Field(
         8,
@@ -179,9 +179,18 @@ class IndexConfig(Section):
         2_000_000,
         ge=0,
         description="Consumers of an index (build_preferences) load every shard in their own "
-        "process up to this corpus size; beyond it each shard is held by one Ray actor.",
+        "process up to this corpus size; beyond it search actors hold the shards.",
     )
-    shard_actor_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each shard actor.")
+    search_actors: int | None = Field(
+        None,
+        ge=1,
+        description="Search actors over a corpus beyond in_process_max_vectors, each holding an "
+        "equal, contiguous share of the shards and placed one per node (None: one per node with "
+        "CPUs).",
+    )
+    shard_actor_cpus: float = Field(
+        1.0, ge=0, description="CPUs reserved by each search actor (and its FAISS threads)."
+    )
     merge_ondisk: bool = Field(
         False,
         description="IVF-PQ: also merge every shard's lists into one on-disk index "

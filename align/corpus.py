@@ -8,12 +8,14 @@ The IVF lists are memory-mapped (faiss.IO_FLAG_MMAP) and so is the rows file, so
 PQ codes and ids as it touches them, and processes on a node share the page cache. Embeddings are
 read by row (`StoredRows`, pread): the candidates' exact vectors, never the corpus's.
 
-`IndexShard` searches one shard: approximate candidates (refine_factor x k of them) re-scored
-exactly from the stored embeddings, and each candidate's similarity to a reference query (the
-ORIGINAL query in build_preferences) from the same vectors. `Corpus` fans a search out to every
-shard and merges the top-k by score: the shards live in this process for a small corpus, or in
-Ray actors that each hold one (`start_shard_actors`) when the corpus is larger than
-`index.in_process_max_vectors`. build_preferences, evaluate and serving all search through it.
+`ShardGroup` searches some shards of one index as one: the query is assigned to IVF lists once
+(the shards share one trained quantizer), each shard scans its part of those lists, and the
+candidates (refine_factor x k a shard) are re-scored exactly from the stored embeddings, with each
+candidate's similarity to a reference query (the ORIGINAL query in build_preferences) from the
+same vectors. `Corpus` searches every shard: in this process as one group, or, for a corpus
+larger than `index.in_process_max_vectors`, through search actors (`start_shard_actors`: one per
+node by default, each holding a share of the shards) whose answers it merges by score.
+build_preferences, evaluate and serving all search through it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from align.log import get_logger
 log = get_logger("corpus")
 ROWS_SUFFIX = ".rows.arrow"
 EMBEDDINGS_SUFFIX = ".embeddings.npy"
+# Calls in flight on one search actor: FAISS and the reads of stored rows release the GIL, so
+# several retrievers' batches, or serving's single queries, overlap.
+SEARCH_CALLS = 4
 # Candidate rows re-scored per chunk: bounds the float32 copy of their vectors.
 GATHER_ROWS = 1024
 ROW_COLUMNS = ("image_id", "aesthetic", "caption", "url")
@@ -71,38 +76,52 @@ class Candidates:
     reference: np.ndarray | None  # (Q, k) float32: exact cosine to the reference query
 
 
-class IndexShard:
-    """One memory-mapped index shard (a Ray actor's body when the corpus is served by actors)."""
+class ShardGroup:
+    """Some shards of one index held by one process and searched as one (the body of a search
+    actor when the corpus is served by actors: one per node). IVF-PQ shards share one trained
+    quantizer, so a query is assigned to its lists once and each shard scans its part of them
+    (FAISS search_preassigned, as IndexShardsIVF does); the process keeps one copy of the
+    quantizer. Flat and HNSW shards are searched one by one. Every shard's candidates are
+    re-scored exactly from the stored embeddings, then the top k of them all is kept."""
 
     def __init__(
         self,
         index_dir: str,
-        entry: dict,
+        entries: list[dict],
         spec: dict,
         refine_factor: int = DEFAULT_REFINE,
         threads: int | None = None,
     ):
-        """threads: FAISS's OpenMP threads, set in a shard actor to the CPUs it reserved (the
-        default, every core of the node, oversubscribes a node of many shard actors)."""
+        """threads: FAISS's OpenMP threads, set in a search actor to the CPUs it reserved (the
+        default, every core of the node, oversubscribes a node of several such actors)."""
         import faiss
 
         if threads:
             faiss.omp_set_num_threads(threads)
-        check_layout(index_dir, {"shards": [entry]})
-        path = shard_file(index_dir, entry, "file")
-        ivf = spec["type"] == "ivfpq"
-        self.index = faiss.read_index(
-            path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if ivf else 0
-        )
-        self.ivf = ivf
+        check_layout(index_dir, {"shards": entries})
+        self.ivf = spec["type"] == "ivfpq"
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if self.ivf else 0
+        self.indexes = []
+        for entry in entries:  # one at a time: a second quantizer copy is freed as it is read
+            self.indexes.append(faiss.read_index(shard_file(index_dir, entry, "file"), flags))
+            if self.ivf and len(self.indexes) > 1:
+                share_quantizer(self.indexes[0], self.indexes[-1])
+        # The IVF index inside each (views: `indexes` owns them).
+        self.ivfs = [faiss_ivf(index) for index in self.indexes] if self.ivf else []
+        self.nprobe = None
         if spec["params"].get("nprobe"):
             self.set_nprobe(spec["params"]["nprobe"])
         # Scores of a PQ index are approximate: take more candidates, re-score them exactly.
-        self.refine = refine_factor if ivf else 1
-        self.offset = int(entry["offset"])
-        self.count = int(entry["count"])
-        self.embeddings = StoredRows(shard_file(index_dir, entry, "embeddings_file"))
-        self.rows = open_rows(index_dir, [entry])
+        self.refine = refine_factor if self.ivf else 1
+        self.offset = int(entries[0]["offset"])
+        self.counts = np.array([e["count"] for e in entries], np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+        self.count = int(self.counts.sum())
+        self.embeddings = ShardedRows(
+            [StoredRows(shard_file(index_dir, e, "embeddings_file")) for e in entries],
+            self.starts,
+        )
+        self.rows = open_rows(index_dir, entries)
 
     def stats(self) -> dict:
         """This process's peak and current resident memory (for benchmarks)."""
@@ -114,25 +133,29 @@ class IndexShard:
         from align.index import set_nprobe
 
         if self.ivf:
-            set_nprobe(self.index, nprobe)
+            for index in self.indexes:
+                set_nprobe(index, nprobe)
+            self.nprobe = nprobe
 
     def vectors(self, local_rows: np.ndarray) -> np.ndarray:
-        """Stored embeddings of some rows of this shard, float16 (n, d)."""
+        """Stored embeddings of some rows of this group, float16 (n, d)."""
         return self.embeddings.read(local_rows)
 
     def search(self, queries: np.ndarray, k: int, reference: np.ndarray | None = None) -> dict:
-        """Top-k of this shard per query: exact scores, global rows, ids, aesthetic and (given
+        """Top-k of this group per query: exact scores, global rows, ids, aesthetic and (given
         reference, row-aligned with queries) each candidate's exact similarity to it."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(k, self.count)
-        depth = min(k * self.refine, self.count)
-        scores, rows = self.index.search(q, depth) if depth else _empty(len(q), 0)
+        scores, rows = self._approximate(q, min(k * self.refine, self.count))
         ref = None
         if self.refine > 1 or reference is not None:
             scores, rows, ref = self._exact(q, rows, k, reference)
+        elif len(self.indexes) > 1:  # flat or HNSW scores are exact: the top k in order
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
         found = rows >= 0
         safe = np.where(found, rows, 0)
-        take = lambda c: self.rows[c].take(safe.ravel()).to_numpy().reshape(rows.shape)  # noqa: E731
+        take = lambda c: self.rows.take(c, safe)  # noqa: E731
         return {
             "scores": np.where(found, scores, -np.inf).astype(np.float32),
             "rows": np.where(found, rows + self.offset, -1),
@@ -140,6 +163,34 @@ class IndexShard:
             "aesthetic": np.where(found, take("aesthetic"), np.nan).astype(np.float32),
             "reference": ref,
         }
+
+    def _approximate(self, q: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `depth` best candidates by approximate score over every shard, as one index over
+        them all would find them (the shards' codes share one codebook, so their scores compare):
+        (scores, rows of this group), in no order, -1 pads."""
+        assigned = None
+        if self.ivf:  # the lists of every shard's nearest centroids: one quantizer search
+            first = self.ivfs[0]
+            coarse, lists = first.quantizer.search(q, self.nprobe or first.nprobe)
+            assigned = (lists, coarse)
+        parts = []
+        for i, (start, count) in enumerate(zip(self.starts, self.counts, strict=True)):
+            n = int(min(depth, count))
+            if n == 0:
+                continue
+            if assigned is not None:
+                scores, rows = self.ivfs[i].search_preassigned(q, n, *assigned)
+            else:
+                scores, rows = self.indexes[i].search(q, n)
+            parts.append((scores, np.where(rows >= 0, rows + start, -1)))
+        if not parts:
+            return _empty(len(q), 0)
+        scores = np.concatenate([p[0] for p in parts], 1)
+        rows = np.concatenate([p[1] for p in parts], 1)
+        if scores.shape[1] > depth:
+            best = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
+            scores, rows = np.take_along_axis(scores, best, 1), np.take_along_axis(rows, best, 1)
+        return scores, rows
 
     def _exact(self, q: np.ndarray, rows: np.ndarray, k: int, reference: np.ndarray | None):
         """Re-score candidates from the stored embeddings, chunk by chunk of queries; keep the top
@@ -165,10 +216,10 @@ class IndexShard:
     def row_info(self, local_rows: np.ndarray) -> dict:
         """image_id, aesthetic, caption and url of some rows of this shard (Python lists)."""
         rows = np.asarray(local_rows, dtype=np.int64)
-        return {c: self.rows[c].take(rows).to_pylist() for c in ROW_COLUMNS}
+        return {c: self.rows.take(c, rows).tolist() for c in ROW_COLUMNS}
 
 
-class MergedShards(IndexShard):
+class MergedShards(ShardGroup):
     """index.merge_ondisk's one on-disk IVF index over every shard (single-node serving): one
     FAISS search over all the lists (memory-mapped from merged.ivfdata), global row ids; rows and
     exact embeddings read from each shard's own files by global row."""
@@ -180,12 +231,14 @@ class MergedShards(IndexShard):
         merged = manifest["merged"]
         # The lists file is found beside the index file, wherever the folder has moved.
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
-        self.index = faiss.read_index(f"{index_dir}/{merged['file']}", flags)
-        self.ivf = True
+        self.indexes = [faiss.read_index(f"{index_dir}/{merged['file']}", flags)]
+        self.ivfs = [faiss_ivf(self.indexes[0])]
+        self.ivf, self.nprobe = True, None
         if manifest["spec"]["params"].get("nprobe"):  # unset while the build chooses it
             self.set_nprobe(manifest["spec"]["params"]["nprobe"])
         self.refine = refine_factor
         self.offset, self.count = 0, int(manifest["count"])
+        self.counts, self.starts = np.array([self.count]), np.zeros(1, np.int64)
         shards = manifest["shards"]
         self.embeddings = ShardedRows(
             [StoredRows(shard_file(index_dir, s, "embeddings_file")) for s in shards],
@@ -194,21 +247,71 @@ class MergedShards(IndexShard):
         self.rows = open_rows(index_dir, shards)
 
 
-def open_rows(index_dir: str, shards: list[dict]) -> dict:
-    """The row columns of some shards' rows files, in order, as chunked arrays over their memory
-    maps (combining the chunks would copy the files to the heap)."""
+def faiss_ivf(index):
+    """The IVF index inside a FAISS index (as read from a shard file)."""
+    import faiss
+
+    return faiss.extract_index_ivf(index)
+
+
+def share_quantizer(first, other) -> None:
+    """Point `other`'s IVF index at `first`'s coarse quantizer and free its own copy: shards of
+    one build are added to one trained index, so their quantizers are equal (at 16,384 lists of
+    d = 512 with an HNSW graph, 36 MB a copy)."""
+    import faiss
+
+    keep, drop = faiss_ivf(first), faiss_ivf(other)
+    own = drop.quantizer
+    drop.quantizer = keep.quantizer
+    if drop.own_fields:
+        drop.own_fields = False
+        # Freed in C++ by a container that owns it: handing ownership to the Python proxy
+        # instead corrupted the heap when the shards were later freed (FAISS 1.15).
+        holder = faiss.IndexShards(own.d)
+        holder.add_shard(own)
+        holder.own_indices = True
+        del holder
+
+
+def open_rows(index_dir: str, shards: list[dict]) -> RowColumns:
+    """The row columns of some shards' rows files, in order, over their memory maps."""
     import pyarrow as pa
 
     tables = [
         pa.ipc.open_file(pa.memory_map(shard_file(index_dir, s, "rows_file"))).read_all()
         for s in shards
     ]
-    return {
-        c: pa.chunked_array(
-            [k for t in tables for k in t[c].chunks], tables[0].schema.field(c).type
-        )
-        for c in ROW_COLUMNS
-    }
+    return RowColumns({c: [k for t in tables for k in t[c].chunks] for c in ROW_COLUMNS})
+
+
+class RowColumns:
+    """Columns as lists of Arrow chunks (memory-mapped record batches), read by row from the chunk
+    that holds each: the cost of a read is its rows, not the column's (ChunkedArray.take combines
+    the chunks first, a copy of the whole column per call; combining them once would copy the
+    files to the heap)."""
+
+    def __init__(self, chunks: dict[str, list]):
+        self.chunks = chunks
+        self.starts = {
+            c: np.cumsum([0, *[len(k) for k in parts]]).astype(np.int64)
+            for c, parts in chunks.items()
+        }
+
+    def take(self, column: str, rows: np.ndarray) -> np.ndarray:
+        """The column's values at rows (int64, any shape): float32 for numbers, else objects."""
+        import pyarrow as pa
+
+        rows = np.asarray(rows, dtype=np.int64)
+        flat, starts, parts = rows.ravel(), self.starts[column], self.chunks[column]
+        chunk = np.searchsorted(starts, flat, side="right") - 1
+        numeric = pa.types.is_floating(parts[0].type) if parts else False
+        out = np.empty(len(flat), np.float32 if numeric else object)
+        for c in np.unique(chunk):
+            where = chunk == c
+            out[where] = (
+                parts[c].take(pa.array(flat[where] - starts[c])).to_numpy(zero_copy_only=False)
+            )
+        return out.reshape(rows.shape)
 
 
 class ShardedRows:
@@ -304,60 +407,86 @@ def read_index_manifest(index_dir: str) -> dict:
     return io.read_json(path)
 
 
-def actor_names(index_dir: str, manifest: dict) -> list[str]:
-    """Names of the shard actors of one index (one per shard, unique to the index folder and its
-    build: an index rebuilt in place gets new actors, never the old build's)."""
+def shard_groups(shards: int, groups: int) -> list[range]:
+    """`shards` split into at most `groups` contiguous runs of near-equal length."""
+    bounds = np.linspace(0, shards, min(groups, shards) + 1).round().astype(int)
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def actor_names(index_dir: str, manifest: dict, groups: int) -> list[str]:
+    """Names of the search actors of one index split into `groups` (unique to the index folder,
+    its build and the split: an index rebuilt in place gets new actors, never the old build's)."""
     key = hashlib.sha1(io.absolute(index_dir).encode())
     key.update(json.dumps(manifest["shards"], sort_keys=True, default=str).encode())
     key = key.hexdigest()[:12]
-    return [f"index-shard-{key}-{i}" for i in range(len(manifest["shards"]))]
+    return [f"index-search-{key}-{groups}-{i}" for i in range(groups)]
 
 
 @dataclass
 class ShardActors:
-    """The shard actors of one index: pass `names` to a `Corpus` in any process of the job; keep
+    """The search actors of one index: pass `names` to a `Corpus` in any process of the job; keep
     this object while they are needed (an actor is gone once no handle to it is left)."""
 
     names: list[str]
     handles: list
 
 
-def start_shard_actors(index_dir: str, num_cpus: float, refine_factor: int) -> ShardActors:
-    """One Ray actor per shard of the index, each holding only its shard (an actor already
-    running under a name is reused); loaded, or failed, before this returns."""
+def cpu_nodes() -> list[str]:
+    """Node ids of the cluster's live nodes that have CPUs."""
     import ray
 
+    return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+
+
+def start_shard_actors(
+    index_dir: str, num_cpus: float, refine_factor: int, actors: int | None = None
+) -> ShardActors:
+    """Search actors over the index's shards (`actors` of them, default one per node with CPUs),
+    each holding a contiguous share of the shards as one `ShardGroup`, placed one per node where
+    it can (an actor already running under a name is reused); loaded, or failed, before this
+    returns."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     manifest = read_index_manifest(index_dir)
-    names = actor_names(index_dir, manifest)
+    nodes = cpu_nodes()
+    groups = shard_groups(len(manifest["shards"]), actors or max(1, len(nodes)))
+    names = actor_names(index_dir, manifest, len(groups))
     needed, total = num_cpus * len(names), ray.cluster_resources().get("CPU", 0)
     if needed > total:  # an autoscaling cluster may still add nodes: say why it may wait
         log.warning(
-            "%d shard actors x index.shard_actor_cpus %.3g = %.3g CPUs, the cluster has %.3g now: "
-            "they start as CPUs free up (lower index.shard_actor_cpus, or fewer, larger shards)",
+            "%d search actors x index.shard_actor_cpus %.3g = %.3g CPUs, the cluster has %.3g "
+            "now: they start as CPUs free up (lower index.shard_actor_cpus or index.search_actors)",
             len(names),
             num_cpus,
             needed,
             total,
         )
-    actor = ray.remote(IndexShard)
+    actor = ray.remote(ShardGroup)
     threads = max(1, math.ceil(num_cpus))  # FAISS's threads: the CPUs each actor reserved
-    handles = [
-        actor.options(name=name, get_if_exists=True, num_cpus=num_cpus).remote(
-            index_dir, entry, manifest["spec"], refine_factor, threads
+    handles = []
+    for i, (name, group) in enumerate(zip(names, groups, strict=True)):
+        # Soft: an actor whose node is gone restarts on another.
+        place = NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) if nodes else None
+        options = {"name": name, "get_if_exists": True, "num_cpus": num_cpus}
+        entries = [manifest["shards"][j] for j in group]
+        handles.append(
+            actor.options(
+                **options, scheduling_strategy=place, max_concurrency=SEARCH_CALLS
+            ).remote(index_dir, entries, manifest["spec"], refine_factor, threads)
         )
-        for name, entry in zip(names, manifest["shards"], strict=True)
-    ]
     ray.get([h.stats.remote() for h in handles])
     return ShardActors(names, handles)
 
 
 def use_shard_actors(manifest: dict, in_process_max_vectors: int) -> bool:
-    """A corpus larger than the in-process bound is searched by one actor per shard."""
+    """A corpus larger than the in-process bound is searched by search actors."""
     return manifest["count"] > in_process_max_vectors
 
 
 class Corpus:
-    """Every shard of an index, searched by fan-out and merge; FAISS-like `search` too."""
+    """Every shard of an index, searched as one group in this process or by search actors that
+    each hold a share of the shards (their answers merged); FAISS-like `search` too."""
 
     def __init__(
         self,
@@ -373,20 +502,20 @@ class Corpus:
         self.index_dir = index_dir
         self.manifest = read_index_manifest(index_dir)
         self.spec = self.manifest["spec"]
-        self.offsets = np.array([s["offset"] for s in self.manifest["shards"]], np.int64)
+        shards = self.manifest["shards"]
         self.remote = shard_actors is not None
         if self.remote:
             import ray
 
-            self.shards = [ray.get_actor(name) for name in shard_actors]
-        elif "merged" in self.manifest and merged is not False:
-            self.shards = [MergedShards(index_dir, self.manifest, refine_factor)]
-            self.offsets = np.zeros(1, np.int64)
+            self.groups = [ray.get_actor(name) for name in shard_actors]
+            split = shard_groups(len(shards), len(shard_actors))
+            self.offsets = np.array([shards[g[0]]["offset"] for g in split], np.int64)
+            return
+        self.offsets = np.zeros(1, np.int64)
+        if "merged" in self.manifest and merged is not False:
+            self.groups = [MergedShards(index_dir, self.manifest, refine_factor)]
         else:
-            self.shards = [
-                IndexShard(index_dir, entry, self.spec, refine_factor)
-                for entry in self.manifest["shards"]
-            ]
+            self.groups = [ShardGroup(index_dir, shards, self.spec, refine_factor)]
 
     @property
     def ntotal(self) -> int:
@@ -397,24 +526,26 @@ class Corpus:
         return int(self.manifest["dim"])
 
     def _each(self, method: str, args: list[tuple]) -> list:
-        """Call `method` on every shard (args per shard), in parallel when they are actors."""
+        """Call `method` on every group (args per group), in parallel when they are actors."""
         if self.remote:
             import ray
 
             return ray.get(
-                [getattr(s, method).remote(*a) for s, a in zip(self.shards, args, strict=True)]
+                [getattr(s, method).remote(*a) for s, a in zip(self.groups, args, strict=True)]
             )
-        return [getattr(s, method)(*a) for s, a in zip(self.shards, args, strict=True)]
+        return [getattr(s, method)(*a) for s, a in zip(self.groups, args, strict=True)]
 
     def candidates(self, queries: np.ndarray, k: int, reference: np.ndarray | None = None):
-        """Top-k over the corpus per query (`Candidates`), merged from every shard's top-k."""
+        """Top-k over the corpus per query (`Candidates`), merged from every group's top-k."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         args = (q, k, reference)
-        if self.remote:  # one copy in the object store for every shard actor
+        if self.remote:  # one copy in the object store for every search actor
             import ray
 
             args = (ray.put(q), k, None if reference is None else ray.put(reference))
-        parts = self._each("search", [args] * len(self.shards))
+        parts = self._each("search", [args] * len(self.groups))
+        if len(parts) == 1:  # already the top k, in order
+            return Candidates(**parts[0])
         join = lambda key: np.concatenate([p[key] for p in parts], axis=1)  # noqa: E731
         scores = join("scores")
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -428,22 +559,22 @@ class Corpus:
         )
 
     def set_nprobe(self, nprobe: int) -> None:
-        """IVF lists every shard searches per query (the build tries several to choose one)."""
-        self._each("set_nprobe", [(nprobe,)] * len(self.shards))
+        """IVF lists searched per query (the build tries several to choose one)."""
+        self._each("set_nprobe", [(nprobe,)] * len(self.groups))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, global rows) like a FAISS index's search."""
         found = self.candidates(queries, k)
         return found.scores, found.rows
 
-    def _by_shard(self, rows: np.ndarray) -> tuple[np.ndarray, list[tuple]]:
-        shard = np.searchsorted(self.offsets, rows, side="right") - 1
-        return shard, [(rows[shard == s] - self.offsets[s],) for s in range(len(self.shards))]
+    def _by_group(self, rows: np.ndarray) -> tuple[np.ndarray, list[tuple]]:
+        group = np.searchsorted(self.offsets, rows, side="right") - 1
+        return group, [(rows[group == g] - self.offsets[g],) for g in range(len(self.groups))]
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """Stored (exact) embeddings of global rows, float16 (n, d)."""
         rows = np.asarray(rows, dtype=np.int64)
-        shard, args = self._by_shard(rows)
+        shard, args = self._by_group(rows)
         out = np.zeros((len(rows), self.d), np.float16)
         for s, part in enumerate(self._each("vectors", args)):
             out[shard == s] = part
@@ -452,7 +583,7 @@ class Corpus:
     def row_info(self, rows: np.ndarray) -> dict:
         """image_id, aesthetic, caption and url of global rows, in their order (lists)."""
         rows = np.asarray(rows, dtype=np.int64)
-        shard, args = self._by_shard(rows)
+        shard, args = self._by_group(rows)
         out = {c: np.full(len(rows), None, dtype=object) for c in ROW_COLUMNS}
         for s, part in enumerate(self._each("row_info", args)):
             for c in ROW_COLUMNS:
@@ -462,5 +593,5 @@ class Corpus:
     def memory(self) -> list[dict]:
         """Peak and current resident memory of each process holding shards."""
         if self.remote:
-            return self._each("stats", [()] * len(self.shards))
+            return self._each("stats", [()] * len(self.groups))
         return [process_memory()]

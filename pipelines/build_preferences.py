@@ -57,9 +57,9 @@ def output_dir(config: Config) -> str:
 
 def retrieve(bp: BuildPreferencesConfig, model: ModelConfig, queries, index_dir: str, search: dict):
     """The streaming pipeline over a Dataset of checked queries: rewrite -> embed both queries ->
-    retrieve, re-rank and pair (`search`: refine_factor and the shard actors' names, None to
+    retrieve, re-rank and pair (`search`: refine_factor and the search actors' names, None to
     load the shards per actor)."""
-    # The rewrite stage's CPUs: the embed and retrieval pools (and shard actors) hold the rest.
+    # The rewrite stage's CPUs: the embed and retrieval pools (and search actors) hold the rest.
     queries = queries.map_batches(
         good_queries, batch_format="pyarrow", num_cpus=bp.rewrite.num_cpus
     )
@@ -86,12 +86,15 @@ def retrieve(bp: BuildPreferencesConfig, model: ModelConfig, queries, index_dir:
 
 
 def corpus_search(cfg: IndexConfig, index_dir: str, index_manifest: dict):
-    """How the retrieval actors search: the shards in each actor for a small corpus, else one
-    Ray actor per shard, started here: (the retrieval stage's kwargs, the actors to keep)."""
+    """How the retrieval actors search: the shards in each actor for a small corpus, else
+    search actors (one per node by default) started here: (the retrieval stage's kwargs, the
+    actors to keep)."""
     actors = None
     if use_shard_actors(index_manifest, cfg.in_process_max_vectors):
-        log.info("%d vectors: one actor per index shard", index_manifest["count"])
-        actors = start_shard_actors(f"{index_dir}/index", cfg.shard_actor_cpus, cfg.refine_factor)
+        actors = start_shard_actors(
+            f"{index_dir}/index", cfg.shard_actor_cpus, cfg.refine_factor, cfg.search_actors
+        )
+        log.info("%d vectors: %d search actors", index_manifest["count"], len(actors.names))
     return {
         "refine_factor": cfg.refine_factor,
         "shard_actors": actors.names if actors else None,

@@ -1,6 +1,7 @@
 """align.corpus over a corpus split into several index shards (real FAISS, real Ray actors): the
-merged search equals one flat index over everything, reference similarities equal numpy, and the
-in-process and actor-per-shard paths give the same answer."""
+search over every shard equals one flat index over everything, reference similarities equal
+numpy, one quantizer search over IVF shards finds what searching each shard alone finds, and the
+in-process and search-actor paths give the same answer."""
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +11,7 @@ from actors.score import scored_to_arrow
 from align import io
 from align.config import IndexConfig, ModelConfig
 from align.contracts import SCORED, SCORER_COLUMN_PREFIX, conform
-from align.corpus import Corpus, MergedShards, start_shard_actors
+from align.corpus import Corpus, MergedShards, ShardGroup, start_shard_actors
 from align.index_build import write_index
 
 pytestmark = pytest.mark.integration
@@ -79,13 +80,13 @@ def test_shards_merged_equal_one_flat_index_and_numpy(corpus):
     assert info["image_id"] == [ids[-1], ids[0], ids[450]]
 
 
-def test_one_actor_per_shard_answers_as_the_shards_in_process(corpus):
+def test_search_actors_holding_shares_of_the_shards_answer_as_the_shards_in_process(corpus):
     root, x, ids, _ = corpus
-    for kind in ("flat", "ivfpq"):
-        actors = start_shard_actors(f"{root}/{kind}", num_cpus=0.1, refine_factor=4)
-        assert len(actors.handles) == 3
+    for kind, actors in (("flat", 2), ("ivfpq", None)):  # None: one per node (this one)
+        started = start_shard_actors(f"{root}/{kind}", 0.1, refine_factor=4, actors=actors)
+        assert len(started.handles) == (actors or 1)
         remote, local = (
-            Corpus(f"{root}/{kind}", shard_actors=actors.names),
+            Corpus(f"{root}/{kind}", shard_actors=started.names),
             Corpus(f"{root}/{kind}", refine_factor=4),  # as the actors re-score
         )
         q, reference = _queries(x, 3), _queries(x, 4)
@@ -94,7 +95,34 @@ def test_one_actor_per_shard_answers_as_the_shards_in_process(corpus):
         np.testing.assert_array_equal(a.rows, b.rows)
         np.testing.assert_allclose(a.reference, b.reference, rtol=1e-6)
         np.testing.assert_array_equal(a.ids, ids[a.rows])
-        assert [m["peak_rss_mb"] > 0 for m in remote.memory()] == [True] * 3
+        rows = np.array([len(x) - 1, 0, 450, 899])  # rows of every share, out of order
+        np.testing.assert_allclose(remote.vectors(rows), x[rows], atol=1e-3)
+        assert remote.row_info(rows)["image_id"] == list(ids[rows])
+        assert [m["peak_rss_mb"] > 0 for m in remote.memory()] == [True] * (actors or 1)
+
+
+def test_one_quantizer_search_over_ivf_shards_finds_what_each_shard_finds_alone(corpus):
+    """The group assigns a query to lists once and scans each shard's part: the candidates it
+    re-scores are the best by PQ score of what every shard finds searched by itself (its own
+    quantizer), as one index over them all would find them; one quantizer is kept."""
+    import faiss
+
+    root, x, _, _ = corpus
+    corpus = Corpus(f"{root}/ivfpq")
+    group = corpus.groups[0]
+    assert isinstance(group, ShardGroup) and len(group.indexes) == 3
+    quantizers = {int(faiss.extract_index_ivf(i).quantizer.this) for i in group.indexes}
+    assert len(quantizers) == 1
+    shards, spec = corpus.manifest["shards"], corpus.manifest["spec"]
+    alone = [ShardGroup(f"{root}/ivfpq", [entry], spec) for entry in shards]
+    q, depth = _queries(x, 9), 40
+    scores, rows = group._approximate(q, depth)
+    parts = [s._approximate(q, depth) for s in alone]
+    every = np.concatenate([p[0] for p in parts], axis=1)
+    every_rows = np.concatenate([p[1] + s.offset for p, s in zip(parts, alone, strict=True)], 1)
+    best = np.take_along_axis(every_rows, np.argsort(-every, axis=1)[:, :depth], 1)
+    assert rows.shape == (len(q), depth)
+    assert [set(a) for a in rows] == [set(b) for b in best]
 
 
 def assert_exact_scores(found, x, q, reference):
@@ -127,7 +155,7 @@ def test_ondisk_merge_searches_every_shard_in_one_index(corpus):
     rows, the same exact scores and reference similarities; a rebuild without it removes it."""
     root, x, ids, aesthetic = corpus
     merged = Corpus(f"{root}/merged")
-    assert isinstance(merged.shards[0], MergedShards) and len(merged.shards) == 1
+    assert isinstance(merged.groups[0], MergedShards) and len(merged.groups) == 1
     assert merged.manifest["merged"]["count"] == len(x) and merged.manifest["recall_at_10"] >= 0.9
     params = merged.manifest["spec"]["params"]
     code_bytes = -(-params["m"] * params["nbits"] // 8)
@@ -149,4 +177,4 @@ def test_ondisk_merge_searches_every_shard_in_one_index(corpus):
     write_index(files, f"{root}/merged", cfg, ModelConfig(name="tiny-clip"))
     assert not (root / "merged" / "merged.faiss").exists()
     assert not (root / "merged" / "merged.ivfdata").exists()
-    assert len(Corpus(f"{root}/merged").shards) == 3
+    assert not isinstance(Corpus(f"{root}/merged").groups[0], MergedShards)

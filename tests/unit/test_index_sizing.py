@@ -11,9 +11,15 @@ from actors.score import scored_to_arrow
 from align import io
 from align.config import IndexConfig, ModelConfig
 from align.contracts import SCORED, SCORER_COLUMN_PREFIX, conform
-from align.corpus import Corpus
+from align.corpus import Corpus, faiss_ivf
 from align.errors import UserError
-from align.index import choose_index, recall_at_k, train_index
+from align.index import (
+    TWO_LEVEL_MIN_NLIST,
+    choose_index,
+    proportional_shares,
+    recall_at_k,
+    train_index,
+)
 from align.index_build import write_index
 
 FAISS_WARNING = "WARNING clustering"
@@ -136,6 +142,32 @@ def test_train_index_fits_a_small_sample_without_warnings(capfd):
     assert FAISS_WARNING not in capfd.readouterr().err
 
 
+def test_thousands_of_lists_train_in_two_levels_with_39_vectors_a_list(capfd):
+    """From TWO_LEVEL_MIN_NLIST lists the coarse centroids come from two-level k-means: exactly
+    nlist of them, every list used by the training vectors, an HNSW quantizer over them, the rule
+    recorded, and no FAISS warning (each sub-cluster gets centroids in proportion to its size)."""
+    import faiss
+
+    nlist = TWO_LEVEL_MIN_NLIST
+    x = clustered(39 * nlist, 8, seed=5, clusters=500, noise=0.3)
+    spec = choose_index(len(x), 8, IndexConfig(type="ivfpq", ivf_nlist=nlist))
+    index = faiss.deserialize_index(np.frombuffer(train_index(x, spec), dtype=np.uint8))
+    quantizer = faiss.downcast_index(faiss_ivf(index).quantizer)
+    assert isinstance(quantizer, faiss.IndexHNSWFlat) and quantizer.ntotal == nlist
+    assert spec.sizing["coarse_training"].startswith("two-level k-means")
+    _, lists = quantizer.search(x, 1)
+    assert len(np.unique(lists)) > 0.9 * nlist  # the centroids sit where the vectors are
+    assert FAISS_WARNING not in capfd.readouterr().err
+
+
+def test_proportional_shares_sum_to_the_total_and_never_exceed_a_group():
+    sizes = np.array([1, 2, 7, 40, 950])
+    for total in (5, 17, 100, 1000):
+        shares = proportional_shares(sizes, total)
+        assert shares.sum() == total and (shares <= sizes).all()
+        assert (np.abs(shares - sizes * total / sizes.sum()) < 1).all()
+
+
 def test_chosen_nprobe_reaches_the_target_recall(tmp_path, capfd):
     """20,000 clustered vectors (d = 32): nprobe is the smallest power of two whose recall@10,
     exact re-scoring included, reaches index.target_recall on the held-back sample vectors; the
@@ -152,7 +184,8 @@ def test_chosen_nprobe_reaches_the_target_recall(tmp_path, capfd):
     assert params["nprobe"] > 1  # the target needed more than one list
     assert manifest["recall"]["queries"] == 200 and manifest["recall_at_10"] >= 0.95
     corpus = Corpus(f"{tmp_path}/index", refine_factor=2)
-    assert [s.index.nprobe for s in corpus.shards] == [params["nprobe"]] * 2
+    (group,) = corpus.groups
+    assert [faiss_ivf(index).nprobe for index in group.indexes] == [params["nprobe"]] * 2
     stored = x.astype(np.float16).astype(np.float32)  # what the exact re-scoring reads
     q = stored[np.random.default_rng(4).choice(len(x), 200, replace=False)]
     truth = np.argsort(-(q @ stored.T), axis=1)[:, :10]
