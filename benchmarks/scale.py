@@ -12,15 +12,17 @@ the PQ code the memory budget holds, nprobe chosen at build time to reach index.
    IVF-PQ once, one task per shard, nprobe chosen and recall@10 measured against exact search
    streamed over the shards).
 3. build_preferences' retrieval: the real CandidateRetriever stage, in a Ray actor, over
-   `--queries` query vectors (perturbed corpus vectors), searching through one actor per shard.
-4. A serving search load: single-query searches (`--serve-queries`) from 4 threads through the
-   same shard actors, as a VectorIndex replica over a large corpus would.
+   `--queries` query vectors (perturbed corpus vectors), searching through the search actors
+   (one per node: here one, holding every shard, on `--shard-cpus`).
+4. The serving path: single-query searches (`--serve-queries`) from 4 client threads to one
+   process holding `Corpus(index)` as a VectorIndex replica does (every shard, one search).
 5. With --merge-ondisk: the shards merged into one on-disk index (index.merge_ondisk's code),
    its recall@10 against exact search, and the same single-query load on one process holding it.
-Prints one JSON line: images, build_s, recall_at_10, qps (retrieval), serve_qps,
-peak_rss_largest_mb (the largest retrieval process), peak_rss_sum_mb (all of them: the shard
-actors and the retriever), ram_bytes_per_image (that sum less each process's bare footprint,
-over the images; `ram_bytes_per_image_raw` without subtracting it) and the settings.
+Prints one JSON line: images, build_s, recall_at_10, qps (retrieval), serve_qps, serve_p50_ms,
+serve_p99_ms, peak_rss_replica_mb (the serving process), peak_rss_largest_mb (the largest
+process of all), peak_rss_sum_mb (the retrieval processes: the search actors and the retriever),
+ram_bytes_per_image (that sum less each process's bare footprint, over the images;
+`ram_bytes_per_image_raw` without subtracting it) and the settings.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def write_corpus(root: str, images: int, dim: int, shard_images: int, seed: int)
 
 
 def bare_process_mb(root: str, dim: int, top_k: int) -> float:
-    """Peak RSS of a shard actor over a 1,000-image index after it has answered searches as the
+    """Peak RSS of a search actor over a 1,000-image index after it has answered searches as the
     real ones do (through Corpus, with reference similarities): what every such process costs
     before its shard's size counts (Python, Ray's worker, numpy, pyarrow, FAISS, and the code and
     caches the first search loads: about 45 MB more than an actor that has searched nothing)."""
@@ -145,15 +147,50 @@ def retrieval_load(index_corpus_dir: str, actors, queries: np.ndarray, top_k: in
     return seconds, memory
 
 
-def serving_load(index_dir: str, actors, queries: np.ndarray, k: int) -> float:
-    """Single-query searches from 4 threads through the shard actors; returns queries/s."""
-    from align.corpus import Corpus
+def serving_load(index_dir: str, queries: np.ndarray, k: int) -> dict:
+    """The serving app's path: a VectorIndex replica holds `Corpus(index_dir)` in its process
+    (every shard, one quantizer search a query) and answers each query with its rows' ids and
+    captions. Single queries from 4 client threads to one Ray actor doing the same, after 100
+    warm-up queries; returns queries/s, p50 and p99 latency (client side, the actor call
+    included) and the replica's peak RSS."""
+    import ray
 
-    corpus = Corpus(index_dir, shard_actors=actors.names)
+    from align.corpus import Corpus, process_memory
+
+    class Replica:
+        def __init__(self, index_dir: str):
+            self.corpus = Corpus(index_dir)
+
+        def search(self, q: np.ndarray, k: int) -> np.ndarray:
+            found = self.corpus.candidates(q, k)
+            self.corpus.row_info(found.rows[0][found.rows[0] >= 0])
+            return found.rows
+
+        def memory(self) -> dict:
+            return process_memory()
+
+    server = ray.remote(num_cpus=1, max_concurrency=4)(Replica).remote(index_dir)
+    ray.get([server.search.remote(q[None], k) for q in queries[-100:]])
+    seconds = []
+
+    def one(q: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        ray.get(server.search.remote(q[None], k))
+        seconds.append(time.perf_counter() - t0)
+
     t0 = time.perf_counter()
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda q: corpus.search(q[None], k), queries))
-    return len(queries) / (time.perf_counter() - t0)
+        list(pool.map(one, queries[:-100]))
+    wall = time.perf_counter() - t0
+    memory = ray.get(server.memory.remote())
+    ray.kill(server)
+    ms = 1000 * np.array(seconds)
+    return {
+        "serve_qps": round(len(ms) / wall, 1),
+        "serve_p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "serve_p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "peak_rss_replica_mb": round(memory["peak_rss_mb"], 1),
+    }
 
 
 def merged_serving(index_dir: str, manifest: dict, queries: np.ndarray, k: int) -> dict:
@@ -210,7 +247,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=10_000)
     parser.add_argument("--serve-queries", type=int, default=1000)
     parser.add_argument("--top-k", type=int, default=64)
-    parser.add_argument("--shard-cpus", type=float, default=None, help="default: fit them all")
+    parser.add_argument(
+        "--shard-cpus", type=float, default=None, help="CPUs of the search actor (default: half)"
+    )
     parser.add_argument(
         "--workdir",
         default=None,
@@ -280,12 +319,13 @@ def main() -> None:
     )
     q = near_queries(root, args)
     bare = bare_process_mb(root, args.dim, args.top_k)
-    # Every shard actor must fit beside the retriever: half the machine's CPUs shared out.
-    shard_cpus = args.shard_cpus or round(0.5 * os.cpu_count() / shards, 4)
-    actors = start_shard_actors(f"{root}/index", shard_cpus, cfg.refine_factor)
+    # The search actors (one per node: one here) fit beside the retriever: half the CPUs.
+    cpus = args.shard_cpus or 0.5 * os.cpu_count()
+    actors = start_shard_actors(f"{root}/index", cpus, cfg.refine_factor)
     retrieve_s, retriever_mb = retrieval_load(root, actors, q, args.top_k, batch=256)
     print(f"retrieval: {args.queries / retrieve_s:.1f} queries/s", file=sys.stderr, flush=True)
-    serve_qps = serving_load(f"{root}/index", actors, q[: args.serve_queries], 10)
+    serving = serving_load(f"{root}/index", q[: args.serve_queries + 100], 10)
+    print(f"serving: {serving}", file=sys.stderr, flush=True)
     shard_stats = ray.get([h.stats.remote() for h in actors.handles])
     merged = None
     if args.merge_ondisk:
@@ -294,7 +334,7 @@ def main() -> None:
         "write_s": write_s,
         "build_s": build_s,
         "retrieve_s": retrieve_s,
-        "serve_qps": serve_qps,
+        "serving": serving,
         "retriever_mb": retriever_mb,
         "bare_mb": bare,
     }
@@ -313,7 +353,7 @@ def summary(args, root: str, manifest: dict, measured: dict, shard_stats: list, 
         "images": args.images,
         "dim": args.dim,
         "shard_images": args.shard_images,
-        "shards": len(shard_stats),
+        "shards": len(manifest["shards"]),
         "index": manifest["spec"],
         "write_s": round(measured["write_s"], 1),
         "build_s": round(measured["build_s"], 1),
@@ -322,10 +362,13 @@ def summary(args, root: str, manifest: dict, measured: dict, shard_stats: list, 
         "queries": args.queries,
         "top_k": args.top_k,
         "qps": round(args.queries / measured["retrieve_s"], 1),
-        "serve_qps": round(measured["serve_qps"], 1),
-        "peak_rss_largest_mb": round(max(processes), 1),
+        **measured["serving"],
+        "peak_rss_largest_mb": round(
+            max(*processes, measured["serving"]["peak_rss_replica_mb"]), 1
+        ),
         "peak_rss_retriever_mb": round(measured["retriever_mb"], 1),
-        "peak_rss_shard_actor_mb": round(max(shard_mb), 1),
+        "search_actors": len(shard_stats),
+        "peak_rss_search_actor_mb": round(max(shard_mb), 1),
         # That actor's resident memory at the end, by kind (shmem: Ray's object store).
         "shard_actor_now_mb": {k: round(v, 1) for k, v in largest.items()},
         "peak_rss_sum_mb": round(total, 1),
