@@ -411,7 +411,7 @@ def write_index(
         "dropped": cfg.drop_exact_duplicates,
     }
     manifest = write_index_manifest(index_dir, built, {}, model, found)
-    for name in (MERGED_FILE, MERGED_DATA):  # an earlier build's merge no longer matches
+    for name in (MERGED_FILE, MERGED_DATA):  # a merge left from another build would not match
         io.delete_file(f"{index_dir}/{name}")
     if cfg.merge_ondisk and manifest["spec"]["type"] == "ivfpq":
         calls = [(index_dir, manifest["shards"], built["trained"])]
