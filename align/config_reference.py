@@ -102,7 +102,14 @@ def anchor(heading: str) -> str:
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    """Text for one table cell: one line, pipes escaped, and outside code spans a `<` that would
+    open an HTML tag (`<ranker>`, `<k list>`) written as an entity so that it shows."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    parts = re.split(r"(`[^`]*`)", text)
+    return "".join(
+        part if part.startswith("`") else re.sub(r"<(?=[A-Za-z/!?])", "&lt;", part)
+        for part in parts
+    )
 
 
 def _doc(cls: type[BaseModel]) -> str:
