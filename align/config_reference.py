@@ -45,10 +45,15 @@ class Table:
 
 def section_class(annotation: Any) -> type[BaseModel] | None:
     """The section class of a field (`Section` or `Section | None`), else None."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
+    origin = get_origin(annotation)
+    if origin is None:  # generics (dict[...]) first: on Python 3.10 they pass isinstance(type)
+        return (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
     members = [a for a in get_args(annotation) if a is not type(None)]
-    if get_origin(annotation) in (Union, types.UnionType) and len(members) == 1:
+    if origin in (Union, types.UnionType) and len(members) == 1:
         return section_class(members[0])
     return None
 
