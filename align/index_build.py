@@ -58,7 +58,7 @@ def scored_rows(files: list[str]) -> list[int]:
 
 def hashed_rows(batch: dict):
     """Ray Data: rows naming scored files (path, number) -> each file's ok rows that carry a
-    sha256 (files written before hashes were have none): image_id, sha256 and `order` (the file's
+    sha256 (a file without that column has none): image_id, sha256 and `order` (the file's
     number, then the row), read by the worker."""
     import pyarrow.compute as pc
 
