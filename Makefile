@@ -8,7 +8,7 @@ CONFIG ?= configs/demo.yaml
 ARGS ?=
 CLIP_RETRIEVAL := 2.45.0
 
-.PHONY: demo test lint unit integration world env browser clean
+.PHONY: demo test lint unit integration world env browser docs clean
 
 env: $(STAMP)
 
@@ -40,6 +40,11 @@ demo: $(STAMP)
 
 world: $(STAMP)
 	$(PY) -m pipelines.make_world --config $(CONFIG) $(ARGS)
+
+# docs/configuration.md from the typed config models (tests/serve/test_config_reference.py
+# fails when the file differs from what this writes).
+docs: $(STAMP)
+	$(PY) -m serve.config_reference
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

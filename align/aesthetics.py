@@ -74,8 +74,8 @@ def lowlevel_measures(pixels: np.ndarray) -> dict[str, np.ndarray]:
     """Five classical measures, each mapped to [0, 1] with 1 = better.
 
     - sharpness: energy e of the Laplacian of the 2x-downsampled luminance, less the energy the
-      estimated noise puts there (so noise does not pass for detail); e / (e + 0.02). (The
-      earlier scale, 0.002, saturated on photos: a blurred photo kept 0.7 of a sharp one's 0.97.)
+      estimated noise puts there (so noise does not pass for detail); e / (e + 0.02). (A scale
+      of 0.002 saturates on photos: a blurred photo keeps 0.7 against a sharp one's 0.97.)
     - exposure: 1 - 2 |mean luminance - 0.5|, minus the share of clipped (near 0 or 1) pixels.
     - colourfulness: Hasler & Suesstrunk (2003) on the opponent channels rg, yb;
       c / (c + 0.15).

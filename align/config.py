@@ -388,7 +388,7 @@ class BuildPreferencesConfig(Section):
 
 
 class DpoConfig(Section):
-    """Retrieval DPO (PAPER.md, Finding 2; align.losses.retrieval_dpo_loss)."""
+    """Retrieval DPO (docs/method.md, Retrieval DPO; align.losses.retrieval_dpo_loss)."""
 
     beta: float = Field(0.1, gt=0)
     temperature: Literal["logit_scale"] | float = Field(

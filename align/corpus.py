@@ -46,11 +46,11 @@ DEFAULT_REFINE = IndexConfig.model_fields["refine_factor"].default
 
 
 class OldIndexLayout(UserError, ValueError):
-    """An index written before per-shard rows and embeddings files (rebuild: steps [index])."""
+    """An index folder without per-shard rows and embeddings files (rebuild: steps [index])."""
 
 
 def check_layout(index_dir: str, manifest: dict) -> None:
-    """Raises OldIndexLayout for an index built before align.corpus's per-shard files."""
+    """Raises OldIndexLayout for an index without align.corpus's per-shard files."""
     if any("rows_file" not in entry for entry in manifest.get("shards", [])):
         raise OldIndexLayout(
             f"index at {index_dir} predates per-shard rows and embeddings files: rebuild it "

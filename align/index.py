@@ -442,7 +442,7 @@ def read_scored_embeddings(files: list[str], exclude=None):
     """Embeddings (float32, n x d) and the (image_id, aesthetic, caption, url) table of the ok
     rows of scored shards, in file order, less the image ids in `exclude` (dropped exact
     duplicates): the order index_corpus adds them to the index, so row i of the result is row i
-    of the index. caption and url are null for shards written before them."""
+    of the index. caption and url are null for shards without those columns."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -607,7 +607,7 @@ def write_rating_embeddings(index_dir: str, level_sums: list[tuple]) -> str:
 
 
 def read_rating_embeddings(index_dir: str, manifest: dict) -> np.ndarray | None:
-    """The rating embeddings an index was built with, or None (an index built before them)."""
+    """The rating embeddings an index was built with, or None (an index without them)."""
     import io as _io
 
     from align import io

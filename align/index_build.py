@@ -58,7 +58,7 @@ def scored_rows(files: list[str]) -> list[int]:
 
 def hashed_rows(batch: dict):
     """Ray Data: rows naming scored files (path, number) -> each file's ok rows that carry a
-    sha256 (files written before hashes were have none): image_id, sha256 and `order` (the file's
+    sha256 (a file without that column has none): image_id, sha256 and `order` (the file's
     number, then the row), read by the worker."""
     import pyarrow.compute as pc
 
@@ -411,7 +411,7 @@ def write_index(
         "dropped": cfg.drop_exact_duplicates,
     }
     manifest = write_index_manifest(index_dir, built, {}, model, found)
-    for name in (MERGED_FILE, MERGED_DATA):  # an earlier build's merge no longer matches
+    for name in (MERGED_FILE, MERGED_DATA):  # a merge left from another build would not match
         io.delete_file(f"{index_dir}/{name}")
     if cfg.merge_ondisk and manifest["spec"]["type"] == "ivfpq":
         calls = [(index_dir, manifest["shards"], built["trained"])]

@@ -1,4 +1,5 @@
-"""Losses for the fine-tune: retrieval DPO and the CLIP contrastive loss (PAPER.md, Finding 2).
+"""Losses for the fine-tune: retrieval DPO and the CLIP contrastive loss
+(docs/method.md, Retrieval DPO).
 
 The model is treated as a policy over images given the query, pi(x|q) proportional to
 exp(s(q, x) / tau) with s the cosine similarity. The normaliser is shared by the chosen and the

@@ -131,8 +131,8 @@ def empty_output_dir(uri: str, job: str) -> None:
     A job's output is replaced, never appended to; but a folder holding files the job did not
     write (a user's data under a mistyped output path) is never emptied. The folder is the job's
     when it is missing or empty, or it or its parent (the job's output folder) carries this job's
-    `_written_by.json`, or the parent's `_manifest.json` names the job (outputs written before
-    the marker existed).
+    `_written_by.json`, or the parent's `_manifest.json` names the job (an output without the
+    marker).
 
     Raises:
         OutputNotOurs: naming the folder, when it holds files of something else.

@@ -1,4 +1,5 @@
-"""Preference pairs from a re-ranked candidate list: the paper's u x v grid (PAPER.md, Finding 2).
+"""Preference pairs from a re-ranked candidate list: the u x v grid
+(docs/method.md, Preference data).
 
 1. Order the candidates by semantic score (reference similarity to the ORIGINAL query) and take
    u * v of them with a stride: positions 0, s, 2s, ...

@@ -1,6 +1,6 @@
 """Query rewriting: spell out the aesthetic expectations a person has but does not type.
 
-The paper (PAPER.md, Finding 1) compares prompt variants for an LLM rewriter:
+The paper (docs/method.md, Query rewriting) compares prompt variants for an LLM rewriter:
 
 - `original`: no rewrite (the baseline);
 - `repeat`: the query repeated, a length control;

@@ -3,7 +3,8 @@ learning-rate schedule, the DeepSpeed config, and the metrics plot.
 
 One step is one forward of the model over every image and text of the step: the chosen and the
 rejected images and the queries of the pair batch (retrieval DPO), and the images and captions of
-the caption batch (CLIP InfoNCE). total = L_dpo + lambda * L_contrastive (PAPER.md, Finding 2).
+the caption batch (CLIP InfoNCE). total = L_dpo + lambda * L_contrastive
+(docs/method.md, Retrieval DPO).
 pipelines/finetune_worker.py runs it inside Ray Train workers; tests run it directly.
 """
 

@@ -1,4 +1,4 @@
-"""Issue 15's targets, read from demo runs' evaluate/metrics.json.
+"""The demo's targets, read from demo runs' evaluate/metrics.json (docs/findings.md).
 
     python benchmarks/demo_targets.py outputs/demo [/tmp/s3 /tmp/s4 ...] [--markdown]
 

@@ -1,4 +1,5 @@
-"""build_preferences: the paper's preference-data construction (PAPER.md, Finding 2).
+"""build_preferences: the paper's preference-data construction
+(docs/method.md, Preference data).
 
     python -m pipelines.build_preferences --config configs/demo.yaml [key=value ...]
 

@@ -1,4 +1,4 @@
-"""finetune: Ray Train fine-tune of the CLIP model (PAPER.md, Finding 2).
+"""finetune: Ray Train fine-tune of the CLIP model (docs/method.md, Retrieval DPO).
 
     python -m pipelines.finetune --config configs/demo.yaml [key=value ...]
 

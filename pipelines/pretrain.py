@@ -1,4 +1,5 @@
-"""pretrain: CLIP InfoNCE on image-caption pairs, the demo's base model (PAPER.md's L_pt).
+"""pretrain: CLIP InfoNCE on image-caption pairs, the demo's base model
+(docs/method.md, The base model).
 
     python -m pipelines.pretrain --config configs/demo.yaml [key=value ...]
 

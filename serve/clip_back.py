@@ -34,7 +34,7 @@ KNN_FIELDS = (
     "aesthetic_weight", "use_mclip",
 )  # fmt: skip
 # The query plus this many times the rating embedding (both unit vectors) is all the rating
-# embedding past about 10: the query no longer counts, and far larger weights overflow float32.
+# embedding past about 10: the query stops counting, and far larger weights overflow float32.
 MAX_AESTHETIC_WEIGHT = 10.0
 # /metadata ids are index rows, int64 in the index.
 MAX_ROW_ID = 2**63 - 1

@@ -114,8 +114,9 @@ class ServeArgs(Section):
     encoder_threads: int | None = Field(1, ge=1, description="Torch threads per text encoder.")
     api_key_env: str | None = Field(
         None,
-        description="Environment variable holding the API key; when set, /search and /images "
-        "need it in the X-API-Key header. The variable must be set on the serving nodes.",
+        description="Environment variable holding the API key; when set, /search, /images and "
+        "clip-back's routes need it in the X-API-Key header. The variable must be set on the "
+        "serving nodes.",
     )
     image_url_template: str | None = Field(
         None,

@@ -1,5 +1,6 @@
-"""The HPIR protocol (PAPER.md): for each query, two rows of images and the people's preference
-per dimension; a retrieval model prefers the row its mean similarity ranks higher."""
+"""The HPIR protocol (docs/method.md, Evaluation): for each query, two rows of images and the
+people's preference per dimension; a retrieval model prefers the row its mean similarity ranks
+higher."""
 
 from __future__ import annotations
 

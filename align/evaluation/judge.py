@@ -91,7 +91,7 @@ def add_hpir_calls(
 
 def oracle_answers(requests: list[dict], gt: GroundTruth, margin: float) -> dict[str, str]:
     """The synthetic world's judge: request_id -> first|second|similar from the ground truth
-    (relevance first, then true aesthetic; PAPER.md's <ranker> order)."""
+    (relevance first, then true aesthetic: the <ranker> order, docs/method.md, Evaluation)."""
     facts = {c: [r["facts"][c] for r in requests] for c in ("colour", "shape", "background")}
     quality = []
     for key in ("first", "second"):

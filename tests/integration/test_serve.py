@@ -693,7 +693,8 @@ def test_clip_client_deduplicate_and_the_rest_of_the_api(served):
     url = f"http://127.0.0.1:{client.port}/knn-service"
     vectors, _, _ = _stored(root, "index_corpus")
     # deduplicate drops every result within cosine 0.94 of a better one, as clip-back does, but
-    # searches deeper until the asked number remain (clip-back answers fewer: its issue #283).
+    # searches deeper until the asked number remain (clip-back filters after the search and
+    # answers fewer: https://github.com/rom1504/clip-retrieval/issues/283).
     # This random-init model maps the corpus to few distinct directions: 3 of them here.
     found = ClipClient(url=url, indice_name="base", num_images=3, aesthetic_weight=0.0,
                        deduplicate=True).query(embedding_input=vectors[3].tolist())  # fmt: skip

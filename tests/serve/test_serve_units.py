@@ -366,7 +366,7 @@ def test_nan_scores_answer_null_and_host_names_parse():
         "a": None,
         "b": 0.12346,
     }
-    with pytest.raises(ValueError):  # what the ingress did before: a 500
+    with pytest.raises(ValueError):  # why _finite exists: a NaN would make the answer a 500
         JSONResponse({"a": float("nan")})
     assert host_name("127.0.0.1:8000") == "127.0.0.1"
     assert host_name("[::1]:8000") == "::1" and host_name("LocalHost") == "localhost"

@@ -112,7 +112,7 @@ def test_an_index_built_before_its_checkpoint_was_rewritten_is_refused(tmp_path)
     }
     (tmp_path / "index" / "_index.json").write_text(json.dumps(manifest))
     check_index(config.model, str(tmp_path))  # the weights it was built with: fine
-    # An index from before per-shard rows and embeddings files: refused, naming the rebuild.
+    # An index without per-shard rows and embeddings files: refused, naming the rebuild.
     old = {**manifest, "shards": [{"file": "shard-000.faiss", "count": 5, "offset": 0}]}
     (tmp_path / "index" / "_index.json").write_text(json.dumps(old))
     with pytest.raises(UserError, match=r"index_corpus.steps=\[index\]"):

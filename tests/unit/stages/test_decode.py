@@ -50,7 +50,7 @@ def test_decode_columns_decodes_each_named_column_and_raises_on_a_changed_image(
     )
     assert "a" not in out and out["a_pixels"].shape == (1, SIZE, SIZE, 3)
     assert not np.array_equal(out["a_pixels"], out["b_pixels"])
-    with pytest.raises(ImageDecodeError):  # checked before: a failure now is not the user's row
+    with pytest.raises(ImageDecodeError):  # the check stage vouched for it: not the user's row
         decode_columns(
             {"a": np.array([b"x"], dtype=object)},
             columns={"a": "a_pixels"}, image_size=SIZE, max_pixels=10**8,
