@@ -36,9 +36,6 @@ from align.log import get_logger
 log = get_logger("corpus")
 ROWS_SUFFIX = ".rows.arrow"
 EMBEDDINGS_SUFFIX = ".embeddings.npy"
-# Calls in flight on one search actor: FAISS and the reads of stored rows release the GIL, so
-# several retrievers' batches, or serving's single queries, overlap.
-SEARCH_CALLS = 4
 # Candidate rows re-scored per chunk: bounds the float32 copy of their vectors.
 GATHER_ROWS = 1024
 ROW_COLUMNS = ("image_id", "aesthetic", "caption", "url")
@@ -286,15 +283,24 @@ def open_rows(index_dir: str, shards: list[dict]) -> RowColumns:
 
 class RowColumns:
     """Columns as lists of Arrow chunks (memory-mapped record batches), read by row from the chunk
-    that holds each: the cost of a read is its rows, not the column's (ChunkedArray.take combines
-    the chunks first, a copy of the whole column per call; combining them once would copy the
-    files to the heap)."""
+    that holds each, so a read costs its rows, not the column's (ChunkedArray.take combines the
+    chunks first: a copy of the whole column per call). Numeric chunks are read through numpy
+    views of the same memory; a few rows of text one by one, many with one take a chunk."""
+
+    FEW_ROWS = 64
 
     def __init__(self, chunks: dict[str, list]):
+        import pyarrow as pa
+
         self.chunks = chunks
         self.starts = {
             c: np.cumsum([0, *[len(k) for k in parts]]).astype(np.int64)
             for c, parts in chunks.items()
+        }
+        self.numeric = {
+            c: [k.to_numpy(zero_copy_only=False).astype(np.float32, copy=False) for k in parts]
+            for c, parts in chunks.items()
+            if parts and pa.types.is_floating(parts[0].type)
         }
 
     def take(self, column: str, rows: np.ndarray) -> np.ndarray:
@@ -302,15 +308,25 @@ class RowColumns:
         import pyarrow as pa
 
         rows = np.asarray(rows, dtype=np.int64)
-        flat, starts, parts = rows.ravel(), self.starts[column], self.chunks[column]
+        flat, starts = rows.ravel(), self.starts[column]
         chunk = np.searchsorted(starts, flat, side="right") - 1
-        numeric = pa.types.is_floating(parts[0].type) if parts else False
-        out = np.empty(len(flat), np.float32 if numeric else object)
+        local = flat - starts[chunk]
+        views = self.numeric.get(column)
+        if views is None and len(flat) <= self.FEW_ROWS:
+            parts = self.chunks[column]
+            out = np.empty(len(flat), object)
+            out[:] = [
+                parts[c][i].as_py() for c, i in zip(chunk.tolist(), local.tolist(), strict=True)
+            ]
+            return out.reshape(rows.shape)
+        out = np.empty(len(flat), object if views is None else np.float32)
         for c in np.unique(chunk):
             where = chunk == c
-            out[where] = (
-                parts[c].take(pa.array(flat[where] - starts[c])).to_numpy(zero_copy_only=False)
-            )
+            if views is not None:
+                out[where] = views[c][local[where]]
+            else:
+                taken = self.chunks[column][c].take(pa.array(local[where]))
+                out[where] = taken.to_numpy(zero_copy_only=False)
         return out.reshape(rows.shape)
 
 
@@ -321,15 +337,22 @@ class ShardedRows:
         self.parts, self.offsets = parts, offsets
 
     def read(self, rows: np.ndarray) -> np.ndarray:
+        """The rows (any shape of global rows) -> rows.shape + row shape, one pread a distinct
+        row whatever its shard (no pass per shard)."""
         rows = np.asarray(rows, dtype=np.int64)
-        flat = rows.ravel()
-        part = np.searchsorted(self.offsets, flat, side="right") - 1
+        unique, inverse = np.unique(rows, return_inverse=True)
+        part = np.searchsorted(self.offsets, unique, side="right") - 1
         first = self.parts[0]
-        out = np.empty((len(flat), *first.shape[1:]), first.dtype)
-        for p in np.unique(part):
-            where = part == p
-            out[where] = self.parts[p].read(flat[where] - self.offsets[p])
-        return out.reshape(*rows.shape, *first.shape[1:])
+        fds = np.array([p.fd for p in self.parts])[part]
+        at = np.array([p.offset for p in self.parts])[part] + (unique - self.offsets[part]) * (
+            first.row_bytes
+        )
+        size = first.row_bytes
+        buffer = b"".join(
+            [os.pread(fd, size, a) for fd, a in zip(fds.tolist(), at.tolist(), strict=True)]
+        )
+        out = np.frombuffer(buffer, first.dtype).reshape(len(unique), *first.shape[1:])
+        return out[inverse.reshape(rows.shape)]
 
 
 class StoredRows:
@@ -471,9 +494,9 @@ def start_shard_actors(
         options = {"name": name, "get_if_exists": True, "num_cpus": num_cpus}
         entries = [manifest["shards"][j] for j in group]
         handles.append(
-            actor.options(
-                **options, scheduling_strategy=place, max_concurrency=SEARCH_CALLS
-            ).remote(index_dir, entries, manifest["spec"], refine_factor, threads)
+            actor.options(**options, scheduling_strategy=place).remote(
+                index_dir, entries, manifest["spec"], refine_factor, threads
+            )
         )
     ray.get([h.stats.remote() for h in handles])
     return ShardActors(names, handles)

@@ -13,7 +13,7 @@ the PQ code the memory budget holds, nprobe chosen at build time to reach index.
    streamed over the shards).
 3. build_preferences' retrieval: the real CandidateRetriever stage, in a Ray actor, over
    `--queries` query vectors (perturbed corpus vectors), searching through the search actors
-   (one per node: here one, holding every shard, on `--shard-cpus`).
+   (one per node: here one, holding every shard; `--search-actors` splits the shards).
 4. The serving path: single-query searches (`--serve-queries`) from 4 client threads to one
    process holding `Corpus(index)` as a VectorIndex replica does (every shard, one search).
 5. With --merge-ondisk: the shards merged into one on-disk index (index.merge_ondisk's code),
@@ -169,7 +169,7 @@ def serving_load(index_dir: str, queries: np.ndarray, k: int) -> dict:
         def memory(self) -> dict:
             return process_memory()
 
-    server = ray.remote(num_cpus=1, max_concurrency=4)(Replica).remote(index_dir)
+    server = ray.remote(num_cpus=1, max_concurrency=1)(Replica).remote(index_dir)
     ray.get([server.search.remote(q[None], k) for q in queries[-100:]])
     seconds = []
 
@@ -248,7 +248,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--serve-queries", type=int, default=1000)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument(
-        "--shard-cpus", type=float, default=None, help="CPUs of the search actor (default: half)"
+        "--shard-cpus",
+        type=float,
+        default=None,
+        help="CPUs of each search actor (default: half the machine's, shared out)",
+    )
+    parser.add_argument(
+        "--search-actors",
+        type=int,
+        default=None,
+        help="search actors holding a share of the shards each (index.search_actors; default: "
+        "one per node)",
     )
     parser.add_argument(
         "--workdir",
@@ -320,8 +330,8 @@ def main() -> None:
     q = near_queries(root, args)
     bare = bare_process_mb(root, args.dim, args.top_k)
     # The search actors (one per node: one here) fit beside the retriever: half the CPUs.
-    cpus = args.shard_cpus or 0.5 * os.cpu_count()
-    actors = start_shard_actors(f"{root}/index", cpus, cfg.refine_factor)
+    cpus = args.shard_cpus or 0.5 * os.cpu_count() / (args.search_actors or 1)
+    actors = start_shard_actors(f"{root}/index", cpus, cfg.refine_factor, args.search_actors)
     retrieve_s, retriever_mb = retrieval_load(root, actors, q, args.top_k, batch=256)
     print(f"retrieval: {args.queries / retrieve_s:.1f} queries/s", file=sys.stderr, flush=True)
     serving = serving_load(f"{root}/index", q[: args.serve_queries + 100], 10)
