@@ -172,8 +172,8 @@ class IndexConfig(Section):
     refine_factor: int = Field(
         8,
         ge=1,
-        description="IVF-PQ search: candidates per shard = refine_factor x k by PQ score, then "
-        "re-scored exactly from the shard's stored float16 embeddings.",
+        description="IVF-PQ search: the best refine_factor x k candidates by PQ score over the "
+        "shards searched together, re-scored exactly from their stored float16 embeddings.",
     )
     in_process_max_vectors: int = Field(
         2_000_000,
