@@ -174,7 +174,7 @@ def test_chosen_nprobe_reaches_the_target_recall(tmp_path, capfd):
     corpus search every consumer opens uses it and finds as much on other queries."""
     x = clustered(20_000, 32, seed=3, clusters=200, noise=0.6)
     files = write_scored(tmp_path, x, per_file=5000)
-    manifest = build(files, tmp_path, num_shards=2, refine_factor=2, recall_queries=200)
+    manifest = build(files, tmp_path, num_shards=2, refine_factor=4, recall_queries=200)
     params, sizing = manifest["spec"]["params"], manifest["spec"]["sizing"]
     tried = {int(p): r for p, r in sizing["nprobe_recall"].items()}
     assert list(tried) == [2**i for i in range(len(tried))] and params["nprobe"] == max(tried)
@@ -183,7 +183,7 @@ def test_chosen_nprobe_reaches_the_target_recall(tmp_path, capfd):
     )
     assert params["nprobe"] > 1  # the target needed more than one list
     assert manifest["recall"]["queries"] == 200 and manifest["recall_at_10"] >= 0.95
-    corpus = Corpus(f"{tmp_path}/index", refine_factor=2)
+    corpus = Corpus(f"{tmp_path}/index", refine_factor=4)
     (group,) = corpus.groups
     assert [faiss_ivf(index).nprobe for index in group.indexes] == [params["nprobe"]] * 2
     stored = x.astype(np.float16).astype(np.float32)  # what the exact re-scoring reads
