@@ -78,8 +78,9 @@ class ShardGroup:
     actor when the corpus is served by actors: one per node). IVF-PQ shards share one trained
     quantizer, so a query is assigned to its lists once and each shard scans its part of them
     (FAISS search_preassigned, as IndexShardsIVF does); the process keeps one copy of the
-    quantizer. Flat and HNSW shards are searched one by one. Every shard's candidates are
-    re-scored exactly from the stored embeddings, then the top k of them all is kept."""
+    quantizer. Flat and HNSW shards are searched one by one. The best refine_factor x k
+    candidates of them all by approximate score are re-scored exactly from the stored
+    embeddings, and the top k kept: what one index over every shard would answer."""
 
     def __init__(
         self,
