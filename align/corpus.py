@@ -490,7 +490,7 @@ def start_shard_actors(
     threads = max(1, math.ceil(num_cpus))  # FAISS's threads: the CPUs each actor reserved
     handles = []
     for i, (name, group) in enumerate(zip(names, groups, strict=True)):
-        # Soft: an actor whose node is gone restarts on another.
+        # Soft: placed on another node when this one cannot take it.
         place = NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) if nodes else None
         options = {"name": name, "get_if_exists": True, "num_cpus": num_cpus}
         entries = [manifest["shards"][j] for j in group]
