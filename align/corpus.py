@@ -106,7 +106,6 @@ class ShardGroup:
                 share_quantizer(self.indexes[0], self.indexes[-1])
         # The IVF index inside each (views: `indexes` owns them).
         self.ivfs = [faiss_ivf(index) for index in self.indexes] if self.ivf else []
-        self.nprobe = None
         if spec["params"].get("nprobe"):
             self.set_nprobe(spec["params"]["nprobe"])
         # Scores of a PQ index are approximate: take more candidates, re-score them exactly.
@@ -133,7 +132,6 @@ class ShardGroup:
         if self.ivf:
             for index in self.indexes:
                 set_nprobe(index, nprobe)
-            self.nprobe = nprobe
 
     def vectors(self, local_rows: np.ndarray) -> np.ndarray:
         """Stored embeddings of some rows of this group, float16 (n, d)."""
@@ -169,7 +167,7 @@ class ShardGroup:
         assigned = None
         if self.ivf:  # the lists of every shard's nearest centroids: one quantizer search
             first = self.ivfs[0]
-            coarse, lists = first.quantizer.search(q, self.nprobe or first.nprobe)
+            coarse, lists = first.quantizer.search(q, first.nprobe)
             assigned = (lists, coarse)
         parts = []
         for i, (start, count) in enumerate(zip(self.starts, self.counts, strict=True)):
@@ -231,7 +229,7 @@ class MergedShards(ShardGroup):
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
         self.indexes = [faiss.read_index(f"{index_dir}/{merged['file']}", flags)]
         self.ivfs = [faiss_ivf(self.indexes[0])]
-        self.ivf, self.nprobe = True, None
+        self.ivf = True
         if manifest["spec"]["params"].get("nprobe"):  # unset while the build chooses it
             self.set_nprobe(manifest["spec"]["params"]["nprobe"])
         self.refine = refine_factor
@@ -338,22 +336,26 @@ class ShardedRows:
         self.parts, self.offsets = parts, offsets
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        """The rows (any shape of global rows) -> rows.shape + row shape, one pread a distinct
-        row whatever its shard (no pass per shard)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        unique, inverse = np.unique(rows, return_inverse=True)
-        part = np.searchsorted(self.offsets, unique, side="right") - 1
-        first = self.parts[0]
-        fds = np.array([p.fd for p in self.parts])[part]
-        at = np.array([p.offset for p in self.parts])[part] + (unique - self.offsets[part]) * (
-            first.row_bytes
-        )
-        size = first.row_bytes
-        buffer = b"".join(
-            [os.pread(fd, size, a) for fd, a in zip(fds.tolist(), at.tolist(), strict=True)]
-        )
-        out = np.frombuffer(buffer, first.dtype).reshape(len(unique), *first.shape[1:])
-        return out[inverse.reshape(rows.shape)]
+        """The rows (any shape of global rows) -> rows.shape + row shape, in one pass whatever
+        their shards."""
+        return pread_rows(rows, self.parts, self.offsets)
+
+
+def pread_rows(rows: np.ndarray, parts: list, starts: np.ndarray) -> np.ndarray:
+    """Rows (any shape of row numbers over `parts`, StoredRows whose first rows are `starts`) ->
+    rows.shape + row shape: one pread per distinct row (the OS has no scattered read of a file)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    unique, inverse = np.unique(rows, return_inverse=True)
+    part = np.searchsorted(starts, unique, side="right") - 1
+    first = parts[0]
+    fds = np.array([p.fd for p in parts])[part]
+    at = np.array([p.offset for p in parts])[part] + (unique - starts[part]) * first.row_bytes
+    size = first.row_bytes
+    buffer = b"".join(
+        [os.pread(fd, size, a) for fd, a in zip(fds.tolist(), at.tolist(), strict=True)]
+    )
+    out = np.frombuffer(buffer, first.dtype).reshape(len(unique), *first.shape[1:])
+    return out[inverse.reshape(rows.shape)]
 
 
 class StoredRows:
@@ -374,14 +376,7 @@ class StoredRows:
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """The rows (any shape of indices) -> array of shape rows.shape + row shape."""
-        rows = np.asarray(rows, dtype=np.int64)
-        unique, inverse = np.unique(rows, return_inverse=True)
-        fd, size = self.fd, self.row_bytes
-        offsets = (self.offset + unique * size).tolist()
-        # One pread per distinct row (the OS has no scattered read of one file).
-        buffer = b"".join([os.pread(fd, size, at) for at in offsets])
-        out = np.frombuffer(buffer, self.dtype).reshape(len(unique), *self.shape[1:])
-        return out[inverse.reshape(rows.shape)]
+        return pread_rows(rows, [self], np.zeros(1, np.int64))
 
     def chunks(self, chunk_rows: int = 65536):
         """Every row in order, chunk by chunk (sequential reads)."""

@@ -240,11 +240,18 @@ def set_nprobe(index, nprobe: int) -> None:
     (efSearch) as the lists it returns, so that it finds the nprobe nearest."""
     import faiss
 
-    ivf = faiss.extract_index_ivf(index)
-    ivf.nprobe = nprobe
-    quantizer = faiss.downcast_index(ivf.quantizer)
-    if isinstance(quantizer, faiss.IndexHNSW):
-        quantizer.hnsw.efSearch = max(16, 2 * nprobe)
+    faiss.extract_index_ivf(index).nprobe = nprobe
+    graph = hnsw_quantizer(index)
+    if graph is not None:
+        graph.hnsw.efSearch = max(16, 2 * nprobe)
+
+
+def hnsw_quantizer(index):
+    """An IVF index's coarse quantizer where it is an HNSW graph, else None."""
+    import faiss
+
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    return quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
 
 
 def train_index(sample: np.ndarray, spec: IndexSpec, seed: int = 0) -> bytes | None:
@@ -337,10 +344,9 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, seed: int = 0, trained: by
         index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
     else:
         index = _empty_index(spec)
-    if spec.type == "ivfpq":
-        quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
-        if isinstance(quantizer, faiss.IndexHNSW):  # each vector into its nearest list
-            quantizer.hnsw.efSearch = QUANTIZER_ADD_EF
+    graph = hnsw_quantizer(index) if spec.type == "ivfpq" else None
+    if graph is not None:  # each vector into its nearest list
+        graph.hnsw.efSearch = QUANTIZER_ADD_EF
     index.add(x)
     if spec.params.get("nprobe"):  # what searches of the written index start from
         set_nprobe(index, spec.params["nprobe"])
