@@ -16,6 +16,7 @@ from typing import Any
 from align import io
 from align.config import Config, config_to_dict
 from align.errors import UserError
+from align.progress import JobProgress
 
 MANIFEST_NAME = "_manifest.json"
 # Which job a folder belongs to; kept when a new run removes the manifest, so a failed run does
@@ -73,8 +74,10 @@ class JobManifest:
     started: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    progress: JobProgress = field(init=False)
 
     def __post_init__(self) -> None:
+        self.progress = JobProgress(self.job)
         if self.output is not None:
             out = self.output.rstrip("/")
             if _names_job(f"{out}/{MANIFEST_NAME}", self.job):  # it stays ours without it
@@ -99,6 +102,7 @@ class JobManifest:
             raise CountsDoNotClose(
                 f"{self.job}: {rows_in} rows in but {rows_out} out + {rows_error} errors"
             )
+        self.progress.total(rows_out + rows_error, rows_error)
         manifest = {
             "job": self.job,
             "output": output_uri,

@@ -33,6 +33,7 @@ from align.index_build import exact_duplicates, write_index
 from align.log import get_logger
 from align.manifest import JobManifest
 from align.models import ModelFacts, check_model, model_id
+from align.progress import JobProgress
 from align.resume import DONE_MARKER, finished_units, unit_done, unit_inputs
 from align.runtime import init_ray
 from align.sources import (
@@ -162,8 +163,11 @@ def run_unit(
     return marker
 
 
-def embed_and_score(config: Config, units, source: str, out: str, model: ModelFacts, layout):
-    """Every unit not already done with the same inputs; returns the units' folders and markers."""
+def embed_and_score(
+    config: Config, units, source: str, out: str, model: ModelFacts, layout, progress: JobProgress
+):
+    """Every unit not already done with the same inputs, each reported to `progress` as it
+    finishes; returns the units' folders and markers."""
     unit_dirs, markers = [], []
     for i, files in enumerate(units):
         unit_dir = f"{out}/_staging/unit-{i:05d}"
@@ -171,6 +175,7 @@ def embed_and_score(config: Config, units, source: str, out: str, model: ModelFa
         if marker is None:
             log.info("unit %d/%d: %d file(s)", i + 1, len(units), len(files))
             marker = run_unit(config, files, source, unit_dir, model, layout)
+            progress.add(marker["rows_ok"] + marker["rows_error"], marker["rows_error"])
         else:
             log.info("unit %d/%d already done, skipped", i + 1, len(units))
         unit_dirs.append(unit_dir)
@@ -274,7 +279,9 @@ def index_corpus(config: Config) -> dict:
     init_ray(config.ray)
     if "embed" in ic.steps:
         with manifest.stage("embed_and_score"):
-            unit_dirs, markers = embed_and_score(config, units, source, out, model, layout)
+            unit_dirs, markers = embed_and_score(
+                config, units, source, out, model, layout, manifest.progress
+            )
         with manifest.stage("combine"):
             stats = combine(ic, unit_dirs, markers, out)
     else:  # the index again from the scored shards a finished run left (steps: [index])

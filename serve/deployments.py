@@ -31,6 +31,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from align.ranking import rank
+from serve import metrics
 from serve.clip_back import (
     cors_headers,
     indice_names,
@@ -91,11 +92,14 @@ class TextEncoder:
     async def encode(self, models: list[str], texts: list[str]) -> list[np.ndarray]:
         out: list = [None] * len(texts)
         names = np.asarray(models, dtype=object)
+        t0 = time.perf_counter()
         for name in set(models):
             rows = np.flatnonzero(names == name)
             embeddings = self.embedders[name].embed([texts[i] for i in rows]).astype(np.float16)
             for row, embedding in zip(rows, embeddings, strict=True):
                 out[row] = embedding
+        for _ in texts:  # each request waited for the whole batch
+            metrics.observe_stage("encode", time.perf_counter() - t0)
         return out
 
 
@@ -117,6 +121,8 @@ class VectorIndex:
             self.ratings[name] = read_rating_embeddings(index_dir, corpus.manifest)
             self.facts_[name] = {"images": corpus.ntotal, "index": corpus.spec["type"]}
         self.filters = filters
+        sizes = {name: corpus.ntotal for name, corpus in self.corpora.items()}
+        metrics.hold_gauge("index_vectors", sizes, tag="model")
         self.search.set_max_batch_size(batching["max_batch_size"])
         self.search.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
 
@@ -137,7 +143,11 @@ class VectorIndex:
             "source_url": info["url"],
         }
 
-    def filtered_search(
+    def filtered_search(self, *args, **kwargs) -> dict:
+        with metrics.StageTimer("filters"):
+            return self._filtered_search(*args, **kwargs)
+
+    def _filtered_search(
         self,
         model: str,
         vector: np.ndarray,
@@ -208,6 +218,7 @@ class VectorIndex:
     ) -> list[dict]:
         out: list = [None] * len(vectors)
         names = np.asarray(models, dtype=object)
+        t0 = time.perf_counter()
         for name in set(models):
             rows = np.flatnonzero(names == name)
             corpus = self.corpora[name]
@@ -217,6 +228,8 @@ class VectorIndex:
             for row, s, f in zip(rows, scores, found, strict=True):
                 keep = f[: depths[row]] >= 0
                 out[row] = self._found(name, f[: depths[row]][keep], s[: depths[row]][keep])
+        for _ in vectors:  # each request waited for the whole batch
+            metrics.observe_stage("search", time.perf_counter() - t0)
         return out
 
 
@@ -337,6 +350,7 @@ class QueryRewriter:
 # HTTP ingress
 
 api = FastAPI(title="aesthetic-align search", docs_url=None, redoc_url=None)
+api.add_middleware(metrics.RequestMetrics)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -509,14 +523,36 @@ class SearchIngress:
             return self.encoder.encode_pixels.remote(model, pixels)
         return np.asarray(embedding, dtype=np.float32)
 
+    def _results(self, request: Request, found: dict, order: np.ndarray) -> list[dict]:
+        return [
+            {
+                "rank": r + 1,
+                "image_id": found["ids"][i],
+                "similarity": _finite(found["similarity"][i]),
+                "aesthetic": _finite(found["aesthetic"][i]),
+                "url": self._image_url(request, found["ids"][i]),
+                "caption": found["caption"][i],
+                "source_url": found["source_url"][i],
+            }
+            for r, i in enumerate(order.tolist())
+        ]
+
+    async def _rewrite(self, query: str) -> tuple[str, str | None]:
+        """(the text to search with, the fallback reason when that is the query as given)."""
+        with metrics.StageTimer("rewrite"):
+            answer = await _call(lambda: self.rewriter.rewrite.remote(query))
+        if answer["fallback"] is not None:
+            reason = metrics.fallback_reason(answer["fallback"])
+            metrics.metric("rewrite_fallbacks").inc(tags={"reason": reason})
+        return answer["rewritten"], answer["fallback"]
+
     async def _search(self, request: Request, fields: dict) -> JSONResponse:
         self._authorise(request)
         req = parse_search_request(fields, self.limits)
         t0 = time.perf_counter()
         timings, text, fallback = {}, req.q, None
         if req.rewrite:
-            answer = await _call(lambda: self.rewriter.rewrite.remote(req.q))
-            text, fallback = answer["rewritten"], answer["fallback"]
+            text, fallback = await self._rewrite(req.q)
             timings["rewrite"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         depth = self.settings["rerank_depth"] if req.rerank else req.k
@@ -532,22 +568,15 @@ class SearchIngress:
             )  # fmt: skip
 
         found = await _call(search)
-        order = rank(found["similarity"], found["aesthetic"], req.k, req.rerank, req.weight)
-        results = [
-            {
-                "rank": r + 1,
-                "image_id": found["ids"][i],
-                "similarity": _finite(found["similarity"][i]),
-                "aesthetic": _finite(found["aesthetic"][i]),
-                "url": self._image_url(request, found["ids"][i]),
-                "caption": found["caption"][i],
-                "source_url": found["source_url"][i],
-            }
-            for r, i in enumerate(order.tolist())
-        ]
+        with metrics.StageTimer("rerank"):
+            order = rank(found["similarity"], found["aesthetic"], req.k, req.rerank, req.weight)
+        if len(order) < req.k:
+            metrics.metric("results_below_k").inc(tags={"model": req.model})
+        results = self._results(request, found, order)
         timings.update(
             {"encode_and_search": time.perf_counter() - t1, "total": time.perf_counter() - t0}
         )
+        metrics.observe_stage("total", timings["total"])
         return JSONResponse(
             {
                 "query": req.q,
@@ -678,11 +707,16 @@ class SearchIngress:
 
         found = await _call(knn)
         n = min(req.num_result_ids, len(found["rows"]))
-        order = (
-            rank(found["similarity"], found["aesthetic"], n, True, self.settings["rerank_weight"])
-            if req.rerank
-            else np.arange(n)
-        )
+        if n < req.num_result_ids:
+            metrics.metric("results_below_k").inc(tags={"model": req.model})
+        with metrics.StageTimer("rerank"):
+            order = (
+                rank(
+                    found["similarity"], found["aesthetic"], n, True, self.settings["rerank_weight"]
+                )
+                if req.rerank
+                else np.arange(n)
+            )
         metadata = [self._metadata(request, found, i) for i in order[: req.num_images]]
         answer = knn_answer(
             found["rows"][order], found["similarity"][order], metadata, req.num_images

@@ -198,3 +198,41 @@ class ScriptedEndpoint:
     def close(self):
         self.server.shutdown()
         self.server.server_close()  # the port refuses from now on (a closed endpoint)
+
+
+def scraped_metrics(prefix: str = "ray_aesthetic_align_") -> list:
+    """The project's samples on this node's Prometheus endpoint (Ray's metrics agent), now."""
+    import urllib.request
+
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    families = text_string_to_metric_families(text)
+    return [s for f in families for s in f.samples if s.name.startswith(prefix)]
+
+
+def metric_total(samples: list, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels` (over replicas and workers)."""
+    return sum(
+        s.value
+        for s in samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def wait_for_metrics(condition, timeout_s: float = 30.0) -> list:
+    """Scrape until `condition(samples)` holds (Ray's agent reports every few seconds)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = scraped_metrics()
+        if condition(samples):
+            return samples
+        if time.monotonic() > deadline:
+            names = sorted({s.name for s in samples})
+            raise AssertionError(f"metrics not there after {timeout_s} s; scraped: {names}")
+        time.sleep(0.5)

@@ -21,8 +21,12 @@ from align.contracts import ERRORS, SCORED, SCORER_COLUMN_PREFIX
 from align.index import load_corpus, load_index
 from pipelines.index_corpus import index_corpus
 from pipelines.make_world import make_world
+from tests.helpers import metric_total, scraped_metrics, wait_for_metrics
 
 from ..conftest import SHARED_ASSETS
+
+JOB_ROWS = "ray_aesthetic_align_job_rows_total"
+JOB_ERROR_ROWS = "ray_aesthetic_align_job_error_rows_total"
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -89,7 +93,14 @@ def test_folder_with_bad_files_accounts_for_every_row(ray_session, bad_corpus, t
             *SMALL,
         ],
     )
+    job, rows, error_rows = {"job": "index_corpus"}, JOB_ROWS, JOB_ERROR_ROWS
+    before = scraped_metrics()
     index_corpus(config)
+    # Its progress as metrics: every row finished, the error rows among them.
+    wait_for_metrics(
+        lambda now: metric_total(now, rows, **job) - metric_total(before, rows, **job) == 11
+        and metric_total(now, error_rows, **job) - metric_total(before, error_rows, **job) == 4
+    )
     scored, errors, manifest = read_out(tmp_path)
     assert scored.schema.names == SCORED.names + [SCORER_COLUMN_PREFIX + "lowlevel"]
     assert errors.schema == ERRORS.schema

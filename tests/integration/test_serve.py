@@ -26,7 +26,14 @@ from align.models import build_clip
 from align.rewrite import keyword_rewrite
 from pipelines.index_corpus import index_corpus
 from serve.app import deploy, load_serve_config
-from tests.helpers import HeadlessChromium, free_port, indexed_world
+from tests.helpers import (
+    HeadlessChromium,
+    free_port,
+    indexed_world,
+    metric_total,
+    scraped_metrics,
+    wait_for_metrics,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -99,6 +106,15 @@ def served(ray_session, tmp_path_factory):
     secured["args"]["filters"] = {"max_depth": 150}  # a filtered search stops short here
     secured["args"]["cors_origins"] = [FRONT_ORIGIN]
     secured["runtime_env"] = {"env_vars": {KEY_ENV: KEY}}
+    # An LLM rewriter whose endpoint is down (nothing listens on the port): rewrites fall back.
+    secured["args"]["rewriter"] = {
+        "method": {
+            "backend": "http",
+            "variant": "k_phrase",
+            "http": {"url": f"http://127.0.0.1:{free_port()}/v1/chat/completions", "model": "m"},
+        },
+        "timeout_s": 2.0,
+    }
     config["applications"].append(secured)
     port = free_port()
     deploy(config, host="127.0.0.1", port=port)
@@ -795,3 +811,44 @@ def test_clip_front_build_searches_this_backend_in_headless_chromium(served, tmp
     assert images and images[0][1]
     assert images[0][0] == f"{back}/images/{urllib.parse.quote(str(ids[top[0]]), safe='/')}"
     assert shot.startswith(b"\x89PNG") and len(shot) > 10_000
+
+
+def test_prometheus_metrics_of_every_stage_route_and_model(served):
+    """After a few searches, every metric serve/metrics.py documents is on the node's Prometheus
+    endpoint with what those searches did: requests by route template and status, each stage's
+    latency, a rewrite fallback by reason, a search short of k, each model's index size."""
+    from serve.metrics import METRICS, PREFIX, STAGES
+
+    client, _ = served
+    key = {"X-API-Key": KEY}
+    name = {
+        m: f"ray_{PREFIX}{m}" + {"counter": "_total", "gauge": "", "histogram": "_count"}[kind]
+        for m, (kind, _, _) in METRICS.items()
+    }
+    before = scraped_metrics()
+    answer = client.search(q="a red star", k=5, rerank="true", dedup="true")
+    client.request("GET", answer["results"][0]["url"])
+    status, _, body = client.request("GET", "/secured/search?q=star&rewrite=true", headers=key)
+    assert status == 200 and json.loads(body)["rewrite_fallback"].startswith("llm error")
+    short = _post(client, "/secured/search", key, q="a red star", k=5, min_aesthetic=50.0)
+    assert short["results"] == []
+
+    def grew(now, metric, **labels):
+        return metric_total(now, name[metric], **labels) > metric_total(
+            before, name[metric], **labels
+        )
+
+    expected = [
+        ("requests", {"route": "/search", "status": "200", "application": "search"}),
+        ("requests", {"route": "/images/{image_id:path}", "status": "200"}),
+        ("rewrite_fallbacks", {"reason": "llm_error"}),
+        ("results_below_k", {"model": "base", "application": "secured"}),
+        *[("stage_seconds", {"stage": stage}) for stage in STAGES],
+    ]
+    now = wait_for_metrics(lambda now: all(grew(now, m, **tags) for m, tags in expected))
+    for model in ("base", "other"):  # the gauge of each VectorIndex replica
+        sizes = {
+            s.value for s in now if s.name == name["index_vectors"] and s.labels["model"] == model
+        }
+        assert sizes == {300}, [(s.labels, s.value) for s in now if s.name == name["index_vectors"]]
+    assert {s.name for s in now} >= set(name.values())

@@ -22,6 +22,7 @@ from serve.clip_back import (
     parse_metadata_request,
 )
 from serve.config import ServeConfigError, parse_args
+from serve.metrics import fallback_reason
 from serve.query_images import QueryImageDecoder, decode_query_image
 from serve.search import (
     MAX_SHOWN_CHARS,
@@ -369,6 +370,16 @@ def _rewriter(url: str, **cfg):
     return QueryRewriter.func_or_class({"method": method, "retry_wait_s": 0.2, **cfg})
 
 
+def test_unusable_completions_fall_back_with_a_reason_of_their_own():
+    from actors.rewrite import checked_completion
+
+    reasons = [
+        fallback_reason(checked_completion("q", completion, None, max_chars=10)[1])
+        for completion in ("  ", "x" * 11)
+    ]
+    assert reasons == ["empty_completion", "too_long"]
+
+
 def test_a_hung_llm_costs_one_deadline_for_the_whole_call():
     """timeout_s bounds every attempt and backoff together: 3 attempts of a hung endpoint end at
     1 s with the query as is (per attempt, they took over 3 s)."""
@@ -384,6 +395,7 @@ def test_a_hung_llm_costs_one_deadline_for_the_whole_call():
     result, elapsed = asyncio.run(scenario())
     assert result["rewritten"] == "a red star"
     assert result["fallback"] == "llm error: no answer within 1 s (all attempts)"
+    assert fallback_reason(result["fallback"]) == "timeout"  # the metric's tag
     assert 1.0 <= elapsed < 1.6
 
 
@@ -397,6 +409,7 @@ def test_the_circuit_breaker_opens_answers_without_calling_and_lets_one_trial_th
             for i in range(2):  # two failed calls, of 3 attempts each
                 answer = await rewriter.rewrite(f"query {i}")
                 assert answer["fallback"].startswith("llm error: HTTP 503")
+                assert fallback_reason(answer["fallback"]) == "llm_error"
             assert endpoint.calls == 6
             t0 = time.perf_counter()
             answer = await rewriter.rewrite("query 2")
@@ -407,6 +420,7 @@ def test_the_circuit_breaker_opens_answers_without_calling_and_lets_one_trial_th
                 "(next try in 0 s)",
             }
             assert endpoint.calls == 6  # answered without calling the endpoint
+            assert fallback_reason(answer["fallback"]) == "circuit_open"
             await asyncio.sleep(0.6)  # the cool-down: one trial goes through, and fails
             await rewriter.rewrite("query 3")
             assert endpoint.calls == 9

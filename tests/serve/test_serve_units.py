@@ -529,3 +529,25 @@ def test_knn_requests_read_as_clip_back_reads_them():
     )
     with pytest.raises(BadRequest):
         parse_metadata_request({"ids": ["1"], "indice_name": "base"}, models, 10)
+
+
+def test_the_grafana_dashboard_plots_every_metric_and_only_those():
+    """dashboards/aesthetic_align.json: each query names metrics the app or the jobs export (as
+    Ray names them: `ray_` first, `_total` on counters, `_bucket` on histograms), and every one
+    of them is on a panel; docs/serving.md documents each."""
+    import re
+
+    from align.progress import METRICS as JOB_METRICS
+    from align.progress import PREFIX as JOB_PREFIX
+    from serve.metrics import METRICS, PREFIX
+
+    suffix = {"counter": "_total", "gauge": "", "histogram": "_bucket"}
+    exported = {f"ray_{PREFIX}{n}{suffix[kind]}" for n, (kind, *_) in METRICS.items()}
+    exported |= {f"ray_{JOB_PREFIX}{n}{suffix[kind]}" for n, (kind, _) in JOB_METRICS.items()}
+    dashboard = json.loads((REPO / "dashboards/aesthetic_align.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    plotted = {name for q in queries for name in re.findall(r"ray_aesthetic_align_\w+", q)}
+    assert plotted == exported
+    docs = (REPO / "docs/serving.md").read_text()
+    names = sorted(name.removesuffix("_bucket") for name in exported)
+    assert [name for name in names if f"`{name}`" not in docs] == []
