@@ -9,23 +9,33 @@ library's FileNotFoundError included, keeps its traceback and exits 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
 from align.config import Config, load_config
 from align.errors import UserError
 
+# Storage every node of a cluster reaches (s3://..., a shared filesystem), named once where Ray
+# starts (cluster.yaml): the jobs' output_dir, under which finetune keeps Ray Train's checkpoints.
+# Before the command line's own overrides, after the config file.
+OUTPUT_DIR_ENV = "AESTHETIC_ALIGN_OUTPUT_DIR"
+
 
 def parse_args(job: str, argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(
         prog=f"python -m pipelines.{job}",
         description=f"Run the {job} job.",
-        epilog="Overrides are dotted keys, e.g. world.seed=3 output_dir=/tmp/run.",
+        epilog="Overrides are dotted keys, e.g. world.seed=3 output_dir=/tmp/run; "
+        f"${OUTPUT_DIR_ENV}, when set, is the output_dir unless an override gives one.",
     )
     parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied after the file")
     args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides)
+    storage = os.environ.get(OUTPUT_DIR_ENV)
+    return load_config(
+        args.config, [*([f"output_dir={storage}"] if storage else []), *args.overrides]
+    )
 
 
 def user_error_message(e: BaseException) -> str | None:

@@ -447,6 +447,12 @@ class TrainScalingConfig(Section):
         gt=0,
         description="Reserved per worker; leave room for the Ray Data ingest tasks beside them.",
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="Ray Train's placement of the workers: PACK fills a node first (fast "
+        "collectives); SPREAD puts them on different nodes where it can (a lost node costs "
+        "fewer workers).",
+    )
     threads: int | None = Field(None, ge=1, description="torch threads per worker (None: Ray's).")
     threads_follow_load: bool = Field(
         True,
@@ -524,7 +530,8 @@ class FinetuneConfig(Section):
         ge=0,
         description="A training stream whose decoded images fit in this many MB is decoded once "
         "and kept in the object store (each epoch in a new block order); a larger one is read "
-        "and decoded again every epoch. 0: never cache.",
+        "and decoded again every epoch. 0: never cache. Only on a one-node cluster: on several, "
+        "a lost node would take cached blocks that cannot be rebuilt.",
     )
     seed: int = 0
     preserve_order: bool = Field(

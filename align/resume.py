@@ -91,6 +91,7 @@ RESUMABLE_KEYS = (
     "decode",
     "join",
     "scaling.cpus_per_worker",
+    "scaling.placement_strategy",
     "scaling.threads",
     "scaling.threads_follow_load",
 )

@@ -24,7 +24,11 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting an embedded Ray (num_cpus=%s)", cfg.num_cpus or "all")
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+        # "local": a Ray of its own, even where `ray start` left a cluster on this machine (a bare
+        # ray.init() would join that one; joining is what an address is for).
+        ray.init(
+            address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True
+        )
 
 
 # ---------------------------------------------------------------------------------------------

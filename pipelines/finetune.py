@@ -164,12 +164,32 @@ def check_inputs(config: Config, manifest: JobManifest) -> dict[str, Stream]:
         if cfg.uses_captions:
             streams["captions"] = prepare_captions(config, sizes)
     with manifest.stage("cache_decoded"):  # small streams: decoded once, not every epoch
+        cap = cache_cap_mb(cfg.cache_decoded_mb)
         for name, s in streams.items():
             # A Dataset keeps the options it was made with; materialize reads them here.
             s.dataset.context.execution_options.preserve_order = cfg.preserve_order
             mb = s.rows_out * s.images_per_row * sizes["image_size"] ** 2 * 3 / 2**20
-            s.dataset = decoded_once_if_small(s.dataset, mb, cfg.cache_decoded_mb, cfg.seed, name)
+            s.dataset = decoded_once_if_small(s.dataset, mb, cap, cfg.seed, name)
     return streams
+
+
+def cache_cap_mb(configured_mb: int) -> int:
+    """finetune.cache_decoded_mb on one node; 0 (decode every epoch) on several. Cached blocks
+    live in the object stores of the nodes that made them: when one of those nodes is lost, the
+    restarted workers need them rebuilt, which Ray's lineage replay of the decode tasks could not
+    do here (StreamingGeneratorReplayInconsistentError, benchmarks/chaos.py); a stream read again
+    from storage every epoch has nothing to lose."""
+    import ray
+
+    nodes = sum(n["Alive"] for n in ray.nodes())
+    if nodes > 1 and configured_mb:
+        log.info(
+            "%d nodes: training streams are decoded every epoch (a lost node's cached blocks "
+            "could not be rebuilt)",
+            nodes,
+        )
+        return 0
+    return configured_mb
 
 
 def make_trainer(config: Config, datasets: dict, out: str):
@@ -197,6 +217,7 @@ def make_trainer(config: Config, datasets: dict, out: str):
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
             resources_per_worker=resources,
+            placement_strategy=scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name="run",

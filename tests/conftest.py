@@ -18,6 +18,14 @@ def ray_session():
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # Metrics reach the node's Prometheus endpoint every 2 s (Ray's default: 10 s), so the
+        # metrics test finds a search's metrics without a long wait.
+        ray.init(
+            address="local",  # never a cluster another test or `ray start` left on the machine
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            _system_config={"metrics_report_interval_ms": 2000},
+        )
     yield ray
     ray.shutdown()

@@ -61,3 +61,18 @@ def test_the_jobs_api_is_not_open_to_the_network(cluster):
     head = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
     assert "ray dashboard cluster.yaml" in (REPO / "cluster.yaml").read_text()
+
+
+def test_every_node_names_the_shared_storage_the_jobs_write_to(cluster):
+    """One storage URI, exported on every node in the variable the jobs read for output_dir (so
+    Ray Train's checkpoints under it survive a lost node), and not a node's local disk."""
+    import re
+
+    from align.cli import OUTPUT_DIR_ENV
+
+    exports = [
+        m.group(1)
+        for c in cluster["setup_commands"]
+        for m in re.finditer(rf"export {OUTPUT_DIR_ENV}=(\S+?)'", c)
+    ]
+    assert len(exports) == 1 and exports[0].startswith(("s3://", "gs://", "/mnt/"))

@@ -185,3 +185,17 @@ def test_a_failed_run_keeps_its_folder_its_own(tmp_path):
     assert not (out / MANIFEST_NAME).exists()
     empty_output_dir(str(out / "ray"), "finetune")  # ...and may still start over
     assert not (out / "ray" / "checkpoint").exists()
+
+
+def test_the_clusters_storage_is_the_output_dir_unless_the_command_line_gives_one(monkeypatch):
+    """$AESTHETIC_ALIGN_OUTPUT_DIR (set where Ray starts, cluster.yaml) comes after the config
+    file and before the command line's overrides."""
+    from align.cli import OUTPUT_DIR_ENV, parse_args
+
+    demo = ["--config", str(REPO / "configs" / "demo.yaml")]
+    assert parse_args("unit", demo).output_dir == "outputs/demo"
+    monkeypatch.setenv(OUTPUT_DIR_ENV, "s3://bucket/aesthetic-align")
+    config = parse_args("unit", demo)
+    assert config.output_dir == "s3://bucket/aesthetic-align"
+    assert config.expand(config.finetune.output) == "s3://bucket/aesthetic-align/finetune"
+    assert parse_args("unit", [*demo, "output_dir=/tmp/run"]).output_dir == "/tmp/run"
