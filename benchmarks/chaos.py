@@ -7,7 +7,8 @@
 Each node is a raylet of its own (ray.cluster_utils.Cluster, as Ray tests itself): a head that
 runs the drivers and no tasks (0 CPUs, as cluster.yaml's head), and worker nodes. A worker node
 is removed without grace (its raylet and every worker process killed: a lost spot instance)
-while the scenario runs, then a fresh one joins, as an autoscaler would replace it.
+while the scenario runs; a fresh one joins before the next scenario, as an autoscaler would
+replace it.
 
 - index_corpus: the corpus spread over the worker nodes' tasks and actor pools; the node holding
   some of the pools' actors removed once the first unit of input is done. Every input row must
@@ -146,8 +147,8 @@ def actor_nodes(class_part: str) -> set[str]:
 
 
 class NodeKiller(threading.Thread):
-    """Removes the first worker node `victim()` names (None: not yet), polling until `stop()`;
-    then adds a fresh worker node in its place."""
+    """Removes the first worker node `victim()` names (None: not yet), polling every 0.2 s
+    until it has or `stop()` is called."""
 
     def __init__(self, cluster: LocalCluster, victim):
         super().__init__(daemon=True)
@@ -294,6 +295,7 @@ def index_corpus_scenario(cluster: LocalCluster, workdir: Path, sizes: Sizes) ->
 def finetune_scenario(cluster: LocalCluster, workdir: Path, sizes: Sizes) -> dict:
     """finetune on two nodes, one lost after the first checkpoint: resumed from it."""
     from align import io
+    from align.training import read_metrics_jsonl
     from pipelines.build_preferences import build_preferences
     from pipelines.finetune import finetune
 
@@ -315,6 +317,7 @@ def finetune_scenario(cluster: LocalCluster, workdir: Path, sizes: Sizes) -> dic
     manifest = finetune(config)
     killed = killer.stop()
     resumed = manifest["resumed_from"]
+    recorded = [r["step"] for r in read_metrics_jsonl(io.read_bytes(f"{out}/metrics.jsonl"))]
     return result(
         "finetune",
         nodes,
@@ -323,6 +326,8 @@ def finetune_scenario(cluster: LocalCluster, workdir: Path, sizes: Sizes) -> dic
         **manifest["counts"],
         resumed_from_step=resumed[-1] if resumed else None,
         steps=manifest["steps"],
+        # The metrics of the steps before the checkpoint came back with it: one record a step.
+        steps_recorded_once=recorded == list(range(1, manifest["steps"] + 1)),
         killed_at_s=killer.killed_at,
     )
 
@@ -642,7 +647,7 @@ def autoscale_scenario(workdir: Path, sizes: Sizes) -> dict:
         nodes_before = alive_nodes()
         load_ = SearchLoad(url, 4 * sizes.clients)
         peak, on_added = nodes_before, 0
-        deadline = time.perf_counter() + max(sizes.serve_seconds, 60)
+        deadline = time.perf_counter() + max(sizes.serve_seconds, 120)
         while time.perf_counter() < deadline and (peak == nodes_before or not on_added):
             time.sleep(1)
             peak = max(peak, alive_nodes())
