@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,30 +29,3 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
-
-
-# The multi-node scenarios (tests/integration/test_chaos.py) run in processes of their own: they
-# start as soon as collection has selected them and are checked last, so the rest of the suite
-# runs while their clusters start, lose nodes and recover.
-CHAOS_TESTS = "test_chaos.py"
-
-
-def pytest_collection_modifyitems(session, config, items):
-    chaos = [item for item in items if item.path.name == CHAOS_TESTS]
-    if chaos:
-        items[:] = [item for item in items if item.path.name != CHAOS_TESTS] + chaos
-
-
-def pytest_collection_finish(session):
-    if session.config.option.collectonly:
-        return
-    if any(item.path.name == CHAOS_TESTS for item in session.items):
-        from tests.integration.test_chaos import BACKGROUND
-
-        BACKGROUND.start()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    module = sys.modules.get("tests.integration.test_chaos")
-    if module is not None:
-        module.BACKGROUND.stop()
