@@ -178,6 +178,25 @@ def replace_lost_node(cluster: LocalCluster, workers: int) -> None:
         cluster.workers.append(cluster.add_worker())
 
 
+def run_losing_a_node(cluster: LocalCluster, job, config, once: str, actors: str):
+    """Run `job(config)` while a NodeKiller removes the first worker node holding an alive actor
+    whose class name contains `actors`, once the file `once` exists; returns (the job's
+    manifest, the killer, the nodes alive before, the start time)."""
+    from align import io
+
+    def victim():
+        if not io.exists(once):
+            return None
+        return next(iter(sorted(actor_nodes(actors))), None)
+
+    nodes, t0 = alive_nodes(), time.perf_counter()
+    killer = NodeKiller(cluster, victim)
+    killer.start()
+    manifest = job(config)
+    killer.stop()
+    return manifest, killer, nodes, t0
+
+
 # ---------------------------------------------------------------------------------------------
 # The world the jobs run on
 
@@ -260,18 +279,11 @@ def index_corpus_scenario(cluster: LocalCluster, workdir: Path, sizes: Sizes) ->
     if not io.exists(f"{config.expand(config.world.output)}/_manifest.json"):
         make_world(config)
     io.empty_dir(out)  # a fresh run: one that finds its units done loses no node
+    # Once a unit is done: a node holding actors of the next unit's pools.
     first_unit = f"{out}/_staging/unit-00000/{DONE_MARKER}"
-
-    def victim():  # once a unit is done: a node holding actors of the next unit's pools
-        if not io.exists(first_unit):
-            return None
-        return next(iter(sorted(actor_nodes("MapWorker"))), None)
-
-    nodes, t0 = alive_nodes(), time.perf_counter()
-    killer = NodeKiller(cluster, victim)
-    killer.start()
-    manifest = index_corpus(config)
-    killed = killer.stop()
+    manifest, killer, nodes, t0 = run_losing_a_node(
+        cluster, index_corpus, config, once=first_unit, actors="MapWorker"
+    )
     inputs = io.read_parquet(config.expand(config.index_corpus.input), columns=["image_id"])
     scored = io.read_parquet(f"{out}/scored", columns=["image_id", "status"])
     errors = io.read_parquet(f"{out}/errors", columns=["row_id"])
@@ -280,7 +292,7 @@ def index_corpus_scenario(cluster: LocalCluster, workdir: Path, sizes: Sizes) ->
     return result(
         "index_corpus",
         nodes,
-        killed,
+        killer.killed_at is not None,
         t0,
         **counts,
         killed_at_s=killer.killed_at,
@@ -304,24 +316,19 @@ def finetune_scenario(cluster: LocalCluster, workdir: Path, sizes: Sizes) -> dic
     out = config.expand(config.finetune.output)
     io.empty_dir(out)  # a fresh run, not one resumed from an earlier run's checkpoints
 
-    def victim():  # once Ray Train has a checkpoint: a node holding a training worker
-        # (the snapshot is written when the controller has registered one; a checkpoint folder
-        # whose report it had not taken yet when the node went is not restored from)
-        if not io.exists(f"{out}/ray/run/checkpoint_manager_snapshot.json"):
-            return None
-        return next(iter(sorted(actor_nodes("RayTrainWorker"))), None)
-
-    nodes, t0 = alive_nodes(), time.perf_counter()
-    killer = NodeKiller(cluster, victim)
-    killer.start()
-    manifest = finetune(config)
-    killed = killer.stop()
+    # Once Ray Train has a checkpoint: a node holding a training worker. The snapshot is written
+    # when the controller has registered one; a checkpoint folder whose report it had not taken
+    # yet when the node went is not restored from.
+    snapshot = f"{out}/ray/run/checkpoint_manager_snapshot.json"
+    manifest, killer, nodes, t0 = run_losing_a_node(
+        cluster, finetune, config, once=snapshot, actors="RayTrainWorker"
+    )
     resumed = manifest["resumed_from"]
     recorded = [r["step"] for r in read_metrics_jsonl(io.read_bytes(f"{out}/metrics.jsonl"))]
     return result(
         "finetune",
         nodes,
-        killed,
+        killer.killed_at is not None,
         t0,
         **manifest["counts"],
         resumed_from_step=resumed[-1] if resumed else None,
