@@ -226,6 +226,13 @@ class IndexCorpusConfig(Section):
         "a resumed run skips when done.",
     )
     images_per_unit: int = Field(20_000, ge=1, description="Images per unit for folder input.")
+    unit_retries: int = Field(
+        2,
+        ge=0,
+        description="Times a unit is run again, from an empty folder, when its pipeline failed "
+        "inside Ray rather than in this project's code or on the data (a node lost while the unit "
+        "listed its files, a worker gone); bad images are error rows and never a failure.",
+    )
     max_member_bytes: int = Field(
         64 * 2**20,
         ge=1,

@@ -31,6 +31,29 @@ def init_ray(cfg: RayConfig) -> None:
         )
 
 
+def failed_inside_ray(error: BaseException | None) -> bool:
+    """Whether a Ray Data run failed in Ray itself: a node, actor or worker lost (Ray Data raises
+    its internal failures `from SystemException()`; Ray Core names dead actors and nodes), not the
+    code the stages ran (UserCodeException) nor the driver. Such a run can be started over."""
+    from ray import exceptions as rex
+    from ray.data.exceptions import SystemException
+
+    lost = (
+        rex.NodeDiedError,
+        rex.ActorDiedError,
+        rex.ActorUnavailableError,
+        rex.WorkerCrashedError,
+        rex.ObjectLostError,
+    )
+    while error is not None:
+        if isinstance(error, rex.UserCodeException):
+            return False
+        if isinstance(error, (SystemException, *lost)):
+            return True
+        error = error.__cause__
+    return False
+
+
 # ---------------------------------------------------------------------------------------------
 # Torch threads that follow the CPUs a task actually gets.
 #

@@ -35,7 +35,7 @@ from align.manifest import JobManifest
 from align.models import ModelFacts, check_model, model_id
 from align.progress import JobProgress
 from align.resume import DONE_MARKER, finished_units, unit_done, unit_inputs
-from align.runtime import init_ray
+from align.runtime import failed_inside_ray, init_ray
 from align.sources import (
     NOT_DOWNLOADED,
     count_input_rows,
@@ -128,15 +128,39 @@ def unit_pipeline(config: Config, files: list[str], source: str, model: ModelFac
     )
 
 
+def write_unit(
+    config: Config, files: list[str], source: str, unit_dir: str, model: ModelFacts, layout
+) -> None:
+    """The unit's pipeline written into an empty `unit_dir`; run again from an empty folder when
+    it failed inside Ray (index_corpus.unit_retries)."""
+    retries = config.index_corpus.unit_retries
+    for attempt in range(retries + 1):
+        # A unit folder without its marker is a leftover of a killed run or of a failed attempt.
+        io.empty_dir(unit_dir)
+        try:
+            unit_pipeline(config, files, source, model, layout).write_parquet(unit_dir)
+            return
+        except Exception as e:
+            if attempt == retries or not failed_inside_ray(e):
+                raise
+            first_line = str(e).splitlines()[0][:300] if str(e) else ""
+            log.warning(
+                "unit %s failed inside Ray (%s: %s); running it again (%d of %d)",
+                unit_dir,
+                type(e).__name__,
+                first_line,
+                attempt + 1,
+                retries,
+            )
+
+
 def run_unit(
     config: Config, files: list[str], source: str, unit_dir: str, model: ModelFacts, layout=None
 ) -> dict:
     """Decode, embed and score one unit into `unit_dir`, then mark it done (align/resume.py)."""
     ic = config.index_corpus
     t0 = time.perf_counter()
-    # A unit folder without its marker is a leftover of a killed run: start it over.
-    io.empty_dir(unit_dir)
-    unit_pipeline(config, files, source, model, layout).write_parquet(unit_dir)
+    write_unit(config, files, source, unit_dir, model, layout)
     score_columns = [SCORER_COLUMN_PREFIX + n for n in ic.scorers]
     staged = io.read_parquet(unit_dir, columns=["status", "error", *score_columns])
     ok = int(pc.sum(pc.equal(staged["status"], "ok")).as_py() or 0)

@@ -398,3 +398,49 @@ def test_real_laion_head_on_a_768_wide_model_in_the_job(ray_session, tmp_path):
     assert manifest["counts"]["rows_out"] == 2
     assert np.isfinite(scored["aesthetic_laion_mlp"].to_numpy()).all()
     assert set(manifest["aesthetic"]["weights"]) == {"lowlevel", "laion_mlp"}
+
+
+def test_a_unit_that_failed_inside_ray_runs_again_and_one_that_failed_in_code_does_not(
+    ray_session, tmp_path, monkeypatch
+):
+    """A unit whose pipeline lost its worker (a process gone, as on a lost node) is run again
+    from an empty folder; an exception of the stages' code is raised at once."""
+    import ray.data
+
+    import pipelines.index_corpus as job
+
+    crashed = tmp_path / "crashed_once"
+
+    def crash_once(batch):
+        if not crashed.exists():
+            crashed.touch()
+            os._exit(1)  # the worker process dies, as every process on a lost node does
+        return batch
+
+    def code_error(batch):
+        raise ValueError("a bug in a stage")
+
+    calls = []
+
+    def pipeline(stage):
+        def unit_pipeline(*args):
+            calls.append(stage)
+            # No task retries: the failure reaches the driver, as one Ray Data cannot retry does.
+            return ray.data.range(20).map_batches(stage, max_retries=0)
+
+        return unit_pipeline
+
+    config = load_config(REPO / "configs/demo.yaml", [f"output_dir={tmp_path}"])
+    unit_dir = tmp_path / "unit"
+    unit_dir.mkdir()
+    (unit_dir / "left-by-the-failed-attempt.parquet").write_bytes(b"partial")
+    monkeypatch.setattr(job, "unit_pipeline", pipeline(crash_once))
+    job.write_unit(config, [], "", str(unit_dir), None, None)
+    assert len(calls) == 2  # the second attempt wrote the unit
+    assert sorted(pq.read_table(unit_dir)["id"].to_pylist()) == list(range(20))
+
+    calls.clear()
+    monkeypatch.setattr(job, "unit_pipeline", pipeline(code_error))
+    with pytest.raises(Exception, match="a bug in a stage"):
+        job.write_unit(config, [], "", str(unit_dir), None, None)
+    assert len(calls) == 1
