@@ -7,6 +7,11 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/demo.yaml
 ARGS ?=
 CLIP_RETRIEVAL := 2.45.0
+# The environment's programs first on PATH, as cluster.yaml sets up a node, so every process a
+# target starts (jobs, Ray's workers, `ray job submit`'s drivers) uses one toolchain. torch builds
+# DeepSpeed's CPU communication op with the `ninja` on PATH; Debian's and the wheel's keep build
+# logs the other reads as stale, and each rebuilt the op (35-60 s) after the other had.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: demo test lint unit integration world env browser docs clean
 

@@ -54,6 +54,26 @@ def failed_inside_ray(error: BaseException | None) -> bool:
     return False
 
 
+def again_if_failed_inside_ray(run, retries: int, what: str):
+    """`run()`, called again (up to `retries` times) while it fails inside Ray; `run` must start
+    over cleanly (its output written afresh)."""
+    for attempt in range(retries + 1):
+        try:
+            return run()
+        except Exception as e:
+            if attempt == retries or not failed_inside_ray(e):
+                raise
+            first_line = str(e).splitlines()[0][:300] if str(e) else ""
+            log.warning(
+                "%s failed inside Ray (%s: %s); running it again (%d of %d)",
+                what,
+                type(e).__name__,
+                first_line,
+                attempt + 1,
+                retries,
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # Torch threads that follow the CPUs a task actually gets.
 #

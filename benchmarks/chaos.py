@@ -54,6 +54,10 @@ class Sizes:
     finetune_backend: str = "deepspeed"
     serve_seconds: float = 20.0
     clients: int = 4
+    units: int = 4  # input shards, one index_corpus unit each
+    # Seconds between the GCS's health checks of a node (3 failed checks: the node is dead);
+    # None keeps Ray's defaults, as a user's cluster has them.
+    node_check_s: float | None = None
 
 
 def free_port() -> int:
@@ -72,7 +76,7 @@ class LocalCluster:
     """A head (0 CPUs: drivers, Serve's controller and proxy) and worker nodes on this machine,
     on ports of their own so that it runs beside another Ray (a test session's)."""
 
-    def __init__(self, workers: int, object_store_mb: int = 300):
+    def __init__(self, workers: int, node_check_s: float | None, object_store_mb: int = 300):
         from ray._common.utils import get_ray_address_file
         from ray.cluster_utils import Cluster
 
@@ -83,15 +87,15 @@ class LocalCluster:
         self.address_file = Path(get_ray_address_file(None))
         self.address_before = self.address_file.read_text() if self.address_file.exists() else None
         self.object_store = object_store_mb << 20
-        self.cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 0,
-                "include_dashboard": False,
-                "dashboard_agent_listen_port": free_port(),
-                "object_store_memory": self.object_store,
-            },
-        )
+        head = {
+            "num_cpus": 0,
+            "include_dashboard": False,
+            "dashboard_agent_listen_port": free_port(),
+            "object_store_memory": self.object_store,
+        }
+        if node_check_s is not None:
+            head["_system_config"] = health_checks(node_check_s)
+        self.cluster = Cluster(initialize_head=True, head_node_args=head)
         self._restore_address_file()  # connect() names this cluster's address itself
         self.workers = [self.add_worker() for _ in range(workers)]
 
@@ -122,6 +126,11 @@ class LocalCluster:
         for node in list(self.workers):
             self.cluster.remove_node(node, allow_graceful=False)
         self.cluster.remove_node(self.cluster.head_node, allow_graceful=False)
+
+
+def health_checks(period_s: float) -> dict:
+    """Ray's settings for a node found dead after 3 failed health checks `period_s` apart."""
+    return {"health_check_period_ms": int(period_s * 1000), "health_check_failure_threshold": 3}
 
 
 def alive_nodes() -> int:
@@ -217,7 +226,7 @@ def world_overrides(workdir: Path, sizes: Sizes) -> list[str]:
     return [
         f"output_dir={workdir}",
         f"world.num_images={n}",
-        f"world.shard_size={max(n // 4, 1)}",
+        f"world.shard_size={-(-n // sizes.units)}",
         f"world.pretrain_images={n}",
         "world.heldout_images=60",
         "model.name=micro-clip",
@@ -640,12 +649,16 @@ def autoscale_scenario(workdir: Path, sizes: Sizes) -> dict:
     import ray
     from ray import serve
 
+    from align import io
     from serve.app import deploy
 
-    # A Ray of its own for the index ("local": never another cluster on this machine).
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    index_dir = prepare_index(workdir, sizes)
-    ray.shutdown()
+    config = load(workdir, sizes)
+    index_dir = config.expand(config.index_corpus.output)
+    if not io.exists(f"{index_dir}/_manifest.json"):
+        # A Ray of its own for the index ("local": never another cluster on this machine).
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        prepare_index(workdir, sizes)
+        ray.shutdown()
     head = AutoscalingHead(workdir, max_workers=3, idle_s=10)
     try:
         head.connect()
@@ -706,7 +719,7 @@ ON_ONE_CLUSTER = {
 def run_on_one_cluster(names: list[str], workdir: Path, sizes: Sizes, workers: int = 3) -> None:
     """The scenarios on one cluster of `workers` worker nodes, in the order ON_ONE_CLUSTER lists
     them; a lost node is replaced before the next."""
-    cluster = LocalCluster(workers)
+    cluster = LocalCluster(workers, sizes.node_check_s)
     try:
         cluster.connect()
         for name in [n for n in ON_ONE_CLUSTER if n in names]:
@@ -727,13 +740,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-backend", choices=("deepspeed", "ddp"), default="deepspeed")
     parser.add_argument("--serve-seconds", type=float, default=Sizes.serve_seconds)
     parser.add_argument("--clients", type=int, default=Sizes.clients)
+    parser.add_argument("--units", type=int, default=Sizes.units, help="index_corpus units")
+    parser.add_argument(
+        "--node-check-s",
+        type=float,
+        default=None,
+        help="seconds between health checks of a node, 3 failed: dead (default: Ray's)",
+    )
     args = parser.parse_args(argv)
     names = args.scenario.split(",")
     if unknown := sorted(set(names) - set(SCENARIOS)):
         parser.error(f"unknown scenario(s) {unknown}: choose from {', '.join(SCENARIOS)}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     sizes = Sizes(
-        args.images, args.finetune_steps, args.finetune_backend, args.serve_seconds, args.clients
+        args.images,
+        args.finetune_steps,
+        args.finetune_backend,
+        args.serve_seconds,
+        args.clients,
+        args.units,
+        args.node_check_s,
     )
     if set(names) & set(ON_ONE_CLUSTER):
         run_on_one_cluster(names, args.workdir.resolve(), sizes)

@@ -35,7 +35,7 @@ from align.manifest import JobManifest
 from align.models import ModelFacts, check_model, model_id
 from align.progress import JobProgress
 from align.resume import DONE_MARKER, finished_units, unit_done, unit_inputs
-from align.runtime import failed_inside_ray, init_ray
+from align.runtime import again_if_failed_inside_ray, init_ray
 from align.sources import (
     NOT_DOWNLOADED,
     count_input_rows,
@@ -131,27 +131,14 @@ def unit_pipeline(config: Config, files: list[str], source: str, model: ModelFac
 def write_unit(
     config: Config, files: list[str], source: str, unit_dir: str, model: ModelFacts, layout
 ) -> None:
-    """The unit's pipeline written into an empty `unit_dir`; run again from an empty folder when
+    """The unit's pipeline written into an empty `unit_dir`, run again from an empty folder when
     it failed inside Ray (index_corpus.unit_retries)."""
-    retries = config.index_corpus.unit_retries
-    for attempt in range(retries + 1):
-        # A unit folder without its marker is a leftover of a killed run or of a failed attempt.
-        io.empty_dir(unit_dir)
-        try:
-            unit_pipeline(config, files, source, model, layout).write_parquet(unit_dir)
-            return
-        except Exception as e:
-            if attempt == retries or not failed_inside_ray(e):
-                raise
-            first_line = str(e).splitlines()[0][:300] if str(e) else ""
-            log.warning(
-                "unit %s failed inside Ray (%s: %s); running it again (%d of %d)",
-                unit_dir,
-                type(e).__name__,
-                first_line,
-                attempt + 1,
-                retries,
-            )
+
+    def attempt():
+        io.empty_dir(unit_dir)  # what a killed run or a failed attempt left is started over
+        unit_pipeline(config, files, source, model, layout).write_parquet(unit_dir)
+
+    again_if_failed_inside_ray(attempt, config.index_corpus.unit_retries, f"unit {unit_dir}")
 
 
 def run_unit(

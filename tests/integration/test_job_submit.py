@@ -32,11 +32,11 @@ SMALL_DEMO = [
     "index_corpus.index.recall_queries=20",
     "build_preferences.top_k=32",
     "build_preferences.grid.v=4",  # 4 x 4 with stride 2 reads 31 of the 32 candidates
-    "pretrain.max_steps=20",
-    "pretrain.checkpoint_every=10",
+    "pretrain.max_steps=6",
+    "pretrain.checkpoint_every=6",
     "pretrain.captions_per_batch=32",
-    "finetune.max_steps=10",
-    "finetune.checkpoint_every=10",
+    "finetune.max_steps=6",
+    "finetune.checkpoint_every=6",
     "finetune.pairs_per_batch=16",
     "finetune.captions_per_batch=16",
 ]
@@ -84,8 +84,8 @@ def cluster():
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)  # ray start --block stops what it started on SIGTERM
     try:
-        head.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # its graceful stop took 30 s here: nothing is kept
+        head.wait(timeout=3)
+    except subprocess.TimeoutExpired:  # its graceful stop takes 10-30 s here: nothing is kept
         os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)
     shutil.rmtree(temp, ignore_errors=True)
