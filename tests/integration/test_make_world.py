@@ -32,39 +32,41 @@ def test_demo_world_twice_with_the_same_seed_is_byte_identical(tmp_path):
     for name in ("a", "b"):
         out = tmp_path / name
         result = run_job(
-            "--config", "configs/demo.yaml", f"output_dir={out}", "world.num_images=1500",
-            "world.heldout_images=100", "world.pretrain_images=200",
+            "--config", "configs/demo.yaml", f"output_dir={out}", "world.num_images=750",
+            "world.shard_size=250", "world.heldout_images=100", "world.pretrain_images=200",
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
         runs.append(out / "world")
     files_a, files_b = parquet_files(runs[0]), parquet_files(runs[1])
     assert files_a == files_b
-    assert len([f for f in files_a if f.startswith("images/")]) == 3  # 1500 / shard_size 500
+    assert len([f for f in files_a if f.startswith("images/")]) == 3  # 750 / shard_size 250
     images = pq.read_table(runs[0] / "images")
-    assert images.num_rows == 1500 and len(set(images["image_id"].to_pylist())) == 1500
+    assert images.num_rows == 750 and len(set(images["image_id"].to_pylist())) == 750
     pretraining = pq.read_table(runs[0] / "pretrain_images")
     assert pretraining.num_rows == 200
     assert not set(pretraining["image_id"].to_pylist()) & set(images["image_id"].to_pylist())
     manifest = json.loads((runs[0] / "_manifest.json").read_text())
-    assert manifest["counts"] == {"rows_in": 1500, "rows_out": 1500, "rows_error": 0}
+    assert manifest["counts"] == {"rows_in": 750, "rows_out": 750, "rows_error": 0}
     assert manifest["world"]["queries"]["train"] + manifest["world"]["queries"]["heldout"] == 240
-    print("make_world 1500 images, render stage (s):", manifest["timings_s"]["render"])
+    print("make_world 750 images, render stage (s):", manifest["timings_s"]["render"])
 
 
 def test_rerun_with_fewer_images_leaves_no_stale_shards(tmp_path):
-    for n in (1200, 600):
+    for n in (600, 300):  # 3 shards of 200, then 2
         assert (
             run_job(
                 "--config",
                 "configs/demo.yaml",
                 f"output_dir={tmp_path}",
                 f"world.num_images={n}",
+                "world.shard_size=200",
                 "world.heldout_images=50",
                 "world.pretrain_images=0",
             ).returncode
             == 0
         )
-    assert pq.read_table(tmp_path / "world" / "images").num_rows == 600
+    assert pq.read_table(tmp_path / "world" / "images").num_rows == 300
+    assert len(list((tmp_path / "world" / "images").glob("*.parquet"))) == 2
 
 
 @pytest.mark.parametrize(
