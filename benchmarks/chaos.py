@@ -38,7 +38,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -629,36 +629,38 @@ AUTOSCALE = {
 
 
 def prepare_index(workdir: Path, sizes: Sizes) -> str:
-    """The world and its index, made here if an earlier scenario has not (on the connected
-    Ray, or an embedded one)."""
+    """The world and its index, made here if an earlier scenario has not: on the connected Ray,
+    or on a Ray of its own, stopped after ("local": never another cluster on this machine)."""
+    import ray
+
     from align import io
     from pipelines.index_corpus import index_corpus
     from pipelines.make_world import make_world
 
     config = load(workdir, sizes)
     out = config.expand(config.index_corpus.output)
-    if not io.exists(f"{out}/_manifest.json"):
+    if io.exists(f"{out}/_manifest.json"):
+        return out
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
         make_world(config)
         index_corpus(config)
+    finally:
+        if own_ray:
+            ray.shutdown()
     return out
 
 
 def autoscale_scenario(workdir: Path, sizes: Sizes) -> dict:
     """A search load beyond the head: the autoscaler adds nodes, replicas answer there, and
     after the load the cluster shrinks back."""
-    import ray
     from ray import serve
 
-    from align import io
     from serve.app import deploy
 
-    config = load(workdir, sizes)
-    index_dir = config.expand(config.index_corpus.output)
-    if not io.exists(f"{index_dir}/_manifest.json"):
-        # A Ray of its own for the index ("local": never another cluster on this machine).
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        prepare_index(workdir, sizes)
-        ray.shutdown()
+    index_dir = prepare_index(workdir, sizes)
     head = AutoscalingHead(workdir, max_workers=3, idle_s=10)
     try:
         head.connect()
@@ -752,15 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := sorted(set(names) - set(SCENARIOS)):
         parser.error(f"unknown scenario(s) {unknown}: choose from {', '.join(SCENARIOS)}")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    sizes = Sizes(
-        args.images,
-        args.finetune_steps,
-        args.finetune_backend,
-        args.serve_seconds,
-        args.clients,
-        args.units,
-        args.node_check_s,
-    )
+    sizes = Sizes(**{f.name: getattr(args, f.name) for f in fields(Sizes)})
     if set(names) & set(ON_ONE_CLUSTER):
         run_on_one_cluster(names, args.workdir.resolve(), sizes)
     if "autoscale" in names:
