@@ -6,6 +6,13 @@ Stage resources (batch size, pool size, CPUs, GPUs) come from config and are pas
 
 from __future__ import annotations
 
+from align.config import ModelConfig
+from align.models.clip import build_clip
+from align.runtime.threads import TorchThreads
+
+# torch is imported inside the functions that use it (1.8 s here): the driver that builds a
+# pipeline and the decode tasks import the stages' modules and never run a model.
+
 
 def require_batch_columns(batch: dict, required: dict[str, str], stage: str) -> None:
     """Raise ValueError naming the stage and each missing column with what it should hold."""
@@ -21,10 +28,6 @@ def load_clip_for_actor(model: dict, threads: int | None, fp16_on_gpu: bool = Fa
     CPUs Ray assigned) and never more than the CPUs other work leaves free, the GPU when the
     actor was given one. Returns (Clip, device, TorchThreads: call its refresh() per batch)."""
     import torch
-
-    from align.config import ModelConfig
-    from align.models import build_clip
-    from align.runtime import TorchThreads
 
     torch_threads = TorchThreads(threads)
     cfg = ModelConfig.model_validate(model)

@@ -12,15 +12,17 @@ import numpy as np
 import pyarrow as pa
 
 from actors import require_batch_columns
-from align.contracts import SOURCE_METADATA
-from align.images import ImageDecodeError, decode_image
+from align.config import PoolConfig
+from align.data.contracts import SOURCE_METADATA
+from align.data.images import ImageDecodeError, decode_image
+from align.runtime.stages import task_pool
+from align.storage import io
+from align.train.pair_checks import has_text
 
 REQUIRED = {"image_id": "id of the image"}
 
 
 def _read(path: str) -> bytes:
-    from align import io
-
     try:
         return io.read_bytes(path)
     except FileNotFoundError:
@@ -104,7 +106,6 @@ def check_decode_batch(
     """Check stage (CPU tasks) before a fine-tune: does each image decode, has it a caption (when
     the table has captions), and its encoded size. The pixels are dropped; with `keep_bytes`
     the bytes stay, for the pair stage's broadcast."""
-    from align.pair_checks import has_text
 
     require_batch_columns(batch, {"image": "encoded image bytes"}, "check_decode")
     decoded = decode_batch(batch, image_size=image_size, max_pixels=max_pixels)
@@ -140,3 +141,34 @@ def concat_checks(tables: list[pa.Table]) -> pa.Table:
             }
         )
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def decode_stage(ds, pool: PoolConfig, *, image_size: int, max_pixels: int, **columns):
+    """`decode_batch` over `ds` in a task pool (`pool`); `columns`: image_column, path_column,
+    carry, as decode_batch takes them."""
+    return ds.map_batches(
+        decode_batch,
+        fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, **columns},
+        **task_pool(pool),
+    )
+
+
+def decode_columns_stage(ds, pool: PoolConfig, columns: dict[str, str], sizes: dict):
+    """`decode_columns` over `ds` in a task pool: each bytes column of `columns` decoded into its
+    pixels column (`sizes`: image_size, max_pixels)."""
+    return ds.map_batches(
+        decode_columns,
+        fn_kwargs={"columns": columns, **sizes},
+        batch_format="numpy",
+        **task_pool(pool),
+    )
+
+
+def check_decode_stage(ds, pool: PoolConfig, sizes: dict, keep_bytes: bool):
+    """`check_decode_batch` over `ds` in a task pool (the fine-tune's image checks)."""
+    return ds.map_batches(
+        check_decode_batch,
+        fn_kwargs={**sizes, "keep_bytes": keep_bytes},
+        batch_format="numpy",
+        **task_pool(pool),
+    )

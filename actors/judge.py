@@ -12,13 +12,14 @@ import base64
 
 import numpy as np
 import pyarrow as pa
+import ray.data
 
 from actors import require_batch_columns
 from actors.llm import build_chat_processor, completion
-from align import io
 from align.config import JudgeConfig
+from align.data import tables
+from align.data.images import ImageDecodeError, jpeg_thumbnail
 from align.evaluation import SIMILAR, parse_ranker_answer
-from align.images import ImageDecodeError, jpeg_thumbnail
 from align.log import get_logger
 
 log = get_logger("judge")
@@ -87,16 +88,20 @@ def build_llm_judge(cfg: JudgeConfig, k: int):
 
 
 def llm_judge_answers(
-    judge: JudgeConfig, k: int, requests: list[dict], image_ids: np.ndarray, corpus: str,
-    max_pixels: int, num_cpus: float,
-) -> dict[str, str]:  # fmt: skip
+    judge: JudgeConfig,
+    k: int,
+    requests: list[dict],
+    image_ids: np.ndarray,
+    corpus: str,
+    max_pixels: int,
+    num_cpus: float,
+) -> dict[str, str]:
     """request_id -> first|second|similar from a vision LLM (http or vllm), through
     ray.data.llm, for requests whose rows are positions in `image_ids`; the images are read from
     the corpus and sent as data URLs (prepared in CPU tasks of `num_cpus`)."""
-    import ray.data
 
     needed = {image_ids[r] for req in requests for r in (*req["first"], *req["second"])}
-    images = io.read_image_table(corpus, np.array(sorted(needed)), ["image_id", "image"])
+    images = tables.read_image_table(corpus, np.array(sorted(needed)), ["image_id", "image"])
     by_id = dict(zip(images["image_id"].to_pylist(), images["image"].to_pylist(), strict=True))
     table = pa.table(
         {

@@ -7,6 +7,7 @@ call's attempts and a `CircuitBreaker` for an endpoint that keeps failing.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import os
@@ -15,7 +16,12 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+import aiohttp
+
 from align.config import ConfigError
+
+# ray.data.llm is imported inside the functions that use it: it needs vLLM (the `gpu` extra), an
+# optional dependency.
 
 # Worth another try: timeouts, rate limits, a server that is restarting. Never 400/401/403: the
 # same request would be refused again (and a wrong key retried is a lock-out waiting to happen).
@@ -116,10 +122,6 @@ class _TolerantPost:
         return self._send().__await__()
 
     async def _send(self):
-        import asyncio
-
-        import aiohttp
-
         problem = "no attempt made"
         for attempt in range(self.retries + 1):
             if attempt:
@@ -144,8 +146,6 @@ class TolerantSession:
         self.retries, self.wait_s = retries, wait_s
 
     async def __aenter__(self):
-        import aiohttp
-
         self._session = aiohttp.ClientSession()
         await self._session.__aenter__()
         return self
@@ -213,7 +213,6 @@ async def chat_completion(
     parsing of choices[0]: the online client (serve's query rewriter). `deadline_s` bounds the
     whole call, every attempt and backoff included (None: only the session's timeouts). Never
     raises for what the endpoint does; the error never names its host."""
-    import asyncio
 
     call = _chat_completion(session, url, body, headers, retries, wait_s)
     if deadline_s is None:
@@ -225,10 +224,6 @@ async def chat_completion(
 
 
 async def _chat_completion(session, url, body, headers, retries, wait_s):
-    import asyncio
-
-    import aiohttp
-
     kwargs = {"json": body, "headers": headers}
     response = await _TolerantPost(session, url, kwargs, retries, wait_s)
     if isinstance(response, _ErrorAnswer):

@@ -11,14 +11,15 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 
 from actors.decode import decode_columns
+from align.config import PoolConfig
+from align.runtime.stages import actor_pool
 
 
 class PairImageDecoder:
     def __init__(self, image_blocks: list, image_size: int, max_pixels: int):
-        import ray
-
         # A list of ObjectRefs (nested, so Ray does not resolve them for us): blocks of
         # (image_id, image, status) from the job's image check.
         table = pa.concat_tables(ray.get(image_blocks))
@@ -49,3 +50,14 @@ class PairImageDecoder:
         n = batch.num_rows
         out["chosen_pixels"], out["rejected_pixels"] = pixels[where[:n]], pixels[where[n:]]
         return out
+
+
+def pair_image_stage(ds, image_blocks: list, sizes: dict, pool: PoolConfig):
+    """`PairImageDecoder` over pairs, in an actor pool: both images of each pair attached from the
+    broadcast `image_blocks` and decoded (`sizes`: image_size, max_pixels)."""
+    return ds.map_batches(
+        PairImageDecoder,
+        fn_constructor_kwargs={"image_blocks": image_blocks, **sizes},
+        batch_format="pyarrow",
+        **actor_pool(pool),
+    )

@@ -1,11 +1,11 @@
 """Candidate retrieval and pairing stage (actor pool).
 
-For each query: top-K from the corpus (align.corpus: every index shard searched as one) for the
+For each query: top-K from the corpus (align.search.corpus: every index shard searched as one) for the
 REWRITTEN query (or, by `retrieve_with`, the renormalised sum of the original and rewritten
 embeddings, or the original); the semantic score of each candidate is the reference model's
 cosine similarity to the ORIGINAL query, exact, computed from the candidate's stored
 embedding; the aesthetic score is index_corpus's combined score. The u x v grid then
-gives the preference pairs (align.pairing), emitted as list columns, one row per query.
+gives the preference pairs (align.method.pairing), emitted as list columns, one row per query.
 
 The shards are loaded in this actor for a small corpus, or searched through search actors
 (`shard_actors`, started by the job: one per node, each holding a share of the shards) for a
@@ -18,8 +18,10 @@ import numpy as np
 import pyarrow as pa
 
 from actors import require_batch_columns
-from align.config import RETRIEVE_WITH
-from align.pairing import NotEnoughCandidates, grid_pairs
+from align.config import RETRIEVE_WITH, BuildPreferencesConfig
+from align.method.pairing import NotEnoughCandidates, grid_pairs
+from align.runtime.stages import actor_pool
+from align.search.corpus import Corpus
 
 REQUIRED = {
     "query_id": "id of the query",
@@ -27,10 +29,18 @@ REQUIRED = {
     "rewritten_embedding": "embedding of the rewritten query (text_embed stage)",
 }
 LIST_COLUMNS = (
-    "candidate_ids", "candidate_semantic", "candidate_aesthetic",
-    "chosen_id", "rejected_id", "chosen_ref_sim", "rejected_ref_sim",
-    "chosen_aesthetic", "rejected_aesthetic", "chosen_cell", "rejected_cell",
-)  # fmt: skip
+    "candidate_ids",
+    "candidate_semantic",
+    "candidate_aesthetic",
+    "chosen_id",
+    "rejected_id",
+    "chosen_ref_sim",
+    "rejected_ref_sim",
+    "chosen_aesthetic",
+    "rejected_aesthetic",
+    "chosen_cell",
+    "rejected_cell",
+)
 
 
 def retrieval_query(original: np.ndarray, rewritten: np.ndarray, retrieve_with: str) -> np.ndarray:
@@ -57,8 +67,6 @@ class CandidateRetriever:
         refine_factor: int | None = None,
         shard_actors: list[str] | None = None,
     ):
-        from align.corpus import Corpus
-
         if retrieve_with not in RETRIEVE_WITH:
             raise ValueError(
                 f"retrieve_with must be one of {RETRIEVE_WITH} (got {retrieve_with!r})"
@@ -93,12 +101,18 @@ class CandidateRetriever:
                 chosen = rejected = np.zeros(0, dtype=int)
                 c_cells = r_cells = np.zeros((0, 2), dtype=int)
             for name, values in (
-                ("candidate_ids", ids), ("candidate_semantic", sem), ("candidate_aesthetic", aes),
-                ("chosen_id", ids[chosen]), ("rejected_id", ids[rejected]),
-                ("chosen_ref_sim", sem[chosen]), ("rejected_ref_sim", sem[rejected]),
-                ("chosen_aesthetic", aes[chosen]), ("rejected_aesthetic", aes[rejected]),
-                ("chosen_cell", c_cells), ("rejected_cell", r_cells),
-            ):  # fmt: skip
+                ("candidate_ids", ids),
+                ("candidate_semantic", sem),
+                ("candidate_aesthetic", aes),
+                ("chosen_id", ids[chosen]),
+                ("rejected_id", ids[rejected]),
+                ("chosen_ref_sim", sem[chosen]),
+                ("rejected_ref_sim", sem[rejected]),
+                ("chosen_aesthetic", aes[chosen]),
+                ("rejected_aesthetic", aes[rejected]),
+                ("chosen_cell", c_cells),
+                ("rejected_cell", r_cells),
+            ):
                 out[name].append(values)
         columns = {
             k: pa.array(v) if v.dtype != object else pa.array(v.tolist(), pa.string())
@@ -133,3 +147,23 @@ def _list_array(parts: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
     else:
         values = pa.array(flat.astype(np.float32), value_type)
     return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def retrieve_stage(ds, bp: BuildPreferencesConfig, index_corpus_dir: str, search: dict):
+    """`CandidateRetriever` over embedded queries, in an actor pool (`bp.retrieve`): retrieve,
+    re-rank and pair with the build_preferences settings (`search`: refine_factor and the search
+    actors' names, see build_preferences.corpus_search)."""
+    return ds.map_batches(
+        CandidateRetriever,
+        fn_constructor_kwargs={
+            "index_corpus_dir": index_corpus_dir,
+            "top_k": bp.top_k,
+            "retrieve_with": bp.retrieve_with,
+            "u": bp.grid.u,
+            "v": bp.grid.v,
+            "stride": bp.grid.stride,
+            **search,
+        },
+        batch_format="numpy",
+        **actor_pool(bp.retrieve),
+    )

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import ray.data
 
 from actors import require_batch_columns
 from actors.llm import build_chat_processor, completion
 from align.config import RewriteConfig
-from align.rewrite import keyword_rewrite
+from align.method.rewrite import keyword_rewrite
 
 REQUIRED = {"query_id": "id of the query", "query": "the original query"}
 
@@ -80,7 +81,6 @@ def build_llm_rewriter(cfg: RewriteConfig):
 def rewrite_texts(rw: RewriteConfig, texts: list[str]) -> tuple[list[str], int]:
     """Each text rewritten by the rewrite stage, in input order, and how many rewrites fell back
     to the original (evaluate's rewritten systems)."""
-    import ray.data
 
     table = pa.table({"query_id": [str(i) for i in range(len(texts))], "query": texts})
     out = dict.fromkeys(range(len(texts)), "")

@@ -11,8 +11,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors import require_batch_columns
-from align.aesthetics import build_scorer
-from align.contracts import SCORER_COLUMN_PREFIX, SOURCE_METADATA
+from align.config import PoolConfig
+from align.data.contracts import SCORER_COLUMN_PREFIX, SOURCE_METADATA
+from align.models.aesthetics import build_scorer
+from align.runtime.stages import actor_pool
 
 REQUIRED = {
     "pixels": "uint8 pixels from the decode stage",
@@ -64,3 +66,14 @@ def scored_to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
         if name.startswith(SCORER_COLUMN_PREFIX):
             columns[name] = pa.array(values, pa.float32())
     return pa.table(columns)
+
+
+def score_stage(ds, scorers: dict[str, str | None], embed_dim: int, pool: PoolConfig):
+    """`AestheticScorer` over embedded images of `ds`, in an actor pool (`scorers`: name ->
+    checkpoint)."""
+    return ds.map_batches(
+        AestheticScorer,
+        fn_constructor_kwargs={"scorers": scorers, "embed_dim": embed_dim},
+        batch_format="numpy",
+        **actor_pool(pool),
+    )

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import ray.data
 
 from actors import load_clip_for_actor, require_batch_columns
 from align.config import ModelConfig, PoolConfig
-from align.stages import actor_pool
+from align.runtime.stages import actor_pool
+
+# torch is imported inside the functions that use it (1.8 s here): the driver that builds the
+# pipeline imports this module and never runs the model.
 
 QUERY_COLUMNS = ("query", "rewritten")
 
@@ -50,21 +54,11 @@ class ClipTextEmbedder:
 def embed_texts(model: ModelConfig, texts: list[str], embed: PoolConfig) -> np.ndarray:
     """(len(texts), d) float32 L2-normalised text embeddings, in input order, embedded in an
     actor pool and brought to the driver."""
-    import ray.data
 
     table = pa.table({"row": np.arange(len(texts)), "text": pa.array(texts, pa.string())})
     step = embed.batch_size
     blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
-    ds = ray.data.from_arrow(blocks).map_batches(
-        ClipTextEmbedder,
-        fn_constructor_kwargs={
-            "model": model.model_dump(),
-            "threads": embed.threads,
-            "columns": ("text",),
-        },
-        batch_format="numpy",
-        **actor_pool(embed),
-    )
+    ds = text_embed_stage(ray.data.from_arrow(blocks), model, embed, columns=("text",))
     rows, embeddings = [], []
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         rows.append(batch["row"])
@@ -72,3 +66,16 @@ def embed_texts(model: ModelConfig, texts: list[str], embed: PoolConfig) -> np.n
     out = np.zeros((len(texts), embeddings[0].shape[1]), np.float32)
     out[np.concatenate(rows)] = np.concatenate(embeddings)
     return out
+
+
+def text_embed_stage(
+    ds, model: ModelConfig, pool: PoolConfig, columns: tuple[str, ...] | None = None
+):
+    """`ClipTextEmbedder` over `ds`, in an actor pool (`columns`: the text columns embedded; None:
+    the query and its rewrite)."""
+    kwargs = {"model": model.model_dump(), "threads": pool.threads}
+    if columns is not None:
+        kwargs["columns"] = columns
+    return ds.map_batches(
+        ClipTextEmbedder, fn_constructor_kwargs=kwargs, batch_format="numpy", **actor_pool(pool)
+    )

@@ -1,6 +1,6 @@
 """The project's error types for problems with the user's input.
 
-`align.cli.run_job` turns exactly these into one line on stderr and exit code 2; anything
+`align.runtime.cli.run_job` turns exactly these into one line on stderr and exit code 2; anything
 else (a library's FileNotFoundError, a bug, a worker crash) keeps its traceback and exits 1. So a
 project error always says in its message which key, path or row is wrong.
 """

@@ -25,8 +25,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    from align import io, world
     from align.config import load_config
+    from align.data import world
+    from align.storage import io
     from pipelines.build_preferences import build_preferences
     from pipelines.index_corpus import index_corpus
     from pipelines.make_world import make_world

@@ -191,7 +191,7 @@ def run_losing_a_node(cluster: LocalCluster, job, config, once: str, actors: str
     """Run `job(config)` while a NodeKiller removes the first worker node holding an alive actor
     whose class name contains `actors`, once the file `once` exists; returns (the job's
     manifest, the killer, the nodes alive before, the start time)."""
-    from align import io
+    from align.storage import io
 
     def victim():
         if not io.exists(once):
@@ -217,7 +217,7 @@ def world_overrides(workdir: Path, sizes: Sizes) -> list[str]:
     import torch
 
     from align.config import ModelConfig
-    from align.models import build_clip
+    from align.models.clip import build_clip
 
     ckpt = workdir / "micro.pt"
     if not ckpt.exists():
@@ -278,8 +278,8 @@ def index_corpus_scenario(cluster: LocalCluster, workdir: Path, sizes: Sizes) ->
     """index_corpus with a worker node lost mid-run: every input row in scored/ exactly once."""
     import pyarrow.compute as pc
 
-    from align import io
-    from align.resume import DONE_MARKER
+    from align.runtime.resume import DONE_MARKER
+    from align.storage import io
     from pipelines.index_corpus import index_corpus
     from pipelines.make_world import make_world
 
@@ -315,8 +315,8 @@ def index_corpus_scenario(cluster: LocalCluster, workdir: Path, sizes: Sizes) ->
 
 def finetune_scenario(cluster: LocalCluster, workdir: Path, sizes: Sizes) -> dict:
     """finetune on two nodes, one lost after the first checkpoint: resumed from it."""
-    from align import io
-    from align.training import read_metrics_jsonl
+    from align.storage import io
+    from align.train.steps import read_metrics_jsonl
     from pipelines.build_preferences import build_preferences
     from pipelines.finetune import finetune
 
@@ -633,7 +633,7 @@ def prepare_index(workdir: Path, sizes: Sizes) -> str:
     or on a Ray of its own, stopped after ("local": never another cluster on this machine)."""
     import ray
 
-    from align import io
+    from align.storage import io
     from pipelines.index_corpus import index_corpus
     from pipelines.make_world import make_world
 

@@ -39,8 +39,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    from align import io
     from align.config import load_config
+    from align.storage import io
     from pipelines.build_preferences import build_preferences
     from pipelines.finetune import finetune
     from pipelines.index_corpus import index_corpus

@@ -26,10 +26,10 @@ def bare_loop(images_dir: str, model_name: str, batch_size: int) -> tuple[int, f
     import pyarrow.parquet as pq
     import torch
 
-    from align.aesthetics import lowlevel_score
     from align.config import Config, ModelConfig
-    from align.images import decode_image
-    from align.models import build_clip
+    from align.data.images import decode_image
+    from align.models.aesthetics import lowlevel_score
+    from align.models.clip import build_clip
 
     clip = build_clip(ModelConfig(name=model_name))
     mean = torch.tensor(clip.mean).view(1, 3, 1, 1)

@@ -30,7 +30,7 @@ def clustered_unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
 def tune_nprobe(index, x: np.ndarray, spec, target: float, queries: int) -> None:
     """Set the nprobe that reaches `target` recall@10 on sampled stored vectors (another sample
     than measure_recall's)."""
-    from align.index import choose_nprobe, exact_top_k, set_nprobe
+    from align.search.index import choose_nprobe, exact_top_k, set_nprobe
 
     q = x[np.random.default_rng(1).choice(len(x), size=min(queries, len(x)), replace=False)]
     _, truth = exact_top_k([x], q, 10)
@@ -46,7 +46,7 @@ def tune_nprobe(index, x: np.ndarray, spec, target: float, queries: int) -> None
 
 def main() -> None:
     from align.config import IndexConfig
-    from align.index import build_index, choose_index, measure_recall
+    from align.search.index import build_index, choose_index, measure_recall
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])

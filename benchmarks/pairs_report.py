@@ -38,7 +38,7 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    from align.world import relevant
+    from align.data.world import relevant
 
     root = Path(args.output_dir)
     gt = pq.read_table(root / "world" / "ground_truth.parquet").to_pandas().set_index("image_id")

@@ -2,13 +2,13 @@
 
     python benchmarks/scale.py --images 1000000 --dim 512 --shard-images 250000 [--nlist 1024]
 
-The index is sized by the project's own rules (align.index.choose_index: nlist from the corpus,
+The index is sized by the project's own rules (align.search.index.choose_index: nlist from the corpus,
 the PQ code the memory budget holds, nprobe chosen at build time to reach index.target_recall);
 --nlist and --nprobe fix them instead.
 
 1. Writes synthetic scored shards (the SCORED contract; unit vectors with clustered structure,
    float16 as index_corpus writes them), one file per `--shard-images`, in Ray tasks.
-2. Builds the index with index_corpus' own code (align.index_build.write_index: sample, train
+2. Builds the index with index_corpus' own code (align.search.build.write_index: sample, train
    IVF-PQ once, one task per shard, nprobe chosen and recall@10 measured against exact search
    streamed over the shards).
 3. build_preferences' retrieval: the real CandidateRetriever stage, in a Ray actor, over
@@ -46,8 +46,8 @@ def write_synthetic_shard(path: str, first: int, n: int, centres: np.ndarray, se
     import pyarrow as pa
 
     from actors.score import scored_to_arrow
-    from align import io
-    from align.contracts import SCORED, SCORER_COLUMN_PREFIX, conform
+    from align.data.contracts import SCORED, SCORER_COLUMN_PREFIX, conform
+    from align.storage import io
 
     rng = np.random.default_rng(seed)
     d = centres.shape[1]
@@ -92,8 +92,8 @@ def bare_process_mb(root: str, dim: int, top_k: int) -> float:
     before its shard's size counts (Python, Ray's worker, numpy, pyarrow, FAISS, and the code and
     caches the first search loads: about 45 MB more than an actor that has searched nothing)."""
     from align.config import IndexConfig, ModelConfig
-    from align.corpus import Corpus, start_shard_actors
-    from align.index_build import write_index
+    from align.search.build import write_index
+    from align.search.corpus import Corpus, start_shard_actors
 
     files = [f"{root}/tiny/scored/part-00000.parquet"]
     write_synthetic_shard(files[0], 0, 1000, np.eye(dim, dtype=np.float32)[:16], 0)
@@ -118,7 +118,7 @@ def retrieval_load(index_corpus_dir: str, actors, queries: np.ndarray, top_k: in
     import ray
 
     from actors.retrieve import CandidateRetriever
-    from align.corpus import process_memory
+    from align.search.corpus import process_memory
 
     class MeasuredRetriever(CandidateRetriever):
         def memory(self):
@@ -155,7 +155,7 @@ def serving_load(index_dir: str, queries: np.ndarray, k: int) -> dict:
     included) and the replica's peak RSS."""
     import ray
 
-    from align.corpus import Corpus, process_memory
+    from align.search.corpus import Corpus, process_memory
 
     class Replica:
         def __init__(self, index_dir: str):
@@ -201,8 +201,8 @@ def merged_serving(index_dir: str, manifest: dict, queries: np.ndarray, k: int) 
     import ray
 
     from align.config import IndexConfig
-    from align.corpus import Corpus
-    from align.index_build import corpus_recall, merge_ondisk
+    from align.search.build import corpus_recall, merge_ondisk
+    from align.search.corpus import Corpus
 
     if "merged" not in manifest:
         # The trained, empty index: the first shard with its lists cleared.
@@ -278,7 +278,7 @@ def build_or_reuse(args, root: str, cfg) -> tuple[dict, float, float]:
     """The synthetic corpus and its index (or a --workdir's from an earlier run with the same
     arguments): (index manifest, seconds writing the corpus, seconds building the index)."""
     from align.config import ModelConfig
-    from align.index_build import write_index
+    from align.search.build import write_index
 
     built = Path(root, "built.json")
     if built.exists():
@@ -299,7 +299,7 @@ def build_or_reuse(args, root: str, cfg) -> tuple[dict, float, float]:
 def near_queries(root: str, args) -> np.ndarray:
     """Queries near corpus images: a stored vector plus noise (a fifth of a unit vector's
     length), renormalised."""
-    from align.corpus import Corpus
+    from align.search.corpus import Corpus
 
     rng = np.random.default_rng(args.seed + 99)
     sample = Corpus(f"{root}/index").vectors(rng.integers(0, args.images, args.queries))
@@ -314,7 +314,7 @@ def main() -> None:
     import ray
 
     from align.config import IndexConfig
-    from align.corpus import start_shard_actors
+    from align.search.corpus import start_shard_actors
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     tmp = None if args.workdir else tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR"))

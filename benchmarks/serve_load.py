@@ -44,7 +44,7 @@ FALLBACK_QUERIES = [
 
 
 def load_queries(config: dict) -> list[str]:
-    from align import io
+    from align.storage import io
 
     args = config["applications"][0]["args"]
     first = next(iter(args["models"].values()))["index_corpus"]

@@ -38,7 +38,7 @@ def similarities(index_dir: Path, model_path: Path, model_name: str, queries: li
     import torch
 
     from align.config import ModelConfig
-    from align.models import build_clip
+    from align.models.clip import build_clip
 
     shards = sorted((index_dir / "index").glob("shard-*.embeddings.npy"))
     embeddings = np.concatenate([np.load(p).astype(np.float32) for p in shards])
@@ -66,11 +66,12 @@ def row_correlations(sim: np.ndarray, values: np.ndarray, rel: np.ndarray) -> fl
 def report(root: Path, model_name: str) -> dict:
     import pyarrow.compute as pc
 
-    from align import io
+    from align.data import tables
+    from align.data.queries import query_facts
+    from align.data.world import ATTRIBUTES
     from align.evaluation.gallery import GroundTruth
-    from align.models import register_model_configs
-    from align.queries import query_facts
-    from align.world import ATTRIBUTES
+    from align.models.clip import register_model_configs
+    from align.storage import io
 
     register_model_configs()
     world = root / "world"
@@ -91,7 +92,7 @@ def report(root: Path, model_name: str) -> dict:
         rel = truth.relevance(facts, np.broadcast_to(np.arange(len(ids)), sim.shape))
         true = truth.true_aesthetic.astype(float)
         top = np.argsort(-sim, axis=1)[:, :5]
-        rows = io.align_rows(ids, world_gt)
+        rows = tables.align_rows(ids, world_gt)
         words = world_gt["quality_words"].fill_null("").to_numpy(zero_copy_only=False)[rows]
         columns = {a: world_gt[a].to_numpy(zero_copy_only=False)[rows] for a in ATTRIBUTES}
         columns |= {"true_aesthetic": true, "caption_has_quality_words": (words != "") * 1.0}

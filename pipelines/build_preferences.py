@@ -7,12 +7,12 @@ In: a query file (`build_preferences.queries`: Parquet, JSONL or text) and an in
 built with `model` (`index_corpus_dir`). Out, under `build_preferences.output`: pairs/,
 candidates/, rewrites/, errors/ and `_manifest.json`.
 
-queries -> checks (empty, duplicate, undecodable: error rows, align/queries.py)
+queries -> checks (empty, duplicate, undecodable: error rows, align/data/queries.py)
   -> rewrite (keywords | OpenAI-compatible HTTP | vLLM, through ray.data.llm)
   -> text embedding of the original and rewritten query (actor pool)
   -> top-K for the rewritten query (or `retrieve_with`) + semantic / aesthetic re-rank + u x v
-     grid pairs (actor pool holding the index: actors/retrieve.py, align/pairing.py)
-  -> the output tables (align/preference_tables.py).
+     grid pairs (actor pool holding the index: actors/retrieve.py, align/method/pairing.py)
+  -> the output tables (align/train/preference_tables.py).
 
 Each pair carries both reference similarities, so the fine-tune needs no reference model.
 A re-run replaces its outputs; it never appends to them.
@@ -25,35 +25,36 @@ import sys
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from actors.retrieve import CandidateRetriever
+from actors.retrieve import retrieve_stage
 from actors.rewrite import rewrite_stage
-from actors.text_embed import ClipTextEmbedder
-from align import io
-from align.cli import run_job
+from actors.text_embed import text_embed_stage
 from align.config import BuildPreferencesConfig, Config, IndexConfig, ModelConfig
-from align.contracts import ERRORS, conform
-from align.corpus import start_shard_actors, use_shard_actors
-from align.index import check_index
-from align.log import get_logger
-from align.manifest import JobManifest, empty_output_dir
-from align.models import model_id
-from align.preference_tables import candidates_table, count_reasons, pairs_table, rewrites_table
-from align.queries import (
+from align.data.contracts import ERRORS, conform
+from align.data.error_rows import write_error_rows
+from align.data.queries import (
     check_query_dataset,
     good_queries,
     query_dataset,
     query_error_rows,
     query_files,
 )
-from align.runtime import init_ray
-from align.stages import actor_pool
+from align.log import get_logger
+from align.models.clip import model_id
+from align.runtime.cli import run_job
+from align.runtime.manifest import JobManifest, empty_output_dir
+from align.runtime.session import init_ray
+from align.search.corpus import start_shard_actors, use_shard_actors
+from align.search.stored import check_index
+from align.storage import io
+from align.train.preference_tables import (
+    candidates_table,
+    count_reasons,
+    pairs_table,
+    rewrites_table,
+)
 
 log = get_logger("build_preferences")
 OUTPUTS = ("pairs", "candidates", "rewrites", "errors")
-
-
-def output_dir(config: Config) -> str:
-    return config.expand(config.build_preferences.output)
 
 
 def retrieve(bp: BuildPreferencesConfig, model: ModelConfig, queries, index_dir: str, search: dict):
@@ -65,25 +66,8 @@ def retrieve(bp: BuildPreferencesConfig, model: ModelConfig, queries, index_dir:
         good_queries, batch_format="pyarrow", num_cpus=bp.rewrite.num_cpus
     )
     ds = rewrite_stage(bp.rewrite, queries)
-    return ds.map_batches(
-        ClipTextEmbedder,
-        fn_constructor_kwargs={"model": model.model_dump(), "threads": bp.embed.threads},
-        batch_format="numpy",
-        **actor_pool(bp.embed),
-    ).map_batches(
-        CandidateRetriever,
-        fn_constructor_kwargs={
-            "index_corpus_dir": index_dir,
-            "top_k": bp.top_k,
-            "retrieve_with": bp.retrieve_with,
-            "u": bp.grid.u,
-            "v": bp.grid.v,
-            "stride": bp.grid.stride,
-            **search,
-        },
-        batch_format="numpy",
-        **actor_pool(bp.retrieve),
-    )
+    ds = text_embed_stage(ds, model, bp.embed)
+    return retrieve_stage(ds, bp, index_dir, search)
 
 
 def corpus_search(cfg: IndexConfig, index_dir: str, index_manifest: dict):
@@ -108,9 +92,10 @@ def write_outputs(bp: BuildPreferencesConfig, model: ModelConfig, results, check
     in this process."""
     rw = bp.rewrite
     results.select_columns(["query_id", "query", "rewritten", "fallback", "truncated"]).map_batches(
-        rewrites_table, fn_kwargs={"backend": rw.backend, "variant": rw.variant},
+        rewrites_table,
+        fn_kwargs={"backend": rw.backend, "variant": rw.variant},
         batch_format="pyarrow",
-    ).write_parquet(f"{out}/rewrites")  # fmt: skip
+    ).write_parquet(f"{out}/rewrites")
     # Skipped queries have empty pair lists, so exploding needs no filter.
     results.map_batches(
         pairs_table, fn_kwargs={"reference_model": model_id(model)}, batch_format="pyarrow"
@@ -130,15 +115,20 @@ def write_outputs(bp: BuildPreferencesConfig, model: ModelConfig, results, check
     for batch in errors.iter_batches(batch_format="pyarrow"):
         for reason, n in count_reasons(batch["error"].to_pylist()).items():
             reasons[reason] = reasons.get(reason, 0) + n
-    counts = {"rows_error": sum(reasons.values()), "reasons": reasons,
-              "ok": 0, "fallbacks": 0, "truncated": 0}  # fmt: skip
+    counts = {
+        "rows_error": sum(reasons.values()),
+        "reasons": reasons,
+        "ok": 0,
+        "fallbacks": 0,
+        "truncated": 0,
+    }
     columns = ["status", "fallback", "truncated"]
     for batch in results.select_columns(columns).iter_batches(batch_format="pyarrow"):
         counts["ok"] += pc.sum(pc.equal(batch["status"], "ok")).as_py() or 0
         counts["fallbacks"] += pc.sum(pc.not_equal(batch["fallback"], "")).as_py() or 0
         counts["truncated"] += pc.sum(batch["truncated"]).as_py() or 0
     if not io.list_files(f"{out}/errors", ".parquet"):  # no error rows: an empty table still
-        io.write_parquet(ERRORS.schema.empty_table(), f"{out}/errors/part-00000.parquet")
+        write_error_rows([], f"{out}/errors")
     return counts
 
 
@@ -146,14 +136,20 @@ def skipped_error_rows(batch: pa.Table) -> pa.Table:
     """Error rows (errors contract) of the queries that retrieved nothing."""
     skipped = batch.filter(pc.not_equal(batch["status"], "ok"))
     return conform(
-        pa.table({"row_id": skipped["query_id"], "stage": pa.array(["retrieve"] * skipped.num_rows,
-                  pa.string()), "error": skipped["error"]}), ERRORS,
-    )  # fmt: skip
+        pa.table(
+            {
+                "row_id": skipped["query_id"],
+                "stage": pa.array(["retrieve"] * skipped.num_rows, pa.string()),
+                "error": skipped["error"],
+            }
+        ),
+        ERRORS,
+    )
 
 
 def build_preferences(config: Config) -> dict:
     bp = config.build_preferences
-    out = output_dir(config)
+    out = config.job_output("build_preferences")
     manifest = JobManifest("build_preferences", config, output=out)  # removes a stale manifest
     queries_path = config.expand(bp.queries)
     index_dir = config.expand(bp.index_corpus_dir)
@@ -202,8 +198,11 @@ def build_preferences(config: Config) -> dict:
     )
     log.info(
         "%d queries in -> %d with pairs (%d pairs); %d error rows",
-        rows_in, counts["ok"], n_pairs, counts["rows_error"],
-    )  # fmt: skip
+        rows_in,
+        counts["ok"],
+        n_pairs,
+        counts["rows_error"],
+    )
     return result
 
 

@@ -17,15 +17,15 @@ import sys
 
 import numpy as np
 
-from align import io, paths
-from align.cli import run_job
 from align.config import Config, ScorerConfig
 from align.log import get_logger
+from align.runtime.cli import run_job
+from align.storage import io, paths
 from pipelines.build_preferences import build_preferences
 from pipelines.evaluate import evaluate
 from pipelines.finetune import finetune
 from pipelines.index_corpus import index_corpus
-from pipelines.make_world import make_world, world_dir
+from pipelines.make_world import make_world
 from pipelines.pretrain import pretrain
 from pipelines.train_scorer import train_scorer
 
@@ -33,7 +33,7 @@ log = get_logger("demo")
 
 
 def summarise_world(config: Config) -> str:
-    gt = io.read_parquet(f"{world_dir(config)}/{paths.GROUND_TRUTH}")
+    gt = io.read_parquet(f"{config.job_output('world')}/{paths.GROUND_TRUTH}")
     true = gt["true_aesthetic"].to_numpy()
     corr_low = np.corrcoef(true, gt["low_level"].to_numpy())[0, 1]
     corr_high = np.corrcoef(true, gt["high_level"].to_numpy())[0, 1]

@@ -1,6 +1,6 @@
 """evaluate: compare named systems on held-out queries: a model, with or without query rewriting,
 and the query-time baselines (re-ranking its top results by aesthetics, steering the query
-embedding towards the corpus's best-rated images: align/ranking.py).
+embedding towards the corpus's best-rated images: align/method/ranking.py).
 
     python -m pipelines.evaluate --config configs/demo.yaml [key=value ...]
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+import faiss
 import numpy as np
 import pyarrow as pa
 
@@ -35,10 +36,11 @@ from actors.embed import embed_image_sources
 from actors.judge import llm_judge_answers
 from actors.rewrite import rewrite_texts
 from actors.text_embed import embed_texts
-from align import evaluation, io
-from align.cli import run_job
+from align import evaluation
 from align.config import Config, ConfigError, EvaluateConfig
-from align.contracts import ERRORS, conform
+from align.data import tables
+from align.data.error_rows import write_error_rows
+from align.data.queries import check_queries, query_facts, read_queries
 from align.errors import InputNotFound
 from align.evaluation import judge
 from align.evaluation.gallery import Gallery
@@ -53,9 +55,11 @@ from align.evaluation.scoring import (
 )
 from align.evaluation.systems import System, resolve_systems
 from align.log import get_logger
-from align.manifest import JobManifest, empty_output_dir
-from align.queries import check_queries, query_facts, read_queries
-from align.runtime import init_ray
+from align.runtime.cli import run_job
+from align.runtime.manifest import JobManifest, empty_output_dir
+from align.runtime.session import init_ray
+from align.search.corpus import load_corpus
+from align.storage import io
 
 log = get_logger("evaluate")
 
@@ -77,7 +81,7 @@ class Paths:
         ev = config.evaluate
         optional = lambda p: config.expand(p) if p else None  # noqa: E731
         return cls(
-            out=output_dir(config),
+            out=config.job_output("evaluate"),
             queries=config.expand(ev.queries),
             corpus=config.expand(ev.corpus),
             scores=config.expand(ev.scores),
@@ -108,18 +112,14 @@ class Run:
     errors: list[dict] = field(default_factory=list)
 
 
-def output_dir(config: Config) -> str:
-    return config.expand(config.evaluate.output)
-
-
 # ---------------------------------------------------------------------------------------------
 # Embedding and rewriting in Ray Data
 
 
 def caption_texts(source: str, ids: np.ndarray) -> tuple[list[str], np.ndarray]:
     """The captions of the held-out images `ids` that have one, and their rows in `ids`."""
-    captions = io.read_image_table(source, ids, ["image_id", "caption"])
-    text = captions["caption"].to_numpy(zero_copy_only=False)[io.align_rows(ids, captions)]
+    captions = tables.read_image_table(source, ids, ["image_id", "caption"])
+    text = captions["caption"].to_numpy(zero_copy_only=False)[tables.align_rows(ids, captions)]
     usable = np.flatnonzero([bool(t and str(t).strip()) for t in text])
     return [str(t) for t in text[usable]], usable
 
@@ -166,9 +166,6 @@ def embed_model(
     """Gallery, query embeddings (plain and, if a system of this model rewrites, rewritten) and
     caption recall of one model: its images (the corpus, unless the system searches its own
     index_corpus output, and the held-out captions' images) in one stream, its texts in one."""
-    import faiss
-
-    from align.index import load_corpus
 
     ev, max_pixels = config.evaluate, config.max_image_pixels
     log.info("system %s: embedding with %s", system.name, system.model.pretrained)
@@ -210,8 +207,9 @@ def run_systems(config: Config, paths: Paths, systems: list[System], queries: Qu
                 rewrite = any(s.rewrite for s in systems if s.model_key == key)
                 models[key] = embed_model(config, paths, system, queries, rewrite, run.errors)
         if ref is None:  # the first gallery fixes the image set every system is scored on
-            ref = Reference.read(models[key].gallery, paths.scores, paths.ground_truth,
-                                 paths.queries, queries.texts)  # fmt: skip
+            ref = Reference.read(
+                models[key].gallery, paths.scores, paths.ground_truth, paths.queries, queries.texts
+            )
         text_emb = system_queries(system, models[key], ref)
         top = search_system(
             config.evaluate, system, models[key], ref, text_emb[: len(queries.texts)]
@@ -248,9 +246,14 @@ def run_judge(
         answers = judge.oracle_answers(calls.requests, ref.gt, ev.judge.oracle_margin)
     else:
         answers = llm_judge_answers(
-            ev.judge, ev.k, calls.requests, ref.gallery.ids, paths.corpus,
-            config.max_image_pixels, ev.decode.num_cpus,
-        )  # fmt: skip
+            ev.judge,
+            ev.k,
+            calls.requests,
+            ref.gallery.ids,
+            paths.corpus,
+            config.max_image_pixels,
+            ev.decode.num_cpus,
+        )
     judge_hpir = judge.hpir_agreement(calls, answers, queries.hpir) if calls.hpir_items else {}
     return judge.comparison_rates(calls, answers), judge_hpir
 
@@ -261,8 +264,12 @@ def evaluate(config: Config) -> dict:
     systems = resolve_systems(ev, config.model, config.expand)
     comparisons = judged_comparisons(ev, systems)
     queries, query_errors = read_query_set(ev, paths, manifest)
-    log.info("%d queries, %d systems: %s", len(queries.texts), len(systems),
-             ", ".join(s.name for s in systems))  # fmt: skip
+    log.info(
+        "%d queries, %d systems: %s",
+        len(queries.texts),
+        len(systems),
+        ", ".join(s.name for s in systems),
+    )
 
     init_ray(config.ray)
     io.makedirs(paths.out)
@@ -289,18 +296,24 @@ def evaluate(config: Config) -> dict:
     }
     io.write_json(f"{paths.out}/metrics.json", metrics)
     with manifest.stage("report"):
-        write_report(ev, paths.out, paths.corpus, config.max_image_pixels, metrics,
-                     queries.texts, run.tops, ref, systems)  # fmt: skip
+        write_report(
+            ev,
+            paths.out,
+            paths.corpus,
+            config.max_image_pixels,
+            metrics,
+            queries.texts,
+            run.tops,
+            ref,
+            systems,
+        )
     return finish(manifest, paths.out, systems, queries, query_errors + run.errors, metrics)
 
 
 def finish(manifest: JobManifest, out: str, systems, queries: Queries, errors, metrics) -> dict:
     """errors/, the manifest (written last) and the table on the terminal."""
     empty_output_dir(f"{out}/errors", "evaluate")
-    if errors:
-        io.write_parquet(
-            conform(pa.Table.from_pylist(errors), ERRORS), f"{out}/errors/part-0.parquet"
-        )
+    write_error_rows(errors, f"{out}/errors")
     manifest.extra["systems"] = {
         s.name: {"model": s.model.model_dump(), "rewrite": s.rewrite} for s in systems
     }

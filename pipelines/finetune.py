@@ -22,16 +22,25 @@ import sys
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
+import ray.data
+from ray.data.expressions import col
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
-from actors.decode import check_decode_batch, concat_checks
-from align import io, paths
-from align.cli import run_job
-from align.config import Config
-from align.contracts import ERRORS, IMAGES, conform, require_columns
+from actors.decode import check_decode_stage, concat_checks
+from align.config import Config, config_to_dict
+from align.data.contracts import IMAGES, require_columns
+from align.data.error_rows import write_error_rows
 from align.log import get_logger
-from align.manifest import JobManifest
-from align.models import check_model, model_id
-from align.pair_checks import (
+from align.models.clip import check_model, model_id
+from align.runtime.cli import run_job
+from align.runtime.manifest import JobManifest
+from align.runtime.resume import start_over_if_inputs_changed
+from align.runtime.session import init_ray
+from align.runtime.stages import decoded_once_if_small
+from align.storage import io, paths
+from align.train.pair_checks import (
     Stream,
     image_problems,
     pair_errors,
@@ -40,17 +49,11 @@ from align.pair_checks import (
     require_rows,
     usable_pairs,
 )
-from align.resume import start_over_if_inputs_changed
-from align.runtime import init_ray
-from align.stages import decoded_once_if_small, task_pool
-from align.training import NonFiniteLoss, plot_metrics, read_metrics_jsonl, throughput
+from align.train.steps import NonFiniteLoss, plot_metrics, read_metrics_jsonl, throughput
+from align.train.trainer import SUMMARY_FILE, train_loop_per_worker
 from pipelines.finetune_streams import caption_stream, pair_stream
 
 log = get_logger("finetune")
-
-
-def output_dir(config: Config) -> str:
-    return config.expand(config.finetune.output).rstrip("/")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,8 +70,6 @@ def check_images(
         image found, in the driver; blocks, with keep_bytes, are object-store refs to
         (image_id, image, status) blocks for a broadcast to the pair stage (else None).
     """
-    import ray.data
-    from ray.data.expressions import col
 
     cfg = config.finetune
     dataset = parquet_dataset(uri, "images")
@@ -78,12 +79,7 @@ def check_images(
     if ids is not None:
         ds = ds.filter(expr=col("image_id").is_in(ids.to_pylist()))  # pushed down to the read
 
-    checked_ds = ds.map_batches(
-        check_decode_batch,
-        fn_kwargs={**sizes, "keep_bytes": keep_bytes},
-        batch_format="numpy",
-        **task_pool(cfg.decode),
-    )
+    checked_ds = check_decode_stage(ds, cfg.decode, sizes, keep_bytes)
     if not keep_bytes:
         return concat_checks(ray.get(checked_ds.to_arrow_refs())), None
     checked_ds = checked_ds.materialize()  # the bytes stay in the object store
@@ -179,7 +175,6 @@ def cache_cap_mb(configured_mb: int) -> int:
     restarted workers need them rebuilt, which Ray's lineage replay of the decode tasks could not
     do here (StreamingGeneratorReplayInconsistentError, benchmarks/chaos.py); a stream read again
     from storage every epoch has nothing to lose."""
-    import ray
 
     nodes = sum(n["Alive"] for n in ray.nodes())
     if nodes > 1 and configured_mb:
@@ -193,13 +188,8 @@ def cache_cap_mb(configured_mb: int) -> int:
 
 
 def make_trainer(config: Config, datasets: dict, out: str):
-    """The TorchTrainer: the worker loop (pipelines/finetune_worker.py), its scaling, and run
+    """The TorchTrainer: the worker loop (align/train/trainer.py), its scaling, and run
     storage under {out}/ray, where checkpoints are kept and a restart resumes from."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from align.config import config_to_dict
-    from pipelines.finetune_worker import train_loop_per_worker
 
     cfg, scaling = config.finetune, config.finetune.scaling
     # Ray Train replaces each dataset's options with these when it splits it over the workers.
@@ -234,7 +224,6 @@ def train(
     config: Config, datasets: dict, out: str, manifest: JobManifest, section: str = "finetune"
 ) -> dict:
     """Fit, then read what rank 0 wrote: the summary and the metrics (plotted)."""
-    from pipelines.finetune_worker import SUMMARY_FILE
 
     trainer = make_trainer(config, datasets, out)
     # Settings that change the trained weights differ from the last run's: its checkpoints go.
@@ -264,16 +253,13 @@ def finetune(config: Config, section: str = "finetune") -> dict:
     """The job; `section` names the config section it was given as `finetune` (pretrain's), for
     messages."""
     cfg = config.finetune
-    out = output_dir(config)
+    out = config.job_output("finetune")
     manifest = JobManifest("finetune", config, output=out)  # removes a stale manifest
     streams = check_inputs(config, manifest)
     errors = [e for s in streams.values() for e in s.errors]
     rows_in = sum(s.rows_in for s in streams.values())
     rows_out = sum(s.rows_out for s in streams.values())
-    io.write_parquet(
-        conform(pa.Table.from_pylist(errors, schema=ERRORS.schema), ERRORS),
-        f"{out}/errors/part-00000.parquet",
-    )
+    write_error_rows(errors, f"{out}/errors")
     log.info("%d rows in, %d to train on, %d error rows", rows_in, rows_out, len(errors))
     datasets = {name: s.dataset for name, s in streams.items()}
     summary = train(config, datasets, out, manifest, section)
@@ -293,8 +279,13 @@ def finetune(config: Config, section: str = "finetune") -> dict:
         }
     )
     result = manifest.write(out, rows_in=rows_in, rows_out=rows_out, rows_error=len(errors))
-    log.info("trained %s steps (%s skipped); model at %s/%s", summary.get("step"),
-             summary.get("skipped_steps"), out, paths.MODEL_FILE)  # fmt: skip
+    log.info(
+        "trained %s steps (%s skipped); model at %s/%s",
+        summary.get("step"),
+        summary.get("skipped_steps"),
+        out,
+        paths.MODEL_FILE,
+    )
     return result
 
 

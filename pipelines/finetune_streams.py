@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray.data
 
-from actors.decode import decode_columns
-from actors.pair_images import PairImageDecoder
-from actors.tokenize import tokenize_columns
-from align import io
+from actors.decode import decode_columns_stage
+from actors.pair_images import pair_image_stage
+from actors.tokenize import tokenize_stage
 from align.config import Config
-from align.pair_checks import has_text
-from align.stages import actor_pool, parquet_files_stream, task_pool
+from align.runtime.stages import parquet_files_stream
+from align.storage import io
+from align.train.pair_checks import has_text
 
 # What a training worker gets per pair: the query's tokens, both reference similarities, both
 # images; per caption row: its image and its tokens.
@@ -30,30 +31,19 @@ TRAIN_PAIR_COLUMNS = [
 
 def tokenized(config: Config, ds, columns: dict[str, str]):
     """The stream with its text columns replaced by the model's token ids (CPU tasks)."""
-    return ds.map_batches(
-        tokenize_columns,
-        fn_kwargs={"model": config.model.name, "columns": columns},
-        batch_format="numpy",
-        **task_pool(config.finetune.decode),
-    )
+    return tokenize_stage(ds, config.model.name, columns, config.finetune.decode)
 
 
 def pair_stream(config: Config, sizes: dict, pairs: pa.Table, keep_ids: pa.Array, image_blocks):
     """The usable pairs (already read by the driver) with both images attached and decoded and
     the query tokenized in the data pipeline: images from broadcast blocks of the checked images
     when given, else by two hash joins with the images table."""
-    import ray.data
 
     cfg = config.finetune
     step = max(cfg.decode.batch_size, 1)
     ds = ray.data.from_arrow([pairs.slice(i, step) for i in range(0, pairs.num_rows, step)])
     if image_blocks is not None:
-        ds = ds.map_batches(
-            PairImageDecoder,
-            fn_constructor_kwargs={"image_blocks": image_blocks, **sizes},
-            batch_format="pyarrow",
-            **actor_pool(cfg.decode),
-        )
+        ds = pair_image_stage(ds, image_blocks, sizes, cfg.decode)
         return tokenized(config, ds, {"query": "query_tokens"}).select_columns(TRAIN_PAIR_COLUMNS)
     files = io.list_files(config.expand(cfg.images), ".parquet")
     images = parquet_files_stream(files, ["image_id", "image"], cfg.decode.num_cpus)
@@ -67,15 +57,8 @@ def pair_stream(config: Config, sizes: dict, pairs: pa.Table, keep_ids: pa.Array
     for side in ("chosen", "rejected"):
         renamed = images.rename_columns({"image_id": f"{side}_id", "image": f"{side}_image"})
         ds = ds.join(renamed, "inner", on=(f"{side}_id",), **join)
-    ds = ds.map_batches(
-        decode_columns,
-        fn_kwargs={
-            "columns": {"chosen_image": "chosen_pixels", "rejected_image": "rejected_pixels"},
-            **sizes,
-        },
-        batch_format="numpy",
-        **task_pool(cfg.decode),
-    )
+    pixels = {"chosen_image": "chosen_pixels", "rejected_image": "rejected_pixels"}
+    ds = decode_columns_stage(ds, cfg.decode, pixels, sizes)
     return tokenized(config, ds, {"query": "query_tokens"}).select_columns(TRAIN_PAIR_COLUMNS)
 
 
@@ -90,10 +73,6 @@ def caption_stream(config: Config, sizes: dict, bad_images: pa.Array):
         keep = pc.and_(has_text(t["caption"]), pc.invert(pc.is_in(t["image_id"], bad_images)))
         return t.filter(keep).select(["image", "caption"])
 
-    ds = ds.map_batches(usable, batch_format="pyarrow").map_batches(
-        decode_columns,
-        fn_kwargs={"columns": {"image": "pixels"}, **sizes},
-        batch_format="numpy",
-        **task_pool(cfg.decode),
-    )
+    ds = ds.map_batches(usable, batch_format="pyarrow")
+    ds = decode_columns_stage(ds, cfg.decode, {"image": "pixels"}, sizes)
     return tokenized(config, ds, {"caption": "caption_tokens"})

@@ -19,24 +19,16 @@ import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
+import ray.data
 
-from actors.decode import decode_batch
-from actors.embed import ClipImageEmbedder
-from actors.score import AestheticScorer, scored_to_arrow
-from align import aesthetics, io
-from align.cli import run_job
+from actors.decode import decode_stage
+from actors.embed import image_embed_stage
+from actors.score import score_stage, scored_to_arrow
 from align.config import Config, IndexCorpusConfig
-from align.contracts import ERRORS, SCORED, SCORER_COLUMN_PREFIX, conform
-from align.errors import InputNotFound
-from align.index import DUPLICATES_FILE
-from align.index_build import exact_duplicates, write_index
-from align.log import get_logger
-from align.manifest import JobManifest
-from align.models import ModelFacts, check_model, model_id
-from align.progress import JobProgress
-from align.resume import DONE_MARKER, finished_units, unit_done, unit_inputs
-from align.runtime import again_if_failed_inside_ray, init_ray
-from align.sources import (
+from align.data.contracts import SCORED, SCORER_COLUMN_PREFIX, conform
+from align.data.error_rows import write_error_rows
+from align.data.sources import (
     NOT_DOWNLOADED,
     count_input_rows,
     not_downloaded_rows,
@@ -47,13 +39,20 @@ from align.sources import (
     stats_failed_downloads,
     struct_bytes,
 )
-from align.stages import actor_pool, task_pool
+from align.errors import InputNotFound
+from align.log import get_logger
+from align.models import aesthetics
+from align.models.clip import ModelFacts, check_model, model_id
+from align.runtime.cli import run_job
+from align.runtime.manifest import JobManifest
+from align.runtime.progress import JobProgress
+from align.runtime.resume import DONE_MARKER, finished_units, unit_done, unit_inputs
+from align.runtime.session import again_if_failed_inside_ray, init_ray
+from align.search.build import exact_duplicates, write_index
+from align.search.stored import DUPLICATES_FILE
+from align.storage import io
 
 log = get_logger("index_corpus")
-
-
-def output_dir(config: Config) -> str:
-    return config.expand(config.index_corpus.output)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +61,6 @@ def output_dir(config: Config) -> str:
 
 def read_unit(ic: IndexCorpusConfig, files: list[str], source: str, layout: str | None = None):
     """A Ray Dataset of (image_id, image bytes or path) for one unit."""
-    import ray.data
 
     if ic.input_format == "parquet":
         column = ic.image_column if ic.image_column else ic.path_column
@@ -98,33 +96,19 @@ def unit_pipeline(config: Config, files: list[str], source: str, model: ModelFac
     ic = config.index_corpus
     scorers = {name: s.checkpoint for name, s in ic.scorers.items()}
     parquet = ic.input_format == "parquet"
-    return (
-        read_unit(ic, files, source, layout)
-        .map_batches(
-            decode_batch,
-            fn_kwargs={
-                "image_size": model.image_size,
-                "max_pixels": config.max_image_pixels,
-                "image_column": ic.image_column if parquet else "image",
-                "path_column": ic.path_column if parquet else "path",
-            },
-            **task_pool(ic.decode),
-        )
-        .map_batches(
-            ClipImageEmbedder,
-            fn_constructor_kwargs={"model": config.model.model_dump(), "threads": ic.embed.threads},
-            batch_format="numpy",
-            **actor_pool(ic.embed),
-        )
-        .map_batches(
-            AestheticScorer,
-            fn_constructor_kwargs={"scorers": scorers, "embed_dim": model.embed_dim},
-            batch_format="numpy",
-            **actor_pool(ic.score),
-        )
-        .map_batches(
-            scored_to_arrow, batch_format="numpy", batch_size=None, num_cpus=ic.decode.num_cpus
-        )
+    ds = read_unit(ic, files, source, layout)
+    ds = decode_stage(
+        ds,
+        ic.decode,
+        image_size=model.image_size,
+        max_pixels=config.max_image_pixels,
+        image_column=ic.image_column if parquet else "image",
+        path_column=ic.path_column if parquet else "path",
+    )
+    ds = image_embed_stage(ds, config.model, ic.embed)
+    ds = score_stage(ds, scorers, model.embed_dim, ic.score)
+    return ds.map_batches(
+        scored_to_arrow, batch_format="numpy", batch_size=None, num_cpus=ic.decode.num_cpus
     )
 
 
@@ -144,7 +128,7 @@ def write_unit(
 def run_unit(
     config: Config, files: list[str], source: str, unit_dir: str, model: ModelFacts, layout=None
 ) -> dict:
-    """Decode, embed and score one unit into `unit_dir`, then mark it done (align/resume.py)."""
+    """Decode, embed and score one unit into `unit_dir`, then mark it done (align/runtime/resume.py)."""
     ic = config.index_corpus
     t0 = time.perf_counter()
     write_unit(config, files, source, unit_dir, model, layout)
@@ -223,13 +207,12 @@ def finalise_unit(unit_dir: str, out: str, part: int, weights: dict, stats: dict
             "error": errors["error"],
         }
     )
-    io.write_parquet(conform(errors, ERRORS), f"{out}/errors/part-{part:05d}.parquet")
+    write_error_rows(errors, f"{out}/errors", part)
 
 
 def combine(ic: IndexCorpusConfig, unit_dirs: list[str], markers: list[dict], out: str) -> dict:
     """z-score every scorer over the whole corpus (from the units' moments) and write the scored
     and error shards, one Ray task per unit; returns the normalisation."""
-    import ray
 
     stats = aesthetics.stats_from_moments([m["score_moments"] for m in markers])
     weights = {n: s.weight for n, s in ic.scorers.items()}
@@ -246,13 +229,14 @@ def combine(ic: IndexCorpusConfig, unit_dirs: list[str], markers: list[dict], ou
 
 
 def build_indexes(config: Config, out: str) -> dict:
-    """The sharded index over the scored shards (align.index_build: sampled, trained once, one
+    """The sharded index over the scored shards (align.search.build: sampled, trained once, one
     Ray task per shard reading only its own files), its recall against exact search streamed over
     the shards, and the global id map."""
     files = io.list_files(f"{out}/scored", ".parquet")
     if not files:
-        raise InputNotFound(f"no scored shards in {out}/scored: run index_corpus with steps "
-                            f"[embed, index] first")  # fmt: skip
+        raise InputNotFound(
+            f"no scored shards in {out}/scored: run index_corpus with steps [embed, index] first"
+        )
     index_dir = f"{out}/index"
     # Exact duplicates (equal sha256) are always recorded; left out of the index by config.
     duplicates = exact_duplicates(files)
@@ -283,7 +267,7 @@ def check_inputs(config: Config, source: str) -> tuple[ModelFacts, list[list[str
 
 def index_corpus(config: Config) -> dict:
     ic = config.index_corpus
-    source, out = config.expand(ic.input), output_dir(config)
+    source, out = config.expand(ic.input), config.job_output("index_corpus")
     manifest = JobManifest("index_corpus", config, output=out)  # removes a stale manifest
     model, units, layout = check_inputs(config, source)
 
@@ -327,9 +311,13 @@ def index_corpus(config: Config) -> dict:
     result = manifest.write(out, rows_in=rows_in, rows_out=rows_ok, rows_error=rows_error)
     log.info(
         "%d images in: %d scored, %d errors; index %s over %d vectors, recall@10 %.3f",
-        rows_in, rows_ok, rows_error, index_manifest["spec"]["type"], index_manifest["count"],
+        rows_in,
+        rows_ok,
+        rows_error,
+        index_manifest["spec"]["type"],
+        index_manifest["count"],
         index_manifest["recall_at_10"],
-    )  # fmt: skip
+    )
     return result
 
 

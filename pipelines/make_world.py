@@ -17,19 +17,17 @@ from __future__ import annotations
 import sys
 
 import pyarrow as pa
+import ray
 
-from align import io, paths, world
-from align.cli import run_job
 from align.config import Config, WorldConfig
+from align.data import world
 from align.log import get_logger
-from align.manifest import JobManifest
-from align.runtime import init_ray
+from align.runtime.cli import run_job
+from align.runtime.manifest import JobManifest
+from align.runtime.session import init_ray
+from align.storage import io, paths
 
 log = get_logger("make_world")
-
-
-def world_dir(config: Config) -> str:
-    return config.expand(config.world.output)
 
 
 def _render_and_write(cfg: WorldConfig, shard: int, images_dir: str, part: str) -> pa.Table:
@@ -40,9 +38,7 @@ def _render_and_write(cfg: WorldConfig, shard: int, images_dir: str, part: str) 
 
 
 def make_world(config: Config) -> dict:
-    import ray
-
-    out = world_dir(config)
+    out = config.job_output("world")
     manifest = JobManifest("make_world", config, output=out)  # removes a stale manifest
     init_ray(config.ray)
     render = ray.remote(num_cpus=1)(_render_and_write)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import sys
 
-from align.cli import run_job
 from align.config import Config
+from align.runtime.cli import run_job
 from pipelines.finetune import finetune
 
 

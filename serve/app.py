@@ -9,18 +9,27 @@ Serve config, start Serve's HTTP proxy, deploy the applications, wait until they
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import ray
+import yaml
+from ray import serve
 from ray.serve import Application
+from ray.serve.schema import ServeDeploySchema
 
+from align.config import ModelConfig
+from align.models.clip import check_model
 from serve.config import ServeConfigError, parse_args, resolve_models
-from serve.deployments import ImageStore, QueryRewriter, SearchIngress, TextEncoder, VectorIndex
+from serve.deployments import ImageStore, QueryRewriter, TextEncoder, VectorIndex
+from serve.ingress import SearchIngress
 
 
 def model_facts(model: dict) -> dict:
-    from align.config import ModelConfig
-    from align.models import check_model
-
     facts = check_model(ModelConfig.model_validate(model))
     return {"image_size": facts.image_size, "dim": facts.embed_dim}
 
@@ -90,8 +99,6 @@ def check_request_timeouts(config: dict) -> None:
 
 def load_serve_config(path: str) -> dict:
     """A Serve config file (YAML), checked against Serve's schema and check_request_timeouts."""
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
 
     with open(path) as f:
         config = yaml.safe_load(f)
@@ -111,15 +118,6 @@ def deploy(config: dict, host: str | None = None, port: int | None = None, timeo
             message is Serve's, e.g. a ServeConfigError from `build_app`), or it was not running
             within timeout_s.
     """
-    import json
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    import ray
-    from ray import serve
-    from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config)  # a malformed config fails here, clearly
     check_request_timeouts(config)
@@ -130,9 +128,13 @@ def deploy(config: dict, host: str | None = None, port: int | None = None, timeo
         json.dump(config, f)  # JSON is YAML
         f.flush()
         command = [
-            str(Path(sys.executable).with_name("serve")), "run", "--non-blocking",
-            "--address", ray.get_runtime_context().gcs_address, f.name,
-        ]  # fmt: skip
+            str(Path(sys.executable).with_name("serve")),
+            "run",
+            "--non-blocking",
+            "--address",
+            ray.get_runtime_context().gcs_address,
+            f.name,
+        ]
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"serve run failed: {(proc.stderr or proc.stdout)[-2000:]}")

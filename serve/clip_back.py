@@ -6,7 +6,7 @@ Index names (`indice_name`, `GET /indices-list`): each served model, and `<model
 aesthetic re-rank of its top results), so one client compares the plain model, the re-rank and
 the aligned model. `aesthetic_score` (0-9) and `aesthetic_weight` keep clip-back's meaning: the
 query moves towards the mean embedding of the corpus's images at that rating level (built by
-index_corpus from the corpus's own scores: align.ranking.rating_*) and is renormalised;
+index_corpus from the corpus's own scores: align.method.ranking.rating_*) and is renormalised;
 `aesthetic_weight` is bounded (0 to MAX_AESTHETIC_WEIGHT).
 
 CORS (`cors_headers`): the origins of the `cors_origins` arg, none by default; '*' is clip-back's
@@ -29,10 +29,21 @@ RERANK_SUFFIX = "+rerank"
 # clip-back's near-duplicate threshold (cosine) for `deduplicate`.
 DEDUP_THRESHOLD = 0.94
 KNN_FIELDS = (
-    "text", "image", "image_url", "embedding_input", "modality", "num_images", "num_result_ids",
-    "indice_name", "deduplicate", "use_safety_model", "use_violence_detector", "aesthetic_score",
-    "aesthetic_weight", "use_mclip",
-)  # fmt: skip
+    "text",
+    "image",
+    "image_url",
+    "embedding_input",
+    "modality",
+    "num_images",
+    "num_result_ids",
+    "indice_name",
+    "deduplicate",
+    "use_safety_model",
+    "use_violence_detector",
+    "aesthetic_score",
+    "aesthetic_weight",
+    "use_mclip",
+)
 # The query plus this many times the rating embedding (both unit vectors) is all the rating
 # embedding past about 10: the query stops counting, and far larger weights overflow float32.
 MAX_AESTHETIC_WEIGHT = 10.0
@@ -142,9 +153,17 @@ def parse_knn_request(
             f"{shown(weight)}): past that the rating embedding outweighs the query entirely",
         )
     return KnnRequest(
-        model, rerank, text, image, embedding, num_images, num_result_ids,
-        _as_bool("deduplicate", fields.get("deduplicate", False)), score, weight,
-    )  # fmt: skip
+        model,
+        rerank,
+        text,
+        image,
+        embedding,
+        num_images,
+        num_result_ids,
+        _as_bool("deduplicate", fields.get("deduplicate", False)),
+        score,
+        weight,
+    )
 
 
 def knn_answer(rows, similarity, metadata: list[dict], num_images: int) -> list[dict]:

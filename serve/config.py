@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 from pydantic import Field, ValidationError, model_validator
 
-from align import io
 from align.config import ModelConfig, RerankConfig, RewriteConfig, Section
 from align.errors import UserError
-from align.manifest import MANIFEST_NAME
+from align.runtime.manifest import MANIFEST_NAME
+from align.search.stored import check_index
+from align.storage import io
 
 
 class ServeConfigError(UserError, ValueError):
@@ -243,30 +244,6 @@ def _read_manifest(folder: str, what: str, jobs: tuple[str, ...]) -> dict:
     return manifest
 
 
-def _check_index(what: str, ic_dir: str, model: ModelConfig) -> None:
-    """The index exists, was built with these weights, and has align.corpus's per-shard files."""
-    from align.corpus import OldIndexLayout, check_layout
-    from align.index import INDEX_MANIFEST
-    from align.models import weights_fingerprint
-
-    io.require_exists(f"{ic_dir}/index", f"{what} index")
-    path = f"{ic_dir}/index/{INDEX_MANIFEST}"
-    index_manifest = io.read_json(path) if io.exists(path) else {}
-    # The path alone is not the model: a model.pt retrained in place has other weights
-    # than the ones that embedded the corpus, and its queries would search the wrong space.
-    built = index_manifest.get("weights")
-    if built is not None and built != weights_fingerprint(model):
-        raise ServeConfigError(
-            f"{what}: {model.pretrained} was rewritten after the index in {ic_dir} was built "
-            f"(weights {built} then, {weights_fingerprint(model)} now); index the corpus "
-            f"again with it"
-        )
-    try:
-        check_layout(f"{ic_dir}/index", index_manifest)
-    except OldIndexLayout as e:
-        raise ServeConfigError(f"{what}: {e}") from None
-
-
 def resolve_models(args: ServeArgs) -> dict[str, ServedModel]:
     """Each configured model from the manifests of the jobs that made it; checked before serving.
 
@@ -274,7 +251,6 @@ def resolve_models(args: ServeArgs) -> dict[str, ServedModel]:
         ServeConfigError: a folder without a finished job's manifest, an index built with another
             model than the named run's, or a model that cannot be built (missing checkpoint).
     """
-    from align.models import ModelLoadError, check_model
 
     served = {}
     for name, m in args.models.items():
@@ -291,11 +267,10 @@ def resolve_models(args: ServeArgs) -> dict[str, ServedModel]:
                     f"{model.pretrained}, not with the run's {run['export']}; index the corpus "
                     f"with model.pretrained={run['export']}"
                 )
-        try:
-            check_model(model)
-        except ModelLoadError as e:
+        try:  # the index exists, was built with these weights, and has per-shard files
+            check_index(model, ic_dir)
+        except UserError as e:
             raise ServeConfigError(f"{what}: {e}") from None
-        _check_index(what, ic_dir, model)
         ic = manifest["config"]["index_corpus"]
         served[name] = ServedModel(
             name=name,

@@ -1,6 +1,6 @@
 """docs/configuration.md: every key of the jobs' config and of the search app's args, with its
 type, default and description, read from the pydantic models (align.config.Config and
-serve.config.ServeArgs) by align.config_reference.
+serve.config.ServeArgs) by align.config.reference.
 
     python -m serve.config_reference            (make docs) writes docs/configuration.md
     python -m serve.config_reference --check    exits 1 when the file differs from the models
@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from align.config_reference import job_reference, reference_tables, render
+from align.config.reference import job_reference, reference_tables, render
 from serve.config import ServeArgs
 
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
@@ -26,10 +26,10 @@ Written by `python -m serve.config_reference` (`make docs`) from the typed model
 by hand. `tests/serve/test_config_reference.py` fails when this file differs from what the
 command writes.
 
-- [Job configs](#job-configs): `align/config.py`, `Config`. Every job reads one YAML file
+- [Job configs](#job-configs): `align/config/`, `Config`. Every job reads one YAML file
   (`--config configs/demo.yaml`) and dotted overrides (`world.seed=3`); unknown keys and wrong
   types end the job with exit code 2 and a line naming the key. `{output_dir}` in a path expands
-  to `output_dir`; the default paths between jobs are spelled once, in `align/paths.py`.
+  to `output_dir`; the default paths between jobs are spelled once, in `align/storage/paths.py`.
 - [Serve args](#serve-args): `serve/config.py`, `ServeArgs`: the `args` of an application in a
   Ray Serve config file (`configs/serve.yaml`); unknown keys stop the app from starting.
 

@@ -9,7 +9,7 @@ holds no per-id Python objects. By layout:
 - parquet with a path column: id -> the path that table lists;
 - folder: the id is the path under the folder; the resolved file must still lie inside it;
 - webdataset tars: id -> (tar, offset, size) from the tar headers, listed by a child process
-  under a time bound (align.tars: crafted headers can stall the tar parser); a read is one ranged
+  under a time bound (align.data.tars: crafted headers can stall the tar parser); a read is one ranged
   read, refused for a member whose header size is over the limit.
 
 Only ids in the index are in the table, so nothing outside the configured corpus can be served
@@ -31,12 +31,13 @@ from collections import OrderedDict
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from align import io
 from align.config import IndexCorpusConfig
-from align.images import IMAGE_EXTENSIONS
+from align.data.images import IMAGE_EXTENSIONS
+from align.data.tars import list_members
 from align.log import get_logger
-from align.tars import list_members
+from align.storage import io
 
 log = get_logger(__name__)
 
@@ -77,8 +78,8 @@ class CorpusImages:
         gives None), never read; tar_timeout_s: the most seconds listing one tar may take.
 
         Raises:
-            align.tars.TarTimeout: naming the tar, when listing a tar takes over tar_timeout_s.
-            align.tars.TarUnreadable: naming the tar, when it is corrupt.
+            align.data.tars.TarTimeout: naming the tar, when listing a tar takes over tar_timeout_s.
+            align.data.tars.TarUnreadable: naming the tar, when it is corrupt.
         """
         self.format = corpus["input_format"]
         self.source = corpus["input"]
@@ -161,8 +162,6 @@ class CorpusImages:
         return [self.source] if io.is_file(self.source) else io.list_files(self.source, suffix)
 
     def _parquet_rows(self, id_column: str, known):
-        import pyarrow.parquet as pq
-
         files = self._files(".parquet")
         found, where = [], []
         for f, path in enumerate(files):
@@ -191,7 +190,7 @@ class CorpusImages:
         with size -1 for compressed ones, which index_corpus also reads: no offsets there, so a
         read streams the tar up to the member (slower; keep served corpora uncompressed). A tar
         has no index: its headers are the listing, parsed in a child process within
-        tar_timeout_s (align.tars)."""
+        tar_timeout_s (align.data.tars)."""
         files = self._files(".tar")
         keys, where, names = [], [], []
         for t, path in enumerate(files):
@@ -216,8 +215,6 @@ class CorpusImages:
     # -- reading ---------------------------------------------------------------------------------
 
     def _row_group_images(self, f: int, g: int):
-        import pyarrow.parquet as pq
-
         key = (f, g)
         with self._cache_lock:
             if key in self._cache:

@@ -85,6 +85,14 @@ def observe_stage(stage: str, seconds: float) -> None:
     metric("stage_seconds").observe(seconds, tags={"stage": stage})
 
 
+def observe_batch(stage: str, t0: float, requests: int) -> None:
+    """A batched call's wall time since `t0`, once for each request of the batch: each waited
+    for the whole batch."""
+    seconds = time.perf_counter() - t0
+    for _ in range(requests):
+        observe_stage(stage, seconds)
+
+
 class StageTimer:
     """`with StageTimer("search"): ...` records the block's wall time under `stage`."""
 

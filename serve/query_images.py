@@ -2,7 +2,7 @@
 loop.
 
 A query image is untrusted bytes that a client sends as often as it likes, so it is held to more
-than the corpus decoder (align.images.decode_image): only JPEG, PNG and WebP; a pixel limit of its
+than the corpus decoder (align.data.images.decode_image): only JPEG, PNG and WebP; a pixel limit of its
 own (`max_query_image_pixels`, far under the corpus's), read from the header before anything is
 decoded; and the image made small before its mode is converted (a JPEG decoded at reduced scale,
 any other reduced by an integer factor towards twice the model's size). Decoding runs on a few
@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, ImageOps
 
-from align.images import to_rgb
+from align.data.images import to_rgb
 from serve.search import BadRequest, shown
 
 QUERY_FORMATS = ("JPEG", "PNG", "WEBP")

@@ -19,9 +19,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SEARCH_FIELDS = (
-    "q", "image", "embedding", "k", "rewrite", "rerank", "weight", "model", "dedup",
+    "q",
+    "image",
+    "embedding",
+    "k",
+    "rewrite",
+    "rerank",
+    "weight",
+    "model",
+    "dedup",
     "min_aesthetic",
-)  # fmt: skip
+)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 # No field takes a longer integer (index rows are 64-bit, float32 ends at 39 digits); longer ones
@@ -198,9 +206,10 @@ def parse_query_input(
     given = [n for n, v in zip(names, (text, image, embedding), strict=True) if v is not None]
     if len(given) != 1:
         raise BadRequest(
-            400, f"give exactly one of '{text_name}', '{image_name}' and '{embedding_name}' "
+            400,
+            f"give exactly one of '{text_name}', '{image_name}' and '{embedding_name}' "
             f"(got {', '.join(map(repr, given)) or 'none'})",
-        )  # fmt: skip
+        )
     if text is not None:
         if not isinstance(text, str):
             raise BadRequest(400, f"'{text_name}' must be a string (got {type(text).__name__})")
@@ -263,10 +272,17 @@ def parse_search_request(fields: dict, limits: SearchLimits) -> SearchRequest:
     else:
         min_aesthetic = None
     return SearchRequest(
-        q, k, rewrite, _as_bool("rerank", fields.get("rerank", False)), weight, model,
-        image=image, embedding=embedding, dedup=_as_bool("dedup", fields.get("dedup", False)),
+        q,
+        k,
+        rewrite,
+        _as_bool("rerank", fields.get("rerank", False)),
+        weight,
+        model,
+        image=image,
+        embedding=embedding,
+        dedup=_as_bool("dedup", fields.get("dedup", False)),
         min_aesthetic=min_aesthetic,
-    )  # fmt: skip
+    )
 
 
 MAX_IMAGE_ID_CHARS = 1000

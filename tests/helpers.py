@@ -24,7 +24,7 @@ def indexed_world(root: Path, num_images: int, *extra: str) -> list[str]:
     import torch
 
     from align.config import ModelConfig, load_config
-    from align.models import build_clip
+    from align.models.clip import build_clip
     from pipelines.index_corpus import index_corpus
     from pipelines.make_world import make_world
 

@@ -7,11 +7,12 @@
 - `hpir`: the HPIR protocol over a gallery;
 - `judge`: the judge's paired calls, the oracle's answers and the verdict rates;
 - `report`: `report.html` and the terminal table.
+
+May import every other subpackage of align (it is the top of the library).
 """
 
 from align.evaluation.metrics import (
     FIRST,
-    RANKER_PROMPT,
     SECOND,
     SIMILAR,
     VERDICTS,
@@ -28,7 +29,6 @@ from align.evaluation.metrics import (
 
 __all__ = [
     "FIRST",
-    "RANKER_PROMPT",
     "SECOND",
     "SIMILAR",
     "VERDICTS",

@@ -9,8 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from align import io, world
-from align.contracts import GROUND_TRUTH, SCORER_COLUMN_PREFIX, ContractError, require_columns
+from align.data import tables, world
+from align.data.contracts import GROUND_TRUTH, SCORER_COLUMN_PREFIX, ContractError, require_columns
+from align.storage import io
 
 
 @dataclass
@@ -34,7 +35,7 @@ def corpus_scores(index_corpus_dir: str, gallery_ids: np.ndarray) -> dict[str, n
         promote_options="default",
     )
     table = table.filter(pc.equal(table["status"], "ok"))
-    rows = io.align_rows(gallery_ids, table)
+    rows = tables.align_rows(gallery_ids, table)
     scores = {"aesthetic": take_or_nan(table["aesthetic"].to_numpy(zero_copy_only=False), rows)}
     for name in table.column_names:
         if name.startswith(SCORER_COLUMN_PREFIX):
@@ -56,7 +57,7 @@ class GroundTruth:
     def read(cls, path: str, gallery_ids: np.ndarray) -> GroundTruth:
         gt = io.read_parquet(path)
         require_columns(GROUND_TRUTH, gt.column_names, "evaluate.ground_truth")
-        rows = io.align_rows(gallery_ids, gt)
+        rows = tables.align_rows(gallery_ids, gt)
         if (rows < 0).any():
             raise ContractError(
                 f"ground truth {path} lacks {int((rows < 0).sum())} gallery images, "
@@ -69,9 +70,13 @@ class GroundTruth:
         """(Q, k) bool: is each retrieved image what its query asks for."""
         q = {c: np.asarray(query_facts[c], dtype=object)[:, None] for c in query_facts}
         return world.relevant(
-            q["colour"], q["shape"], q["background"],
-            self.colour[top], self.shape[top], self.background[top],
-        )  # fmt: skip
+            q["colour"],
+            q["shape"],
+            q["background"],
+            self.colour[top],
+            self.shape[top],
+            self.background[top],
+        )
 
 
 def mean_row_similarity(query_emb: np.ndarray, gallery: Gallery, rows_of: np.ndarray) -> np.ndarray:
@@ -88,7 +93,7 @@ def remap_rows(top: np.ndarray, gallery: Gallery, reference: Gallery) -> np.ndar
     metric indexes (the galleries hold the same images, maybe in another order)."""
     if gallery is reference:
         return top
-    rows = io.align_rows(
+    rows = tables.align_rows(
         gallery.ids[np.maximum(top, 0)].ravel(),
         pa.table({"image_id": pa.array(reference.ids, pa.string())}),
     )

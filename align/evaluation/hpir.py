@@ -8,10 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from align import io
-from align.contracts import HPIR, HPIR_DIMENSIONS, ContractError, require_columns
+from align.data import tables
+from align.data.contracts import HPIR, HPIR_DIMENSIONS, ContractError, require_columns
 from align.evaluation import metrics
 from align.evaluation.gallery import Gallery, mean_row_similarity
+from align.storage import io
 
 
 def read_hpir(path: str) -> pa.Table:
@@ -39,7 +40,7 @@ def hpir_rows(hpir: pa.Table, gallery: Gallery) -> tuple[np.ndarray, np.ndarray,
     rows = []
     for column in ("row_a", "row_b"):
         flat = pc.list_flatten(hpir[column]).to_numpy(zero_copy_only=False)
-        rows.append(io.align_rows(flat, lookup).reshape(hpir.num_rows, -1))
+        rows.append(tables.align_rows(flat, lookup).reshape(hpir.num_rows, -1))
     complete = (rows[0] >= 0).all(axis=1) & (rows[1] >= 0).all(axis=1)
     return rows[0], rows[1], complete
 

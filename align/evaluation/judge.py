@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from align.contracts import HPIR_DIMENSIONS
+from align.data.contracts import HPIR_DIMENSIONS
 from align.evaluation import metrics
 from align.evaluation.gallery import GroundTruth
 

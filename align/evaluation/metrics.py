@@ -20,14 +20,6 @@ import numpy as np
 FIRST, SECOND, SIMILAR = "first", "second", "similar"
 VERDICTS = ("win", "similar", "loss")
 
-# The paper's <ranker> prompt, in our words: two rows of results, relevance and aesthetics both.
-RANKER_PROMPT = (
-    'You are judging two rows of image search results for the query: "{query}". '
-    "The first {k} images are row 1, the next {k} images are row 2. Which row is better: more "
-    "relevant to the query and more beautiful (sharp, well exposed, clean, vivid, well composed, "
-    "harmonious colours)? Answer with exactly one of: row 1, row 2, similar."
-)
-
 
 def parse_ranker_answer(text: str | None) -> str:
     """FIRST, SECOND or SIMILAR from a judge's free-text answer (unreadable: SIMILAR)."""

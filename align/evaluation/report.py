@@ -16,14 +16,17 @@ import io as _io
 
 import numpy as np
 
-from align import io
 from align.config import EvaluateConfig
+from align.data import tables
+from align.data.images import ImageDecodeError, jpeg_thumbnail
 from align.evaluation.scoring import Reference
 from align.evaluation.systems import System
-from align.images import ImageDecodeError, jpeg_thumbnail
 from align.log import get_logger
-from align.manifest import empty_output_dir
-from align.training import plot_metrics, read_metrics_jsonl
+from align.runtime.manifest import empty_output_dir
+from align.storage import io
+from align.train.steps import plot_metrics, read_metrics_jsonl
+
+# matplotlib is imported inside the plotting function (0.5 s here): only the report draws.
 
 log = get_logger("report")
 THUMBNAIL = 96
@@ -100,9 +103,16 @@ def score_distribution_png(tops: dict[str, np.ndarray], values: dict[str, np.nda
 
 
 def write_report(
-    ev: EvaluateConfig, out: str, corpus: str, max_pixels: int, metrics: dict, texts: list[str],
-    tops: dict[str, np.ndarray], ref: Reference, systems: list[System],
-) -> None:  # fmt: skip
+    ev: EvaluateConfig,
+    out: str,
+    corpus: str,
+    max_pixels: int,
+    metrics: dict,
+    texts: list[str],
+    tops: dict[str, np.ndarray],
+    ref: Reference,
+    systems: list[System],
+) -> None:
     """Write `report.html` and `report_files/` under `out` (replacing an earlier report): the
     tables, the plots and each system's top k for the first `ev.report_queries` queries, whose
     images are read from `corpus` (rows of `tops` index `ref.gallery`)."""
@@ -183,7 +193,7 @@ def write_thumbnails(files: str, corpus: str, max_pixels: int, tops: dict, ids, 
     """A JPEG thumbnail of every image the grids show; one that does not decode is logged and
     left out (the page's script then reports it as broken)."""
     needed = sorted({int(r) for q in shown for top in tops.values() for r in top[q] if r >= 0})
-    images = io.read_image_table(corpus, ids[needed], ["image_id", "image"])
+    images = tables.read_image_table(corpus, ids[needed], ["image_id", "image"])
     data = dict(zip(images["image_id"].to_pylist(), images["image"].to_pylist(), strict=True))
     for row in needed:
         try:

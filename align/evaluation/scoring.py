@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from align import ranking
 from align.config import EvaluateConfig
-from align.contracts import SCORER_COLUMN_PREFIX
+from align.data.contracts import SCORER_COLUMN_PREFIX
+from align.data.queries import query_facts
 from align.evaluation import metrics as m
 from align.evaluation.gallery import Gallery, GroundTruth, corpus_scores, remap_rows, take_or_nan
 from align.evaluation.hpir import hpir_model_metrics
 from align.evaluation.systems import System
-from align.queries import query_facts
+from align.method import ranking
 
 
 @dataclass
@@ -44,9 +44,13 @@ class Reference:
 
     @classmethod
     def read(
-        cls, gallery: Gallery, scores_dir: str, ground_truth: str | None, queries_path: str,
+        cls,
+        gallery: Gallery,
+        scores_dir: str,
+        ground_truth: str | None,
+        queries_path: str,
         texts: list[str],
-    ) -> Reference:  # fmt: skip
+    ) -> Reference:
         scores = corpus_scores(scores_dir, gallery.ids)
         gt = facts = None
         if ground_truth:
@@ -85,9 +89,14 @@ def search_system(
 
 
 def system_metrics(
-    ev: EvaluateConfig, model: ModelPass, ref: Reference, top: np.ndarray,
-    hpir: pa.Table | None, all_texts: list[str], text_emb: np.ndarray,
-) -> dict:  # fmt: skip
+    ev: EvaluateConfig,
+    model: ModelPass,
+    ref: Reference,
+    top: np.ndarray,
+    hpir: pa.Table | None,
+    all_texts: list[str],
+    text_emb: np.ndarray,
+) -> dict:
     """recall@k (the model's), each scorer's and the combined aesthetic@k, true_*@k on the
     synthetic world and the HPIR agreement of the system's query embeddings `text_emb` (one
     per text of `all_texts`)."""

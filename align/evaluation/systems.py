@@ -1,5 +1,5 @@
 """The systems an evaluation compares: a model (base or aligned), with or without query
-rewriting, and the query-time baselines (re-rank, steer: align/ranking.py)."""
+rewriting, and the query-time baselines (re-rank, steer: align/method/ranking.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from align.config import ConfigError, EvaluateConfig, ModelConfig, RerankConfig, SteerConfig
-from align.corpus import check_layout, read_index_manifest
-from align.models import check_model
+from align.models.clip import check_model
+from align.search.stored import check_layout, read_index_manifest
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def resolve_systems(
         except Exception as e:
             raise type(e)(f"system {name!r}: {e}") from None
         index_dir = expand(s.index_corpus_dir) if s.index_corpus_dir else None
-        if index_dir:  # searched through align.corpus: its per-shard files must be there
+        if index_dir:  # searched through align.search.corpus: its per-shard files must be there
             check_layout(f"{index_dir}/index", read_index_manifest(f"{index_dir}/index"))
         systems.append(System(name, model, s.rewrite, index_dir, s.rerank, s.steer))
     return systems

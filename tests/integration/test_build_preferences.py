@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from align.config import load_config
-from align.contracts import PAIRS, REWRITES
-from align.models import ModelLoadError, build_clip
-from align.pairing import candidates_needed, pair_count
+from align.data.contracts import PAIRS, REWRITES
+from align.method.pairing import candidates_needed, pair_count
+from align.models.clip import ModelLoadError, build_clip
 from pipelines.build_preferences import build_preferences
 from tests.helpers import JsonHandler
 from tests.helpers import indexed_world as make_indexed_world

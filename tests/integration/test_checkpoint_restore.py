@@ -8,7 +8,7 @@ import pytest
 import ray.train
 import torch
 
-from pipelines.finetune_worker import DDP_FILE, STATE_FILE, Trainer
+from align.train.trainer import DDP_FILE, STATE_FILE, Trainer
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""align.corpus over a corpus split into several index shards (real FAISS, real Ray actors): the
+"""align.search.corpus over a corpus split into several index shards (real FAISS, real Ray actors): the
 search over every shard equals one flat index over everything, reference similarities equal
 numpy, one quantizer search over IVF shards finds what searching each shard alone finds, and the
 in-process and search-actor paths give the same answer."""
@@ -8,11 +8,11 @@ import pyarrow as pa
 import pytest
 
 from actors.score import scored_to_arrow
-from align import io
 from align.config import IndexConfig, ModelConfig
-from align.contracts import SCORED, SCORER_COLUMN_PREFIX, conform
-from align.corpus import Corpus, MergedShards, ShardGroup, start_shard_actors
-from align.index_build import write_index
+from align.data.contracts import SCORED, SCORER_COLUMN_PREFIX, conform
+from align.search.build import write_index
+from align.search.corpus import Corpus, MergedShards, ShardGroup, start_shard_actors
+from align.storage import io
 
 pytestmark = pytest.mark.integration
 FILES, PER_FILE, D = 4, 300, 16

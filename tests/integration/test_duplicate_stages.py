@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from align import queries as Q
-from align import stages
-from align.index_build import exact_duplicates
+from align.data import queries as Q
+from align.runtime import stages
+from align.search.build import exact_duplicates
 
 pytestmark = pytest.mark.integration
 

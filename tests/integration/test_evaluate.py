@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 
 from align.config import ModelConfig, load_config
-from align.contracts import ERRORS
-from align.images import decode_image, pixels_to_tensor
-from align.models import ModelLoadError, build_clip
+from align.data.contracts import ERRORS
+from align.data.images import decode_image, pixels_to_tensor
+from align.models.clip import ModelLoadError, build_clip
 from pipelines.evaluate import evaluate
 from tests.helpers import JsonHandler
 from tests.helpers import indexed_world as make_indexed_world

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from align.config import ModelConfig, load_config
-from align.contracts import ContractError
-from align.models import ModelLoadError, build_clip, register_model_configs
-from align.training import NonFiniteLoss
+from align.data.contracts import ContractError
+from align.models.clip import ModelLoadError, build_clip, register_model_configs
+from align.train.steps import NonFiniteLoss
 from pipelines.build_preferences import build_preferences
 from pipelines.finetune import finetune
 from tests.helpers import indexed_world
@@ -158,7 +158,7 @@ def test_a_small_stream_is_decoded_once_and_each_epoch_reads_it_in_a_new_order(
 
     import ray.data
 
-    from align.stages import decoded_once_if_small
+    from align.runtime.stages import decoded_once_if_small
 
     def decode(batch):  # stands in for the image decode: leaves a file per batch it decodes
         (tmp_path / uuid.uuid4().hex).touch()

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from align.config import load_config
-from align.contracts import ERRORS, SCORED, SCORER_COLUMN_PREFIX
-from align.index import load_corpus, load_index
+from align.data.contracts import ERRORS, SCORED, SCORER_COLUMN_PREFIX
+from align.search.corpus import load_corpus, load_index
 from pipelines.index_corpus import index_corpus
 from pipelines.make_world import make_world
 from tests.helpers import metric_total, scraped_metrics, wait_for_metrics

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from align.manifest import MANIFEST_NAME
+from align.runtime.manifest import MANIFEST_NAME
 from pipelines.__main__ import JOBS
 from tests.helpers import REPO
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from align.config import ModelConfig
-from align.models import build_clip
+from align.models.clip import build_clip
 from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,8 +136,8 @@ def test_a_missing_object_is_named(s3, tmp_path):
 
 def _scored_to_s3(prefix: str, vectors: np.ndarray) -> str:
     from actors.score import scored_to_arrow
-    from align import io
-    from align.contracts import SCORED, SCORER_COLUMN_PREFIX, conform
+    from align.data.contracts import SCORED, SCORER_COLUMN_PREFIX, conform
+    from align.storage import io
 
     n = len(vectors)
     batch = {
@@ -156,8 +156,8 @@ def test_an_index_rebuilt_at_the_same_path_is_searched_anew(s3, tmp_path, monkey
     """Shard files keep their names and sizes when an index is rebuilt in place: a node that
     cached the old build must not search its vectors with the new manifest."""
     from align.config import IndexConfig
-    from align.corpus import Corpus
-    from align.index_build import write_index
+    from align.search.build import write_index
+    from align.search.corpus import Corpus
 
     monkeypatch.setenv("AESTHETIC_ALIGN_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
@@ -183,8 +183,8 @@ def test_an_index_rebuilt_at_the_same_path_is_searched_anew(s3, tmp_path, monkey
 def test_a_remote_checkpoint_rewritten_in_place_is_another_model(s3, tmp_path, monkeypatch):
     import time
 
-    from align import io
-    from align.models import weights_fingerprint
+    from align.models.clip import weights_fingerprint
+    from align.storage import io
 
     monkeypatch.setenv("AESTHETIC_ALIGN_CACHE", str(tmp_path / "cache"))
     uri = f"s3://{BUCKET}/retrained/model.pt"

@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from align import io
 from align.config import ModelConfig, load_config
-from align.index import read_scored_embeddings
-from align.models import build_clip
-from align.rewrite import keyword_rewrite
+from align.method.rewrite import keyword_rewrite
+from align.models.clip import build_clip
+from align.search.build import read_scored_embeddings
+from align.storage import io
 from pipelines.index_corpus import index_corpus
 from serve.app import deploy, load_serve_config
 from tests.helpers import (

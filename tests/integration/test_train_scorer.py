@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from align.config import ScorerConfig, load_config
-from align.contracts import ERRORS
+from align.data.contracts import ERRORS
 from pipelines.index_corpus import index_corpus
 from pipelines.make_world import make_world
 from pipelines.train_scorer import train_scorer

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from align.tars import TarTimeout
+from align.data.tars import TarTimeout
 from serve.images import CorpusImages
 
 ROWS, GROUPS, IMAGE_BYTES = 8, 4, 1000

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from align.images import decode_image
+from align.data.images import decode_image
 from serve.clip_back import (
     cors_headers,
     knn_answer,

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from align.config import ModelConfig, load_config
-from align.manifest import JobManifest
-from align.models import build_clip
+from align.models.clip import build_clip, check_model, weights_fingerprint
+from align.runtime.manifest import JobManifest
 from serve.config import ServeConfigError, parse_args, resolve_models
 from serve.images import CorpusImages
 from serve.search import (
@@ -276,11 +276,13 @@ def job_outputs(tmp_path):
     ic.extra["input"] = str(tmp_path / "images")
     ic.write(str(tmp_path / "index_corpus"), rows_in=1, rows_out=1, rows_error=0)
     (tmp_path / "index_corpus/index").mkdir()
-    from align.models import weights_fingerprint
-
-    (tmp_path / "index_corpus/index/_index.json").write_text(
-        json.dumps({"weights": weights_fingerprint(config.model)})
-    )
+    index_manifest = {  # _index.json's keys the checks read (align.search.stored)
+        "model": config.model.model_dump(),
+        "weights": weights_fingerprint(config.model),
+        "dim": check_model(config.model).embed_dim,
+        "shards": [],
+    }
+    (tmp_path / "index_corpus/index/_index.json").write_text(json.dumps(index_manifest))
     return tmp_path, ckpt
 
 
@@ -360,7 +362,7 @@ def test_nan_scores_answer_null_and_host_names_parse():
 
     from fastapi.responses import JSONResponse
 
-    from serve.deployments import _finite, host_name, page_csp
+    from serve.ingress import _finite, host_name, page_csp
 
     assert json.loads(JSONResponse({"a": _finite(float("nan")), "b": _finite(0.123456)}).body) == {
         "a": None,
@@ -537,8 +539,8 @@ def test_the_grafana_dashboard_plots_every_metric_and_only_those():
     of them is on a panel; docs/serving.md documents each."""
     import re
 
-    from align.progress import METRICS as JOB_METRICS
-    from align.progress import PREFIX as JOB_PREFIX
+    from align.runtime.progress import METRICS as JOB_METRICS
+    from align.runtime.progress import PREFIX as JOB_PREFIX
     from serve.metrics import METRICS, PREFIX
 
     suffix = {"counter": "_total", "gauge": "", "histogram": "_bucket"}

@@ -1,16 +1,16 @@
 import numpy as np
 import pytest
 
-from align import world
-from align.aesthetics import (
+from align.config import WorldConfig
+from align.data import world
+from align.data.images import decode_image
+from align.models.aesthetics import (
     ScorerError,
     build_scorer,
     combine,
     lowlevel_measures,
     normalisation_stats,
 )
-from align.config import WorldConfig
-from align.images import decode_image
 
 from ..conftest import SHARED_ASSETS
 
@@ -105,7 +105,7 @@ def test_combine_is_the_weighted_mean_of_z_scores():
 def test_rated_cnn_round_trip_and_resize(tmp_path):
     import torch
 
-    from align.aesthetics import pixels_to_unit, rated_cnn, save_rated_cnn
+    from align.models.aesthetics import pixels_to_unit, rated_cnn, save_rated_cnn
 
     torch.manual_seed(0)
     net = rated_cnn(32).eval()
@@ -144,7 +144,7 @@ def test_world_ratings_are_noisy_truth_for_a_share_of_images():
 
 
 def test_an_embedding_head_refuses_another_models_embeddings_of_the_same_width():
-    from align.aesthetics import ScorerError, check_scorer_model
+    from align.models.aesthetics import ScorerError, check_scorer_model
 
     check_scorer_model("laion_mlp", None, "ViT-L-14:openai")
     with pytest.raises(ScorerError, match="trained on ViT-L-14:openai.*ViT-L-14:laion2b_s32b_b82k"):

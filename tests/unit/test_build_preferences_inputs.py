@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors.rewrite import checked_completion
-from align.contracts import ContractError
-from align.queries import check_queries, read_queries
+from align.data.contracts import ContractError
+from align.data.queries import check_queries, read_queries
 
 
 def test_text_file_one_query_per_line_with_an_undecodable_line(tmp_path):
@@ -98,8 +98,8 @@ def test_an_index_built_before_its_checkpoint_was_rewritten_is_refused(tmp_path)
 
     from align.config import ModelConfig, load_config
     from align.errors import UserError
-    from align.index import check_index
-    from align.models import ModelLoadError, build_clip, weights_fingerprint
+    from align.models.clip import ModelLoadError, build_clip, weights_fingerprint
+    from align.search.stored import check_index
 
     ckpt = tmp_path / "model.pt"
     torch.save(build_clip(ModelConfig(name="micro-clip")).model.state_dict(), ckpt)
@@ -119,5 +119,5 @@ def test_an_index_built_before_its_checkpoint_was_rewritten_is_refused(tmp_path)
         check_index(config.model, str(tmp_path))
     (tmp_path / "index" / "_index.json").write_text(json.dumps(manifest))
     os.utime(ckpt, ns=(1, 1))  # a retrained model.pt at the same path
-    with pytest.raises(ModelLoadError, match="checkpoint was rewritten since"):
+    with pytest.raises(ModelLoadError, match="was rewritten after the index"):
         check_index(config.model, str(tmp_path))

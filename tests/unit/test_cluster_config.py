@@ -68,7 +68,7 @@ def test_every_node_names_the_shared_storage_the_jobs_write_to(cluster):
     Ray Train's checkpoints under it survive a lost node), and not a node's local disk."""
     import re
 
-    from align.cli import OUTPUT_DIR_ENV
+    from align.runtime.cli import OUTPUT_DIR_ENV
 
     exports = [
         m.group(1)

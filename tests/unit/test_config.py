@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from align.config import Config, ConfigError, load_config, parse_override
-from align.pairing import candidates_needed
+from align.method.pairing import candidates_needed
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

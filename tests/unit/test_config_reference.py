@@ -1,7 +1,7 @@
 """The configuration reference names every key of the jobs' config, with its default."""
 
 from align.config import Config
-from align.config_reference import default_text, job_reference, section_class, type_name
+from align.config.reference import default_text, job_reference, section_class, type_name
 
 
 def _keys(cls, prefix=""):

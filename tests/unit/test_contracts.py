@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from align.contracts import (
+from align.data.contracts import (
     ALL_CONTRACTS,
     PAIRS,
     SCORED,

@@ -2,9 +2,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from align import evaluation, world
+from align import evaluation
 from align.config import WorldConfig
-from align.contracts import HPIR
+from align.data import world
+from align.data.contracts import HPIR
 
 
 def test_recall_at_k_matches_a_full_sort():

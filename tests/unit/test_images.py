@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from align.images import ImageDecodeError, decode_image
+from align.data.images import ImageDecodeError, decode_image
 
 from ..conftest import SHARED_ASSETS
 
@@ -87,11 +87,11 @@ def test_formats_outside_the_allowlist_are_refused_before_any_decoder_runs():
 
 
 def test_a_conversion_failure_is_a_refusal_not_a_crash(monkeypatch):
-    import align.images
+    import align.data.images
 
     def broken(img):
         raise ValueError("conversion not supported")
 
-    monkeypatch.setattr(align.images, "to_rgb", broken)
+    monkeypatch.setattr(align.data.images, "to_rgb", broken)
     with pytest.raises(ImageDecodeError, match="conversion not supported"):
         decode_image(encode(rgb(), "PNG"), SIZE, LIMIT)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from align.config import IndexConfig
-from align.index import build_index, choose_index, exact_top_k, measure_recall, train_index
+from align.search.index import build_index, choose_index, exact_top_k, measure_recall, train_index
 
 
 def unit_vectors(n, d, seed=0):
@@ -60,7 +60,7 @@ def test_hnsw_coarse_quantizer_trains_searches_and_reads_back_memory_mapped(tmp_
     added to, its search as deep as twice nprobe, and read back as the corpus reads a shard."""
     import faiss
 
-    from align.index import set_nprobe
+    from align.search.index import set_nprobe
 
     x = unit_vectors(6000, 16, seed=4)
     spec = choose_index(len(x), 16, IndexConfig(type="ivfpq", ivf_nlist=64, ivf_nprobe=8))

@@ -3,9 +3,9 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from align import io
 from align.config import load_config
-from align.resume import DONE_MARKER, unit_done, unit_inputs
+from align.runtime.resume import DONE_MARKER, unit_done, unit_inputs
+from align.storage import io
 
 
 def test_unit_is_redone_when_the_weights_or_the_input_change(tmp_path):
@@ -33,8 +33,8 @@ def test_parquet_image_columns_are_read_or_refused_before_work(tmp_path):
     import pytest
 
     from align.config import IndexCorpusConfig
-    from align.contracts import ContractError
-    from align.sources import parquet_image_layout, struct_bytes
+    from align.data.contracts import ContractError
+    from align.data.sources import parquet_image_layout, struct_bytes
 
     ic = IndexCorpusConfig()
     binary = tmp_path / "binary.parquet"
@@ -85,7 +85,7 @@ def _tar(path, members: dict, mode="w"):
 
 
 def _samples(path, max_member_bytes):
-    from align.sources import tar_samples
+    from align.data.sources import tar_samples
 
     return [
         (r["image_id"], r["image"], r["read_error"])
@@ -138,7 +138,7 @@ def test_img2dataset_parquet_output_failed_downloads_become_error_rows(tmp_path)
     from PIL import Image
 
     from actors.decode import decode_batch
-    from align.sources import NOT_DOWNLOADED, not_downloaded_rows, source_columns
+    from align.data.sources import NOT_DOWNLOADED, not_downloaded_rows, source_columns
 
     buf = _io.BytesIO()
     Image.new("RGB", (20, 20), "red").save(buf, format="PNG")

@@ -8,19 +8,19 @@ import pyarrow as pa
 import pytest
 
 from actors.score import scored_to_arrow
-from align import io
 from align.config import IndexConfig, ModelConfig
-from align.contracts import SCORED, SCORER_COLUMN_PREFIX, conform
-from align.corpus import Corpus, faiss_ivf
+from align.data.contracts import SCORED, SCORER_COLUMN_PREFIX, conform
 from align.errors import UserError
-from align.index import (
+from align.search.build import write_index
+from align.search.corpus import Corpus, faiss_ivf
+from align.search.index import (
     TWO_LEVEL_MIN_NLIST,
     choose_index,
     proportional_shares,
     recall_at_k,
     train_index,
 )
-from align.index_build import write_index
+from align.storage import io
 
 FAISS_WARNING = "WARNING clustering"
 
@@ -197,7 +197,7 @@ def test_nprobe_doubles_to_the_target_and_stops_where_recall_stops_rising():
     """A hand-made recall curve (found rows per nprobe): the smallest power of two reaching the
     target; short of it, the smallest reaching the best, the doubling stopped after two flat
     steps (the codes, not the lists, bound it)."""
-    from align.index import choose_nprobe
+    from align.search.index import choose_nprobe
 
     truth = np.tile(np.arange(10), (4, 1))
     found_per_nprobe = {1: 5, 2: 7, 4: 8, 8: 8, 16: 8, 32: 9, 64: 10}

@@ -10,12 +10,12 @@ import sys
 import pyarrow.fs as pafs
 import pytest
 
-from align import io
-from align.cli import run_job
 from align.config import Config, ConfigError
-from align.contracts import ContractError
+from align.data.contracts import ContractError
 from align.errors import InputNotFound, OutputWriteError, UserError
-from align.manifest import MANIFEST_NAME, JobManifest
+from align.runtime.cli import run_job
+from align.runtime.manifest import MANIFEST_NAME, JobManifest
+from align.storage import io
 from tests.helpers import REPO
 
 
@@ -57,7 +57,7 @@ def test_a_library_error_exits_1_with_traceback_naming_the_file(tmp_path):
     """Through the real command line: exit 1 and the traceback names the missing file."""
     code = (
         "import sys, pyarrow.fs as f\n"
-        "from align.cli import run_job\n"
+        "from align.runtime.cli import run_job\n"
         "body = lambda c: f.LocalFileSystem().open_input_stream('/nonexistent/model.pt')\n"
         f"sys.exit(run_job('unit', body, ['--config', {str(REPO / 'configs/demo.yaml')!r}]))\n"
     )
@@ -101,7 +101,7 @@ def test_a_starting_job_removes_the_stale_manifest(tmp_path):
 
 def test_writers_use_their_own_temporary_names(tmp_path):
     """Two writers of one file never share a temporary file, and a failed write leaves none."""
-    from align.io import _temporary_name
+    from align.storage.io import _temporary_name
 
     target = str(tmp_path / "metrics.jsonl")
     names = {_temporary_name(target) for _ in range(100)}
@@ -140,7 +140,7 @@ def test_a_full_disk_is_one_line_naming_the_path(tiny_disk, capsys):
 
 
 def test_a_job_never_empties_a_folder_of_files_it_did_not_write(tmp_path):
-    from align.manifest import OutputNotOurs, empty_output_dir
+    from align.runtime.manifest import OutputNotOurs, empty_output_dir
 
     theirs = tmp_path / "photos" / "errors"
     theirs.mkdir(parents=True)
@@ -161,7 +161,7 @@ def test_a_job_never_empties_a_folder_of_files_it_did_not_write(tmp_path):
 
 @pytest.mark.parametrize("name", [".env", "_data.json", ".git/config"])
 def test_a_folder_of_dot_or_underscore_files_is_not_a_jobs_to_empty(tmp_path, name):
-    from align.manifest import OutputNotOurs, empty_output_dir
+    from align.runtime.manifest import OutputNotOurs, empty_output_dir
 
     theirs = tmp_path / "project"
     (theirs / name).parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +173,7 @@ def test_a_folder_of_dot_or_underscore_files_is_not_a_jobs_to_empty(tmp_path, na
 
 def test_a_failed_run_keeps_its_folder_its_own(tmp_path):
     """The manifest goes at the start of a run; the folder must stay the job's for the next."""
-    from align.manifest import empty_output_dir
+    from align.runtime.manifest import empty_output_dir
 
     out = tmp_path / "finetune"
     JobManifest("finetune", Config(), output=str(out)).write(
@@ -190,7 +190,7 @@ def test_a_failed_run_keeps_its_folder_its_own(tmp_path):
 def test_the_clusters_storage_is_the_output_dir_unless_the_command_line_gives_one(monkeypatch):
     """$AESTHETIC_ALIGN_OUTPUT_DIR (set where Ray starts, cluster.yaml) comes after the config
     file and before the command line's overrides."""
-    from align.cli import OUTPUT_DIR_ENV, parse_args
+    from align.runtime.cli import OUTPUT_DIR_ENV, parse_args
 
     demo = ["--config", str(REPO / "configs" / "demo.yaml")]
     assert parse_args("unit", demo).output_dir == "outputs/demo"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align.losses import clip_contrastive_loss, retrieval_dpo_loss
+from align.method.losses import clip_contrastive_loss, retrieval_dpo_loss
 
 
 def trl_sigmoid_dpo(pc_logps, pr_logps, rc_logps, rr_logps, beta, label_smoothing):
@@ -78,7 +78,7 @@ def _two_workers(rank: int, port: int, images, texts, scale, out) -> None:
     worker's rows gathered as negatives, and its gradients averaged as DDP averages them."""
     import torch.distributed as dist
 
-    from align.losses import gather_across_workers
+    from align.method.losses import gather_across_workers
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     half = len(images) // 2

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from align.config import Config
-from align.manifest import MANIFEST_NAME, CountsDoNotClose, JobManifest, read_manifest
+from align.runtime.manifest import MANIFEST_NAME, CountsDoNotClose, JobManifest, read_manifest
 
 
 def test_manifest_records_config_counts_timings_versions(tmp_path):

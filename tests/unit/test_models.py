@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from align.config import ModelConfig
-from align.models import PROJECT_MODELS, ModelLoadError, build_clip
+from align.models.clip import PROJECT_MODELS, ModelLoadError, build_clip
 
 
 @pytest.mark.parametrize("name", PROJECT_MODELS)
@@ -65,7 +65,7 @@ def test_random_init_is_the_same_in_every_process(ray_session):
 def test_exported_checkpoint_loads_with_open_clip_and_keeps_the_weights(tmp_path):
     import open_clip
 
-    from align.models import export_checkpoint
+    from align.models.clip import export_checkpoint
 
     model = build_clip(ModelConfig(name="micro-clip")).model
     with torch.no_grad():

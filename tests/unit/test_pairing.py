@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from align.pairing import (
+from align.method.pairing import (
     NotEnoughCandidates,
     candidates_needed,
     grid_layout,

@@ -1,9 +1,9 @@
-"""The query-time baselines (align/ranking.py) against computations written out here."""
+"""The query-time baselines (align/method/ranking.py) against computations written out here."""
 
 import numpy as np
 import pytest
 
-from align.ranking import aesthetic_direction, blend, rank, rerank_rows, steer
+from align.method.ranking import aesthetic_direction, blend, rank, rerank_rows, steer
 
 
 def test_blend_is_z_similarity_and_aesthetic_weighted():
@@ -71,7 +71,7 @@ def test_steering_adds_the_mean_of_the_best_rated_and_renormalises():
 
 def test_rating_embeddings_from_shards_equal_the_corpus_means():
     """Level sums of two shards add up to the corpus's mean normalised embedding per level."""
-    from align.ranking import rating_edges, rating_embeddings, rating_level_sums
+    from align.method.ranking import rating_edges, rating_embeddings, rating_level_sums
 
     rng = np.random.default_rng(3)
     emb = rng.normal(size=(200, 6))
@@ -93,7 +93,7 @@ def test_rating_embeddings_from_shards_equal_the_corpus_means():
 
 
 def test_near_duplicates_join_the_first_leader_not_a_chain():
-    from align.ranking import near_duplicates
+    from align.method.ranking import near_duplicates
 
     base = np.eye(4)
     rows = np.stack([base[0], base[1], base[0] + 0.05 * base[2], base[3], base[1] + 0.01])
@@ -111,7 +111,7 @@ def test_near_duplicates_join_the_first_leader_not_a_chain():
 def test_result_filters_keep_the_most_aesthetic_of_each_group():
     """dedup keeps the most aesthetic of a group (not the first, as clip-back does), after
     min_aesthetic dropped what is under it; checked against a loop over groups."""
-    from align.ranking import filter_candidates, near_duplicates
+    from align.method.ranking import filter_candidates, near_duplicates
 
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(6, 16))

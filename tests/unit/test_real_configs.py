@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.aesthetics import check_scorer_model
 from align.config import load_config
-from align.models import check_model, model_id
+from align.models.aesthetics import check_scorer_model
+from align.models.clip import check_model, model_id
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_CONFIGS = [
@@ -36,8 +36,8 @@ def test_config_builds_its_object_graph_without_downloads(path, overrides):
     from ray.train import ScalingConfig
 
     from actors.llm import vllm_processor_config
-    from align.stages import actor_pool, task_pool
-    from align.training import deepspeed_config
+    from align.runtime.stages import actor_pool, task_pool
+    from align.train.steps import deepspeed_config
 
     config = load_config(path, overrides)
     if config.model.pretrained and "{output_dir}" in config.model.pretrained:

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from align.config import Config
-from align.resume import (
+from align.runtime.resume import (
     RUN_INPUTS,
     changed_run_inputs,
     run_inputs,

@@ -1,10 +1,10 @@
 import pytest
 
-from align.rewrite import (
+from align.method.prompts import PROMPT_TEMPLATES
+from align.method.rewrite import (
     ASPECT_KEYWORDS,
     KEYWORD_LIST,
     KEYWORD_VARIANTS,
-    PROMPT_TEMPLATES,
     VARIANTS,
     keyword_rewrite,
 )

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from align.runtime import (
+from align.runtime.threads import (
     TorchThreads,
     cpus_free_of_other_work,
     flush_subnormals,

@@ -1,4 +1,4 @@
-"""Tars parsed in a child process under a time bound (align.tars): a tar whose parsing stalls
+"""Tars parsed in a child process under a time bound (align.data.tars): a tar whose parsing stalls
 becomes an error row naming it after the samples read in time, the next tar is read, and a
 normal tar reads exactly as the interpreter's tarfile gives it."""
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from align.sources import read_tars, tar_samples
-from align.tars import TarOpenError, TarTimeout, list_members
+from align.data.sources import read_tars, tar_samples
+from align.data.tars import TarOpenError, TarTimeout, list_members
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 1.5
@@ -83,7 +83,7 @@ def _tar_readers() -> list[int]:
         except (OSError, ValueError):
             continue
         ppid = int(stat.rpartition(")")[2].split()[1])
-        if ppid == os.getpid() and b"align.tars" in cmdline and stat.split()[2] != "Z":
+        if ppid == os.getpid() and b"align.data.tars" in cmdline and stat.split()[2] != "Z":
             pids.append(int(entry.name))
     return pids
 
@@ -204,11 +204,11 @@ def test_the_tar_reader_starts_light():
     """The child imports the standard library for a local tar: no pyarrow, numpy or pydantic."""
     import subprocess
 
-    code = "import sys, align.tars; print(' '.join(sorted(sys.modules)))"
+    code = "import sys, align.data.tars; print(' '.join(sorted(sys.modules)))"
     command = [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); {code}"]
     modules = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()
     assert "tarfile" in modules
-    assert not {"pyarrow", "numpy", "pydantic", "align.config", "align.io"} & set(modules)
+    assert not {"pyarrow", "numpy", "pydantic", "align.config", "align.storage.io"} & set(modules)
 
 
 def test_a_tar_by_uri_reads_as_by_path(tmp_path):

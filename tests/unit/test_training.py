@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from align.config import ConfigError, FinetuneConfig, ModelConfig, OptimConfig, load_config
-from align.images import pixels_to_tensor
-from align.losses import clip_contrastive_loss
-from align.models import build_clip
-from align.pair_checks import pair_errors, usable_pairs
-from align.training import (
+from align.data.images import pixels_to_tensor
+from align.method.losses import clip_contrastive_loss
+from align.models.clip import build_clip
+from align.train.pair_checks import pair_errors, usable_pairs
+from align.train.steps import (
     StepInputs,
     clip_forward,
     freeze_batchnorm_statistics,
@@ -169,7 +169,7 @@ def test_pretrain_section_must_stay_contrastive():
 
 
 def test_a_second_run_resumes_only_when_its_inputs_are_unchanged(tmp_path):
-    from align.resume import start_over_if_inputs_changed
+    from align.runtime.resume import start_over_if_inputs_changed
 
     ckpt = tmp_path / "base.pt"
     ckpt.write_bytes(b"weights v1")
@@ -219,7 +219,7 @@ def test_frozen_batchnorm_keeps_the_base_model_at_step_zero():
 
 def test_adamw_groups_weight_decay_as_clip_and_its_fused_step_matches_the_loop():
     from align.config import OptimConfig
-    from align.training import adamw
+    from align.train.steps import adamw
 
     torch.manual_seed(0)
     model = build_clip(ModelConfig(name="micro-clip")).model

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from align import world
 from align.config import WorldConfig
-from align.contracts import GROUND_TRUTH, IMAGES, QUERIES
+from align.data import world
+from align.data.contracts import GROUND_TRUTH, IMAGES, QUERIES
 
 
 @pytest.fixture(scope="module")

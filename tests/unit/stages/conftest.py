@@ -24,7 +24,7 @@ def jpeg(seed: int, size: int = 48) -> bytes:
 def tiny_clip():
     """The tiny-clip model as a stage gets it (a model config dict), and the built model."""
     from align.config import ModelConfig
-    from align.models import build_clip
+    from align.models.clip import build_clip
 
     model = ModelConfig(name="tiny-clip").model_dump()
     return model, build_clip(ModelConfig(name="tiny-clip"))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from actors.decode import check_decode_batch, concat_checks, decode_batch, decode_columns
-from align.images import ImageDecodeError
+from align.data.images import ImageDecodeError
 from tests.unit.stages.conftest import jpeg
 
 SIZE = 32

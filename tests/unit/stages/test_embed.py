@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from actors.embed import ClipImageEmbedder
-from align.images import pixels_to_tensor
+from align.data.images import pixels_to_tensor
 
 
 def test_embeds_ok_rows_as_the_model_does_and_skips_error_rows(tiny_clip):

@@ -7,11 +7,11 @@ import pyarrow as pa
 
 from actors.retrieve import CandidateRetriever
 from actors.score import scored_to_arrow
-from align import io
 from align.config import IndexConfig, ModelConfig
-from align.contracts import SCORED, SCORER_COLUMN_PREFIX, conform
-from align.index_build import write_index
-from align.pairing import pair_count
+from align.data.contracts import SCORED, SCORER_COLUMN_PREFIX, conform
+from align.method.pairing import pair_count
+from align.search.build import write_index
+from align.storage import io
 
 N, D, K = 20, 8, 8
 

@@ -6,7 +6,7 @@ import pytest
 
 from actors.rewrite import checked_completion, keyword_rewrite_batch, rewrite_messages
 from align.config import RewriteConfig
-from align.rewrite import keyword_rewrite
+from align.method.rewrite import keyword_rewrite
 
 
 def test_keyword_rewriting_rewrites_every_row_and_keeps_the_columns():

@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 
 from actors.score import AestheticScorer, scored_to_arrow
-from align.aesthetics import lowlevel_score
+from align.models.aesthetics import lowlevel_score
 
 
 def _batch():

@@ -6,7 +6,7 @@ import open_clip
 import pytest
 
 from actors.tokenize import tokenize_columns
-from align.models import register_model_configs
+from align.models.clip import register_model_configs
 
 
 def test_texts_become_the_models_token_ids_row_for_row():
