@@ -1,7 +1,7 @@
 """End-to-end images/s of the index_corpus job against a bare single-process loop doing the same
 decode, embed and score on the same images, in one run.
 
-    python benchmarks/index_corpus_throughput.py [--images 20000] [--model tiny-clip]
+    python benchmarks/index_corpus_throughput.py [--images 20000] [--model tiny-clip] [key=value ...]
 
 Prints both rates and their ratio. The job's rate counts its embed-and-score stage (read, decode,
 embed, score, staged write: what the loop does) and, separately, the whole job with the combine
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--model", default="tiny-clip")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("overrides", nargs="*", help="config overrides for the job (key=value)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -78,6 +79,7 @@ def main() -> None:
             "world.pretrain_images=0",  # the corpus is what this figure reads
             f"model.name={args.model}",
             f"index_corpus.files_per_unit={shards}",  # one unit: no actor restarts between units
+            *args.overrides,
         ],
     )
     make_world(config)

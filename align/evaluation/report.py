@@ -149,8 +149,11 @@ def table_sections(metrics: dict) -> list[str]:
             [[html.escape(n), *(_fmt(m.get(c)) for c in columns)] for n, m in results.items()],
         )
     )
+    judge, hpir_agreement = judge_labels(metrics["judge_backend"])
     if metrics["judge"]:
-        sections.append(f"<h2>Judge ({html.escape(metrics['judge_backend'])})</h2>")
+        sections.append(f"<h2>{html.escape(judge[0].upper() + judge[1:])}</h2>")
+        if metrics["judge_backend"] == "oracle":
+            sections.append(f"<p>{html.escape(ORACLE_NOTE)}</p>")
         rows = [
             [html.escape(p), _fmt(r["win"]), _fmt(r["similar"]), _fmt(r["loss"]), str(r["n"])]
             for p, r in metrics["judge"].items()
@@ -158,11 +161,31 @@ def table_sections(metrics: dict) -> list[str]:
         sections.append(_table(["comparison", "win", "similar", "loss", "queries"], rows))
     if any(v is not None for v in metrics["judge_hpir"].values()):
         sections.append(
-            "<p>Judge agreement with people on the HPIR file: "
+            f"<p>{html.escape(hpir_agreement[0].upper() + hpir_agreement[1:])}: "
             + ", ".join(f"{d} {_fmt(v)}" for d, v in metrics["judge_hpir"].items())
             + "</p>"
         )
     return sections
+
+
+# The synthetic world's judge answers from the ground truth (align/evaluation/metrics.py
+# oracle_row_quality): what it prefers is what true_aesthetic@k and true_precision@k measure.
+ORACLE_NOTE = (
+    "The oracle judge reads the world's ground truth, the quantity true_aesthetic@k and "
+    "true_precision@k measure: its verdicts restate those columns query by query and are no "
+    "independent evidence. A model judge (evaluate.judge.backend http or vllm) is."
+)
+
+
+def judge_labels(backend: str) -> tuple[str, str]:
+    """(what the judge is called, what its HPIR agreement is called) for a judge backend: the
+    oracle and the HPIR file's simulated people are two views of one ground truth."""
+    if backend == "oracle":
+        return (
+            "oracle judge (reads the ground truth)",
+            "oracle judge agreement with the HPIR file (two views of one ground truth)",
+        )
+    return f"judge ({backend})", "judge agreement with people on the HPIR file"
 
 
 def plot_sections(files: str, tops: dict, ref: Reference, systems: list[System]) -> list[str]:
@@ -248,14 +271,17 @@ def format_table(metrics: dict) -> str:
             for c in columns
         )
         lines.append(name.ljust(width) + cells)
+    judge, hpir_agreement = judge_labels(metrics["judge_backend"])
     for pair, rates in metrics["judge"].items():
         lines.append(
-            f"judge ({metrics['judge_backend']}) {pair}: win {rates['win']:.2f}, similar "
+            f"{judge} {pair}: win {rates['win']:.2f}, similar "
             f"{rates['similar']:.2f}, loss {rates['loss']:.2f} over {rates['n']} queries"
         )
+    if metrics["judge"] and metrics["judge_backend"] == "oracle":
+        lines.append("(the oracle judge restates the true_* columns: no independent evidence)")
     for dim, value in metrics.get("judge_hpir", {}).items():
         if value is not None:
-            lines.append(f"judge agreement with people on HPIR {dim}: {value:.3f}")
+            lines.append(f"{hpir_agreement}, {dim}: {value:.3f}")
     return "\n".join(lines)
 
 

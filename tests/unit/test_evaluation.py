@@ -6,6 +6,7 @@ from align import evaluation
 from align.config import WorldConfig
 from align.data import world
 from align.data.contracts import HPIR
+from align.evaluation.report import format_table, table_sections
 
 
 def test_recall_at_k_matches_a_full_sort():
@@ -140,3 +141,28 @@ def test_heldout_and_pretraining_images_are_new_images(small_world):
         seen_bytes |= set(images["image"].to_pylist())
     with pytest.raises(ValueError, match="past the end of a set of 30 images"):
         world.render_shard(cfg, 1, "pretrain")
+
+
+def _metrics_with_judge(backend: str) -> dict:
+    return {
+        "systems": {"base": {"true_aesthetic@5": 0.5}, "aligned": {"true_aesthetic@5": 0.6}},
+        "judge": {"aligned_vs_base": {"win": 0.7, "similar": 0.2, "loss": 0.1, "n": 10}},
+        "judge_hpir": {"aesthetic": 0.9, "accuracy": None},
+        "judge_backend": backend,
+    }
+
+
+@pytest.mark.parametrize("place", ["terminal", "report"])
+def test_the_oracle_judge_is_named_as_the_ground_truth_wherever_it_appears(place):
+    def shown(backend: str) -> str:
+        metrics = _metrics_with_judge(backend)
+        if place == "terminal":
+            return format_table(metrics)
+        return "".join(table_sections(metrics))
+
+    oracle, model = shown("oracle").lower(), shown("http").lower()
+    assert "oracle judge (reads the ground truth)" in oracle
+    assert "two views of one ground truth" in oracle and "independent evidence" in oracle
+    assert "people" not in oracle  # its HPIR agreement is not agreement with people
+    assert "judge (http)" in model and "people on the hpir file" in model
+    assert "oracle" not in model and "ground truth" not in model
