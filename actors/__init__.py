@@ -1,7 +1,9 @@
 """Ray Data stages, one file each: heavy set-up in `__init__`, a pure `__call__(batch) -> batch`.
 
-Stage resources (batch size, pool size, CPUs, GPUs) come from config and are passed to
-`map_batches` by the job; nothing here hard-codes them.
+Each stage module also offers its builder, `<name>_stage(ds, ...)`, that applies the stage to a
+dataset from its config section: the function or class, its constructor arguments and its pool
+arguments (batch size, pool size, CPUs, GPUs from config, never hard-coded), so a job chains
+stages rather than assembling `map_batches` arguments.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ def rewrite_texts(rw: RewriteConfig, texts: list[str]) -> tuple[list[str], int]:
     table = pa.table({"query_id": [str(i) for i in range(len(texts))], "query": texts})
     out = dict.fromkeys(range(len(texts)), "")
     fallbacks = 0
-    ds = rewrite_stage(rw, ray.data.from_arrow(table))
+    ds = rewrite_stage(ray.data.from_arrow(table), rw)
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         for qid, text, fallback in zip(
             batch["query_id"], batch["rewritten"], batch["fallback"], strict=True
@@ -95,7 +95,7 @@ def rewrite_texts(rw: RewriteConfig, texts: list[str]) -> tuple[list[str], int]:
     return [out[i] for i in range(len(texts))], fallbacks
 
 
-def rewrite_stage(rw: RewriteConfig, ds):
+def rewrite_stage(ds, rw: RewriteConfig):
     """The rewrite stage for a Dataset of (query_id, query): adds `rewritten` and `fallback`."""
     if rw.backend == "keywords":
         return ds.map_batches(

@@ -12,7 +12,7 @@ import ray.data
 
 from actors import load_clip_for_actor, require_batch_columns
 from align.config import ModelConfig, PoolConfig
-from align.runtime.stages import actor_pool
+from align.runtime.stages import actor_pool, table_blocks
 
 # torch is imported inside the functions that use it (1.8 s here): the driver that builds the
 # pipeline imports this module and never runs the model.
@@ -57,7 +57,7 @@ def embed_texts(model: ModelConfig, texts: list[str], embed: PoolConfig) -> np.n
 
     table = pa.table({"row": np.arange(len(texts)), "text": pa.array(texts, pa.string())})
     step = embed.batch_size
-    blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
+    blocks = table_blocks(table, step)
     ds = text_embed_stage(ray.data.from_arrow(blocks), model, embed, columns=("text",))
     rows, embeddings = [], []
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):

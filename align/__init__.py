@@ -1,6 +1,7 @@
 """The library behind the jobs (`pipelines/`), the Ray stages (`actors/`) and serving (`serve/`):
 everything that is not orchestration. Its subpackages, lowest first; each may import only those
-listed before it (tests/unit/test_layout.py checks the directions and that there is no circle):
+listed before it, and `search` and `train` share a level (neither imports the other);
+tests/unit/test_layout.py checks the directions and that there is no circle:
 
 - `errors`, `log` (modules): the user-error types and the logger; every subpackage may use them.
 - `storage`: files on any filesystem (local, s3://, gs://), Parquet, atomic writes, the cache of

@@ -39,7 +39,7 @@ def main() -> None:
         # No pretraining images: this figure needs the corpus and its index only.
         [f"output_dir={out}", f"build_preferences.queries={qfile}", "world.pretrain_images=0"],
     )
-    if not io.exists(config.path("index_corpus", "_manifest.json")):
+    if not io.exists(f"{config.job_output('index_corpus')}/_manifest.json"):
         make_world(config)
         index_corpus(config)
     extras = ["", "photo", "picture", "image", "shot", "view", "scene", "snapshot", "render"]

@@ -284,8 +284,8 @@ def index_corpus_scenario(cluster: LocalCluster, workdir: Path, sizes: Sizes) ->
     from pipelines.make_world import make_world
 
     config = load(workdir, sizes)
-    out = config.expand(config.index_corpus.output)
-    if not io.exists(f"{config.expand(config.world.output)}/_manifest.json"):
+    out = config.job_output("index_corpus")
+    if not io.exists(f"{config.job_output('world')}/_manifest.json"):
         make_world(config)
     io.empty_dir(out)  # a fresh run: one that finds its units done loses no node
     # Once a unit is done: a node holding actors of the next unit's pools.
@@ -322,7 +322,7 @@ def finetune_scenario(cluster: LocalCluster, workdir: Path, sizes: Sizes) -> dic
 
     config = load(workdir, sizes)
     build_preferences(config)
-    out = config.expand(config.finetune.output)
+    out = config.job_output("finetune")
     io.empty_dir(out)  # a fresh run, not one resumed from an earlier run's checkpoints
 
     # Once Ray Train has a checkpoint: a node holding a training worker. The snapshot is written
@@ -442,7 +442,7 @@ def serve_scenario(cluster: LocalCluster, workdir: Path, sizes: Sizes) -> dict:
 
     config = load(workdir, sizes)
     url = deploy(
-        serve_config(config.expand(config.index_corpus.output), replicas=2, autoscale=None),
+        serve_config(config.job_output("index_corpus"), replicas=2, autoscale=None),
         host="127.0.0.1",
         port=free_port(),
     )
@@ -638,7 +638,7 @@ def prepare_index(workdir: Path, sizes: Sizes) -> str:
     from pipelines.make_world import make_world
 
     config = load(workdir, sizes)
-    out = config.expand(config.index_corpus.output)
+    out = config.job_output("index_corpus")
     if io.exists(f"{out}/_manifest.json"):
         return out
     own_ray = not ray.is_initialized()

@@ -65,7 +65,7 @@ def main() -> None:
             "finetune.decode.num_cpus=1",
         ]
     config = load_config(REPO / "configs/demo.yaml", base)
-    if not io.exists(config.path("build_preferences", "_manifest.json")):
+    if not io.exists(f"{config.job_output('build_preferences')}/_manifest.json"):
         make_world(config)
         index_corpus(config)
         build_preferences(config)

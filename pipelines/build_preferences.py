@@ -12,7 +12,7 @@ queries -> checks (empty, duplicate, undecodable: error rows, align/data/queries
   -> text embedding of the original and rewritten query (actor pool)
   -> top-K for the rewritten query (or `retrieve_with`) + semantic / aesthetic re-rank + u x v
      grid pairs (actor pool holding the index: actors/retrieve.py, align/method/pairing.py)
-  -> the output tables (align/train/preference_tables.py).
+  -> the output tables (align/data/preference_tables.py).
 
 Each pair carries both reference similarities, so the fine-tune needs no reference model.
 A re-run replaces its outputs; it never appends to them.
@@ -31,6 +31,12 @@ from actors.text_embed import text_embed_stage
 from align.config import BuildPreferencesConfig, Config, IndexConfig, ModelConfig
 from align.data.contracts import ERRORS, conform
 from align.data.error_rows import write_error_rows
+from align.data.preference_tables import (
+    candidates_table,
+    count_reasons,
+    pairs_table,
+    rewrites_table,
+)
 from align.data.queries import (
     check_query_dataset,
     good_queries,
@@ -46,12 +52,6 @@ from align.runtime.session import init_ray
 from align.search.corpus import start_shard_actors, use_shard_actors
 from align.search.stored import check_index
 from align.storage import io
-from align.train.preference_tables import (
-    candidates_table,
-    count_reasons,
-    pairs_table,
-    rewrites_table,
-)
 
 log = get_logger("build_preferences")
 OUTPUTS = ("pairs", "candidates", "rewrites", "errors")
@@ -65,7 +65,7 @@ def retrieve(bp: BuildPreferencesConfig, model: ModelConfig, queries, index_dir:
     queries = queries.map_batches(
         good_queries, batch_format="pyarrow", num_cpus=bp.rewrite.num_cpus
     )
-    ds = rewrite_stage(bp.rewrite, queries)
+    ds = rewrite_stage(queries, bp.rewrite)
     ds = text_embed_stage(ds, model, bp.embed)
     return retrieve_stage(ds, bp, index_dir, search)
 
@@ -110,6 +110,8 @@ def write_outputs(bp: BuildPreferencesConfig, model: ModelConfig, results, check
         )
         .materialize()
     )
+    # The error rows stream out of the workers (Ray Data writes the files); write_error_rows
+    # below covers a run with none, so errors/ always reads as a table.
     errors.write_parquet(f"{out}/errors")
     reasons: dict[str, int] = {}
     for batch in errors.iter_batches(batch_format="pyarrow"):

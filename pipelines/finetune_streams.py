@@ -14,7 +14,7 @@ from actors.decode import decode_columns_stage
 from actors.pair_images import pair_image_stage
 from actors.tokenize import tokenize_stage
 from align.config import Config
-from align.runtime.stages import parquet_files_stream
+from align.runtime.stages import parquet_files_stream, table_blocks
 from align.storage import io
 from align.train.pair_checks import has_text
 
@@ -41,7 +41,7 @@ def pair_stream(config: Config, sizes: dict, pairs: pa.Table, keep_ids: pa.Array
 
     cfg = config.finetune
     step = max(cfg.decode.batch_size, 1)
-    ds = ray.data.from_arrow([pairs.slice(i, step) for i in range(0, pairs.num_rows, step)])
+    ds = ray.data.from_arrow(table_blocks(pairs, step))
     if image_blocks is not None:
         ds = pair_image_stage(ds, image_blocks, sizes, cfg.decode)
         return tokenized(config, ds, {"query": "query_tokens"}).select_columns(TRAIN_PAIR_COLUMNS)

@@ -35,7 +35,7 @@ from align.models import aesthetics
 from align.runtime.cli import run_job
 from align.runtime.manifest import JobManifest, empty_output_dir
 from align.runtime.session import init_ray
-from align.runtime.stages import collect_ok_rows
+from align.runtime.stages import collect_ok_rows, table_blocks
 from align.storage import io, paths
 from align.train.scorer import fit
 
@@ -55,7 +55,7 @@ def decode_rated(config: Config, ratings: pa.Table) -> tuple[np.ndarray, np.ndar
         for i in ids[rows < 0]
     ]
     step = ts.decode.batch_size
-    blocks = [images.slice(i, step) for i in range(0, images.num_rows, step)] or [images]
+    blocks = table_blocks(images, step)
     ds = decode_stage(
         ray.data.from_arrow(blocks),
         ts.decode,

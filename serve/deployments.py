@@ -35,8 +35,8 @@ from serve.clip_back import (
 from serve.config import RewriterConfig
 from serve.images import CorpusImages
 
-# torch is imported inside the functions that use it (1.8 s here): the ingress, image and rewriter
-# replicas import this module and run no model.
+# torch is imported inside the functions that use it (1.8 s here): the image and rewriter replicas
+# import this module and run no model.
 
 
 def rows_by_model(models: list[str]):

@@ -7,7 +7,8 @@ reads the same wherever a section lives.
 
 Every job is `python -m pipelines.<job> --config PATH [key=value ...]`. The YAML file and the dotted
 overrides are merged into one plain dict and validated into `Config`. Unknown keys and wrong types
-are errors (`ConfigError`), each naming the key, never warnings.
+are errors (`ConfigError`), each naming the key, never warnings. May import `storage` and
+`method` (the prompts' defaults, the grid's rule).
 """
 
 from __future__ import annotations
@@ -172,12 +173,6 @@ class Config(Section):
         """Where the job of a config section writes (`<section>.output`, expanded): world,
         train_scorer, index_corpus, build_preferences, finetune, pretrain or evaluate."""
         return self.expand(getattr(self, section).output).rstrip("/")
-
-    def path(self, *parts: str) -> str:
-        """A path under output_dir, joined with '/' so that URIs (s3://...) work too. A local
-        path is made absolute here, in the driver, so Ray workers write to the same place."""
-        root = io.absolute(self.output_dir)
-        return "/".join([root.rstrip("/"), *parts])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ class RewriteConfig(Section):
     system_prompt: str = Field(default_factory=_default_system_prompt)
     prompt_templates: dict[str, str] = Field(
         default_factory=_default_prompts,
-        description="LLM prompt per variant, with a {query} slot (align/method/rewrite.py has the "
+        description="LLM prompt per variant, with a {query} slot (align/method/prompts.py has the "
         "defaults: the paper's <detail>, <k list>, <kw dict>, repeat, <reorg>).",
     )
     variant: Literal["original", "repeat", "k_list", "k_phrase", "kw_dict", "detail", "reorg"] = (

@@ -11,7 +11,7 @@ The paper (docs/method.md, Query rewriting) compares prompt variants for an LLM 
 - `detail` (<detail>): describe the ideal image in detail;
 - `reorg` (<reorg>): reorganise the query.
 
-`PROMPT_TEMPLATES` are the LLM prompts for each variant (backends vllm and http). The `keywords`
+The LLM prompts for each variant (backends vllm and http) are align.method.prompts. The `keywords`
 backend needs no model: it implements `original`, `repeat`, `k_list`, `k_phrase` and `kw_dict`
 directly from `ASPECT_KEYWORDS`, deterministically; `detail` and `reorg` need an LLM.
 """

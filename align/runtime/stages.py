@@ -37,6 +37,13 @@ def first_of_each(keys: np.ndarray, order: np.ndarray):
     return by, first, head
 
 
+def table_blocks(table: pa.Table, rows: int) -> list[pa.Table]:
+    """`table` cut into blocks of `rows` rows (zero-copy slices; one empty block for an empty
+    table), for `ray.data.from_arrow`: one block is one batch of the first stage."""
+    blocks = [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
+    return blocks or [table]
+
+
 def actor_pool(stage: PoolConfig) -> dict:
     """map_batches arguments for an actor-pool stage, from its config."""
 

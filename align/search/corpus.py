@@ -1,10 +1,6 @@
 """Search an index_corpus index with memory bounded by one shard, not by the corpus.
 
-index_corpus writes, per index shard s (align.search.build.build_index_shard):
-  shard-s.faiss            the FAISS index (IVF types share one trained quantizer and codebook)
-  shard-s.rows.arrow       Arrow IPC file, row-aligned: image_id, aesthetic, caption, url
-  shard-s.embeddings.npy   float16 (n, d) embeddings, row-aligned: exact scores and references
-The IVF lists are memory-mapped (faiss.IO_FLAG_MMAP) and so is the rows file, so a process holds
+index_corpus writes three files per index shard (align/search/stored.py lists them). The IVF lists are memory-mapped (faiss.IO_FLAG_MMAP) and so is the rows file, so a process holds
 PQ codes and ids as it touches them, and processes on a node share the page cache. Embeddings are
 read by row (`StoredRows`, pread): the candidates' exact vectors, never the corpus's.
 

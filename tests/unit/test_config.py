@@ -134,10 +134,12 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(listy)
 
 
-def test_paths_under_output_dir_are_absolute_for_local_and_kept_for_uris(tmp_path, monkeypatch):
+def test_job_outputs_are_absolute_for_local_paths_and_kept_for_uris(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert load_config(None, ["output_dir=out"]).path("world") == f"{tmp_path}/out/world"
-    assert load_config(None, ["output_dir=s3://b/run/"]).path("world") == "s3://b/run/world"
+    assert load_config(None, ["output_dir=out"]).job_output("world") == f"{tmp_path}/out/world"
+    uri = load_config(None, ["output_dir=s3://b/run/", "evaluate.output=s3://c/eval/"])
+    assert uri.job_output("world") == "s3://b/run/world"
+    assert uri.job_output("evaluate") == "s3://c/eval"
 
 
 def test_a_pretrain_section_keeps_its_own_output_and_objective(tmp_path):
