@@ -21,17 +21,12 @@ from align.method.ranking import rating_embeddings
 from align.models.clip import ModelLoadError, check_model, weights_fingerprint
 from align.storage import io
 
+# The folder's file names (the docstring above says what each holds).
 SHARD_FILE = "shard-{:03d}.faiss"
-
-
-INDEX_MANIFEST = "_index.json"
-
-
-DUPLICATES_FILE = "duplicates.parquet"
 ROWS_SUFFIX = ".rows.arrow"
-
-
 EMBEDDINGS_SUFFIX = ".embeddings.npy"
+INDEX_MANIFEST = "_index.json"
+DUPLICATES_FILE = "duplicates.parquet"
 
 
 class OldIndexLayout(UserError, ValueError):
@@ -55,6 +50,7 @@ def shard_file(index_dir: str, entry: dict, key: str) -> str:
 
 
 def read_index_manifest(index_dir: str) -> dict:
+    """An index folder's `_index.json`; InputNotFound naming the path when it has none."""
     path = f"{index_dir}/{INDEX_MANIFEST}"
     if not io.exists(path):
         raise InputNotFound(f"index manifest not found: {path}")
