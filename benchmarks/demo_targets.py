@@ -2,10 +2,14 @@
 
     python benchmarks/demo_targets.py outputs/demo [/tmp/s3 /tmp/s4 ...] [--markdown]
 
-Per run (an output_dir, or a metrics.json): base true_precision@5 >= 0.8; the aligned model's
-true_aesthetic@5 gain over base >= +12% and >= 0.8 of base+rewrite's gain; aligned recall@5 and
-true_precision@5 no lower than base - 0.02; aligned hpir_aesthetic above base; the oracle judge's
-aligned vs base win - loss >= 0.10. Prints JSON figures (or a markdown table), one entry a run.
+Per run (an output_dir, or a metrics.json) and per table (the gallery no training step saw, for
+query families never trained on and for held-out queries of trained families; the training
+corpus, 'seen'): base true_precision@5 >= 0.8; the aligned model's true_aesthetic@5 gain over base
+>= +12% and >= 0.9 of base+rewrite's gain; aligned recall@5 and true_precision@5 no lower than
+base - 0.02; aligned hpir_aesthetic above base (tables with HPIR items). `all_met` is over the
+headline table, the first. The oracle judge's aligned vs base win - loss is printed beside them
+and is no target: it reads the ground truth true_aesthetic@5 measures (no independent evidence).
+Prints JSON figures (or a markdown table).
 """
 
 from __future__ import annotations
@@ -15,19 +19,19 @@ import json
 from pathlib import Path
 
 
-def targets(metrics: dict, k: int = 5) -> dict:
-    systems, judge = metrics["systems"], metrics["judge"]
+def targets(table: dict, k: int = 5) -> dict:
+    """The targets of one table of metrics.json (or of a metrics.json without tables)."""
+    systems, judge = table["systems"], table.get("judge") or {}
     base, rewrite, aligned = systems["base"], systems["base+rewrite"], systems["aligned"]
     aes = f"true_aesthetic@{k}"
     gain = aligned[aes] / base[aes] - 1
     rewrite_gain = rewrite[aes] / base[aes] - 1
-    vs_base = judge["aligned_vs_base"]
     rows = {
         "base_precision": (base[f"true_precision@{k}"], base[f"true_precision@{k}"] >= 0.8),
         "aligned_gain": (gain, gain >= 0.12),
         "share_of_rewrite_gain": (
             gain / rewrite_gain if rewrite_gain > 0 else float("inf"),
-            gain >= 0.8 * rewrite_gain,
+            gain >= 0.9 * rewrite_gain,
         ),
         "recall_change": (
             aligned[f"recall@{k}"] - base[f"recall@{k}"],
@@ -37,19 +41,28 @@ def targets(metrics: dict, k: int = 5) -> dict:
             aligned[f"true_precision@{k}"] - base[f"true_precision@{k}"],
             aligned[f"true_precision@{k}"] >= base[f"true_precision@{k}"] - 0.02,
         ),
-        "hpir_aesthetic_change": (
+    }
+    if base.get("hpir_aesthetic") is not None:
+        rows["hpir_aesthetic_change"] = (
             aligned["hpir_aesthetic"] - base["hpir_aesthetic"],
             aligned["hpir_aesthetic"] > base["hpir_aesthetic"],
-        ),
-        "judge_win_minus_loss": (
-            vs_base["win"] - vs_base["loss"],
-            vs_base["win"] - vs_base["loss"] >= 0.10,
-        ),
-    }
+        )
     out = {name: {"value": round(v, 4), "met": bool(ok)} for name, (v, ok) in rows.items()}
     out["rewrite_gain"] = round(rewrite_gain, 4)
+    if "aligned_vs_base" in judge:
+        vs_base = judge["aligned_vs_base"]
+        out["oracle_judge_win_minus_loss"] = round(vs_base["win"] - vs_base["loss"], 4)
     out["all_met"] = all(r["met"] for r in out.values() if isinstance(r, dict))
     return out
+
+
+def run_targets(metrics: dict) -> dict:
+    """{table: targets} for every table of a metrics.json, the headline first, and `all_met`:
+    the headline's."""
+    tables = metrics.get("tables") or {"all": metrics}
+    order = metrics.get("order", list(tables))
+    out = {name: targets(tables[name], metrics.get("k", 5)) for name in order}
+    return {**out, "all_met": next(iter(out.values()))["all_met"]}
 
 
 def read_metrics(path: str) -> dict:
@@ -60,24 +73,36 @@ def read_metrics(path: str) -> dict:
     return json.loads(p.read_text())
 
 
+def markdown(results: dict) -> str:
+    """One table a run: a row per target, a column per table of metrics.json."""
+    out = []
+    for run, tables in results.items():
+        names = [n for n in tables if n != "all_met"]
+        targets_of = [t for t, v in tables[names[0]].items() if isinstance(v, dict)]
+        out.append(f"{run} (headline met: {'yes' if tables['all_met'] else '**no**'})\n")
+        out.append("| target | " + " | ".join(names) + " |")
+        out.append("| --- |" + " --- |" * len(names))
+        for target in targets_of:
+            cells = []
+            for name in names:
+                r = tables[name].get(target)
+                ok = "-" if r is None else ("yes" if r["met"] else "**no**")
+                cells.append("-" if r is None else f"{r['value']:+.3f} ({ok})")
+            out.append(f"| {target} | " + " | ".join(cells) + " |")
+        rewrite = " | ".join(f"{tables[n]['rewrite_gain']:+.3f}" for n in names)
+        out.append(f"| rewrite_gain (reference) | {rewrite} |")
+        oracle = [str(tables[n].get("oracle_judge_win_minus_loss", "-")) for n in names]
+        out.append(f"| oracle judge win - loss (not evidence) | {' | '.join(oracle)} |\n")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="output dirs or metrics.json files")
-    parser.add_argument("--markdown", action="store_true", help="a table instead of JSON")
+    parser.add_argument("--markdown", action="store_true", help="tables instead of JSON")
     args = parser.parse_args()
-    results = {run: targets(read_metrics(run)) for run in args.runs}
-    if not args.markdown:
-        print(json.dumps(results, indent=2))
-        return
-    names = [n for n, r in next(iter(results.values())).items() if isinstance(r, dict)]
-    print("| target | " + " | ".join(args.runs) + " |")
-    print("| --- |" + " --- |" * len(args.runs))
-    for name in names:
-        cells = [
-            f"{r[name]['value']:+.3f} ({'yes' if r[name]['met'] else '**no**'})"
-            for r in results.values()
-        ]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    results = {run: run_targets(read_metrics(run)) for run in args.runs}
+    print(markdown(results) if args.markdown else json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ Runs the jobs in order, in one embedded Ray session, each writing under `output_
 alone: make the world, train the learned aesthetic scorer on its ratings, pretrain the base model
 on its captions (CLIP InfoNCE), index and score the corpus with that model (pixel measures and the
 learned scorer), build preference pairs, fine-tune with retrieval DPO (+ InfoNCE), index the
-corpus again with the aligned model (what `configs/serve.yaml` serves beside the base model), and
-evaluate every system of `evaluate.systems` (base, base+rewrite, rerank, steer, aligned,
-aligned+rerank) on the held-out queries; it prints the table and writes `evaluate/report.html`.
+corpus again with the aligned model (what `configs/serve.yaml` serves beside the base model), score
+the evaluation gallery (images no training step read), and evaluate every system of
+`evaluate.systems` (base, base+rewrite, rerank, steer, aligned, aligned+rerank) on it, for query
+families no training step saw and for held-out queries of trained families, and on the training
+corpus beside it ("seen"); it prints the tables, the headline first, and writes
+`evaluate/report.html`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import sys
 
 import numpy as np
 
-from align.config import Config, ScorerConfig
+from align.config import Config, ModelConfig, ScorerConfig
+from align.data import world
 from align.log import get_logger
 from align.runtime.cli import run_job
 from align.storage import io, paths
@@ -38,10 +42,12 @@ def summarise_world(config: Config) -> str:
     corr_low = np.corrcoef(true, gt["low_level"].to_numpy())[0, 1]
     corr_high = np.corrcoef(true, gt["high_level"].to_numpy())[0, 1]
     words = sum(1 for w in gt["quality_words"].to_pylist() if w)
+    unseen = world.unseen_families(config.world)
     return (
         f"world: {gt.num_rows} images, true aesthetic mean {true.mean():.3f}, "
         f"corr(true, low-level) {corr_low:.2f}, corr(true, high-level) {corr_high:.2f}, "
-        f"{words} captions with quality words"
+        f"{words} captions with quality words; {len(unseen)} of {len(world.FAMILIES)} content "
+        f"families unseen by training, {config.world.eval_images} gallery images"
     )
 
 
@@ -63,23 +69,36 @@ def summarise_training(job: str, manifest: dict) -> str:
     )
 
 
-def demo(config: Config) -> None:
-    log.info("step 1/8: make_world")
-    make_world(config)
-    print(summarise_world(config))
-    log.info("step 2/8: train_scorer (the learned aesthetic scorer, from the world's ratings)")
+def learned_scorer(config: Config) -> dict[str, ScorerConfig]:
+    """Train the learned aesthetic scorer; index_corpus's scorers with it beside the pixel
+    measures (demo.yaml gives its weight)."""
     manifest = train_scorer(config)
     m = manifest["metrics"]
     print(
         f"train_scorer: rated_cnn on {m['train_ratings']} ratings, validation Pearson "
         f"{m['validation_pearson']:.3f} (Spearman {m['validation_spearman']:.3f}), {m['seconds']:.0f} s"
     )
-    # index_corpus scores with it beside the pixel measures (demo.yaml gives its weight).
     scorers = dict(config.index_corpus.scorers)
     scorers["rated_cnn"] = scorers.get("rated_cnn", ScorerConfig()).model_copy(
         update={"checkpoint": manifest["export"]}
     )
-    log.info("step 3/8: pretrain the base model (CLIP InfoNCE on pretrain.captions)")
+    return scorers
+
+
+def with_index_corpus(config: Config, model: ModelConfig | None = None, **changes) -> Config:
+    """`config` with index_corpus keys changed (another input, output or steps), and the
+    model, where given."""
+    update = {"index_corpus": config.index_corpus.model_copy(update=changes)}
+    return config.model_copy(update={**update, **({"model": model} if model else {})})
+
+
+def demo(config: Config) -> None:
+    log.info("step 1/9: make_world")
+    make_world(config)
+    print(summarise_world(config))
+    log.info("step 2/9: train_scorer (the learned aesthetic scorer, from the world's ratings)")
+    scorers = learned_scorer(config)
+    log.info("step 3/9: pretrain the base model (CLIP InfoNCE on pretrain.captions)")
     manifest = pretrain(config)
     print(summarise_training("pretrain", manifest))
     # Every later job uses the pretrained base model; it is also the DPO reference.
@@ -89,7 +108,7 @@ def demo(config: Config) -> None:
             "index_corpus": config.index_corpus.model_copy(update={"scorers": scorers}),
         }
     )
-    log.info("step 4/8: index_corpus")
+    log.info("step 4/9: index_corpus")
     manifest = index_corpus(config)
     counts, index = manifest["counts"], manifest["index"]
     print(
@@ -97,30 +116,33 @@ def demo(config: Config) -> None:
         f"{manifest['images_per_second']} images/s; {index['spec']['type']} index, "
         f"recall@10 {index['recall_at_10']:.3f}"
     )
-    log.info("step 5/8: build_preferences")
+    log.info("step 5/9: build_preferences")
     manifest = build_preferences(config)
     print(
         f"build_preferences: {manifest['counts']['rows_out']} queries -> {manifest['pairs']} pairs "
         f"({manifest['rewrite']['backend']}/{manifest['rewrite']['variant']} rewriting, "
         f"{manifest['rewrite']['fallbacks']} fallbacks), {manifest['counts']['rows_error']} errors"
     )
-    log.info("step 6/8: finetune (retrieval DPO + lambda * contrastive)")
+    log.info("step 6/9: finetune (retrieval DPO + lambda * contrastive)")
     manifest = finetune(config)
     print(summarise_training("finetune", manifest))
     # Fine-tuning moves both towers, so the aligned model searches its own embeddings of the
     # corpus: the index configs/serve.yaml serves beside the base model's.
-    log.info("step 7/8: index_corpus with the aligned model (for serving)")
-    aligned = config.model_copy(
-        update={
-            "model": config.model.model_copy(update={"pretrained": manifest["export"]}),
-            "index_corpus": config.index_corpus.model_copy(
-                update={"output": paths.INDEX_CORPUS_ALIGNED, "scorers": scorers}
-            ),
-        }
+    log.info("step 7/9: index_corpus with the aligned model (for serving)")
+    aligned = config.model.model_copy(update={"pretrained": manifest["export"]})
+    manifest = index_corpus(
+        with_index_corpus(config, output=paths.INDEX_CORPUS_ALIGNED, model=aligned)
     )
-    manifest = index_corpus(aligned)
     print(f"index_corpus (aligned model): {manifest['counts']['rows_out']} scored")
-    log.info("step 8/8: evaluate the systems on the held-out queries")
+    # The evaluation gallery is scored as a user's new corpus would be: by the same scorers,
+    # nothing trained on it. Evaluate embeds it with each system's model itself.
+    log.info("step 8/9: index_corpus of the evaluation gallery (its aesthetic scores)")
+    gallery = with_index_corpus(
+        config, input=paths.WORLD_EVAL_IMAGES, output=paths.INDEX_CORPUS_EVAL, steps=["embed"]
+    )
+    manifest = index_corpus(gallery)
+    print(f"index_corpus (evaluation gallery): {manifest['counts']['rows_out']} scored")
+    log.info("step 9/9: evaluate the systems on held-out and unseen queries")
     result = evaluate(config)
     print(f"report: {result['output']}/report.html")
 

@@ -4,13 +4,14 @@ embedding towards the corpus's best-rated images: align/method/ranking.py).
 
     python -m pipelines.evaluate --config configs/demo.yaml [key=value ...]
 
-In: the query set (`evaluate.queries`), the images (`evaluate.corpus`, or an index_corpus output
-per system), their aesthetic scores (`evaluate.scores`), held-out captions, the ground truth and
-the HPIR file where configured. Out, under `evaluate.output`: `metrics.json`, `report.html`
-(+ `report_files/`), `errors/` (rejected queries and images that did not decode) and
-`_manifest.json`. A re-run replaces them.
+In: the query set (`evaluate.queries`, the splits `evaluate.splits`), the gallery (`evaluate.corpus`:
+images no training step read, or an index_corpus output per system), its aesthetic scores
+(`evaluate.scores`), ground truth and HPIR file, the training corpus beside it (`evaluate.seen`),
+held-out captions. Out, under `evaluate.output`: `metrics.json` (a table per gallery and split,
+align/evaluation/views.py), `report.html` (+ `report_files/`), `errors/` (rejected queries and
+images that did not decode) and `_manifest.json`. A re-run replaces them.
 
-For every system (`evaluate.systems`, align/evaluation/systems.py):
+For every system (`evaluate.systems`, align/evaluation/systems.py), on every gallery and split:
 1. retrieval: text-to-image recall@1/5/10 of held-out image-caption pairs;
 2. aesthetics of the top k for the query set: each index_corpus scorer, the combined score, and
    on the synthetic world `true_aesthetic@k` and `true_precision@k`;
@@ -26,7 +27,7 @@ number comes from align/evaluation.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -38,12 +39,11 @@ from actors.rewrite import rewrite_texts
 from actors.text_embed import embed_texts
 from align import evaluation
 from align.config import Config, ConfigError, EvaluateConfig
-from align.data import tables
 from align.data.error_rows import write_error_rows
 from align.data.queries import check_queries, query_facts, read_queries
 from align.errors import InputNotFound
 from align.evaluation import judge
-from align.evaluation.gallery import Gallery
+from align.evaluation.gallery import Gallery, caption_texts
 from align.evaluation.hpir import hpir_rows, read_hpir
 from align.evaluation.report import format_table, short_metrics, write_report
 from align.evaluation.scoring import (
@@ -53,7 +53,20 @@ from align.evaluation.scoring import (
     system_metrics,
     system_queries,
 )
-from align.evaluation.systems import System, resolve_systems
+from align.evaluation.systems import System, judged_comparisons, resolve_systems
+from align.evaluation.views import (
+    GallerySource,
+    Queries,
+    Run,
+    View,
+    gallery_sources,
+    hpir_for,
+    metrics_json,
+    query_rows,
+    reference_for,
+    table,
+    views,
+)
 from align.log import get_logger
 from align.runtime.cli import run_job
 from align.runtime.manifest import JobManifest, empty_output_dir
@@ -70,58 +83,22 @@ class Paths:
 
     out: str
     queries: str
-    corpus: str
-    scores: str
     captions: str | None
-    ground_truth: str | None
-    hpir: str | None
+    galleries: list[GallerySource]
 
     @classmethod
     def resolve(cls, config: Config) -> Paths:
         ev = config.evaluate
-        optional = lambda p: config.expand(p) if p else None  # noqa: E731
         return cls(
             out=config.job_output("evaluate"),
             queries=config.expand(ev.queries),
-            corpus=config.expand(ev.corpus),
-            scores=config.expand(ev.scores),
-            captions=optional(ev.captions),
-            ground_truth=optional(ev.ground_truth),
-            hpir=optional(ev.hpir),
+            captions=config.expand(ev.captions) if ev.captions else None,
+            galleries=gallery_sources(ev, config.expand),
         )
 
-
-@dataclass
-class Queries:
-    """The evaluated queries, and every text embedded (the queries, then the HPIR file's)."""
-
-    texts: list[str]
-    all_texts: list[str]
-    rewritten: list[str]
-    hpir: pa.Table | None
-    rows_in: int
-    fallbacks: int = 0
-
-
-@dataclass
-class Run:
-    """Per system: its top k (reference gallery rows) and its metrics."""
-
-    tops: dict[str, np.ndarray] = field(default_factory=dict)
-    metrics: dict[str, dict] = field(default_factory=dict)
-    errors: list[dict] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------
-# Embedding and rewriting in Ray Data
-
-
-def caption_texts(source: str, ids: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """The captions of the held-out images `ids` that have one, and their rows in `ids`."""
-    captions = tables.read_image_table(source, ids, ["image_id", "caption"])
-    text = captions["caption"].to_numpy(zero_copy_only=False)[tables.align_rows(ids, captions)]
-    usable = np.flatnonzero([bool(t and str(t).strip()) for t in text])
-    return [str(t) for t in text[usable]], usable
+    @property
+    def headline(self) -> GallerySource:
+        return self.galleries[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,58 +106,60 @@ def caption_texts(source: str, ids: np.ndarray) -> tuple[list[str], np.ndarray]:
 
 
 def read_query_set(ev: EvaluateConfig, paths: Paths, manifest: JobManifest) -> tuple[Queries, list]:
-    """The checked queries (and the HPIR file), before Ray starts: a missing input fails here."""
+    """The checked queries of every split (and the HPIR file), before Ray starts: a missing
+    input fails here."""
     io.require_exists(paths.queries, "queries (evaluate.queries)")
     if paths.captions:
         io.require_exists(paths.captions, "held-out captions (evaluate.captions)")
-    if paths.ground_truth:
-        io.require_exists(paths.ground_truth, "ground truth (evaluate.ground_truth)")
-    hpir = None
-    if paths.hpir:
-        io.require_exists(paths.hpir, "HPIR file (evaluate.hpir)")
-        hpir = read_hpir(paths.hpir)
+    for g, key in zip(paths.galleries, ("evaluate", "evaluate.seen"), strict=False):
+        io.require_exists(g.corpus, f"gallery images ({key}.corpus)")
+        if g.ground_truth:
+            io.require_exists(g.ground_truth, f"ground truth ({key}.ground_truth)")
+    hpir = read_hpir(paths.headline.hpir) if paths.headline.hpir else None
+    splits = ev.splits if ev.splits is not None else (None,)
     with manifest.stage("read"):
-        raw, read_errors = read_queries(paths.queries, ev.split)
+        parts = [read_queries(paths.queries, split) for split in splits]
+        raw = pa.concat_tables([rows for rows, _ in parts])
+        read_errors = [e for _, errors in parts for e in errors]
+        split_of = {}
+        for (rows, _), split in zip(parts, splits, strict=True):
+            split_of.update(dict.fromkeys(rows["query_id"].to_pylist(), split))
         checked, check_errors = check_queries(raw)
     if checked.num_rows == 0:
-        raise InputNotFound(f"no usable queries in {paths.queries} (split={ev.split!r})")
+        raise InputNotFound(f"no usable queries in {paths.queries} (splits {list(splits)})")
     texts = checked["query"].to_pylist()
+    of_split = np.array([split_of[i] for i in checked["query_id"].to_pylist()], dtype=object)
     hpir_texts = hpir["query"].to_pylist() if hpir is not None else []
     all_texts = list(dict.fromkeys(texts + hpir_texts))  # one embedding pass for both sets
-    queries = Queries(texts, all_texts, all_texts, hpir, raw.num_rows + len(read_errors))
-    return queries, read_errors + check_errors
-
-
-def judged_comparisons(ev: EvaluateConfig, systems: list[System]) -> list[tuple[str, str]]:
-    names = {s.name for s in systems}
-    comparisons = [(a, b) for a, b in ev.judge.compare if a in names and b in names]
-    for a, b in ev.judge.compare:
-        if (a, b) not in comparisons:
-            log.warning("judge: skipping %s vs %s (not both in evaluate.systems)", a, b)
-    return comparisons
+    rows_in = raw.num_rows + len(read_errors)
+    return Queries(texts, of_split, all_texts, all_texts, hpir, rows_in), read_errors + check_errors
 
 
 def embed_model(
     config: Config, paths: Paths, system: System, queries: Queries, rewrite: bool, errors: list
-) -> ModelPass:
-    """Gallery, query embeddings (plain and, if a system of this model rewrites, rewritten) and
-    caption recall of one model: its images (the corpus, unless the system searches its own
-    index_corpus output, and the held-out captions' images) in one stream, its texts in one."""
+) -> dict[str, ModelPass]:
+    """Per gallery, the model's pass: the gallery, query embeddings (plain and, if a system of
+    this model rewrites, rewritten) and caption recall. Its images (every gallery, unless the
+    system searches its own index_corpus output of the first, and the held-out captions'
+    images) in one stream, its texts in one."""
 
     ev, max_pixels = config.evaluate, config.max_image_pixels
     log.info("system %s: embedding with %s", system.name, system.model.pretrained)
-    sources = [] if system.index_corpus_dir else [paths.corpus]
+    own = system.index_corpus_dir
+    embedded_galleries = [g for g in paths.galleries if not (own and g.own_index)]
+    sources = [g.corpus for g in embedded_galleries]
     sources += [paths.captions] if paths.captions else []
     embedded, bad = embed_image_sources(sources, system.model, ev.decode, ev.embed, max_pixels)
     errors += bad
-    if system.index_corpus_dir:  # searched as it is
-        index, ids, _, embeddings = load_corpus(system.index_corpus_dir)
-        gallery = Gallery(ids, embeddings, index)
-    else:  # searched exactly
-        ids, embeddings = embedded.pop(0)
-        index = faiss.IndexFlatIP(embeddings.shape[1])
-        index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
-        gallery = Gallery(ids, embeddings, index)
+    galleries = {}
+    for g in paths.galleries:
+        if own and g.own_index:  # searched as it is
+            index, ids, _, embeddings = load_corpus(own)
+        else:  # searched exactly
+            ids, embeddings = embedded.pop(0)
+            index = faiss.IndexFlatIP(embeddings.shape[1])
+            index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        galleries[g.name] = Gallery(ids, embeddings, index)
     texts = list(queries.all_texts) + (list(queries.rewritten) if rewrite else [])
     if paths.captions:
         heldout_ids, heldout_emb = embedded.pop(0)
@@ -193,48 +172,62 @@ def embed_model(
     if paths.captions:
         similarity = text_emb[len(texts) - len(captions) :] @ heldout_emb.astype(np.float32).T
         recall = evaluation.recall_at_k(similarity, with_caption, tuple(ev.recall_ks))
-    return ModelPass(gallery, plain, rewritten, recall)
+    return {name: ModelPass(g, plain, rewritten, recall) for name, g in galleries.items()}
 
 
 def run_systems(config: Config, paths: Paths, systems: list[System], queries: Queries, manifest):
-    """Every system searched and measured; models shared between systems are embedded once."""
-    run, models = Run(), {}
-    ref = None
+    """Every system searched on every gallery and measured on each of its splits; models shared
+    between systems are embedded once."""
+    ev, run, models = config.evaluate, Run(), {}
+    n = len(queries.texts)
     for system in systems:
         key = system.model_key
         with manifest.stage(f"embed:{system.name}"):
             if key not in models:
                 rewrite = any(s.rewrite for s in systems if s.model_key == key)
                 models[key] = embed_model(config, paths, system, queries, rewrite, run.errors)
-        if ref is None:  # the first gallery fixes the image set every system is scored on
-            ref = Reference.read(
-                models[key].gallery, paths.scores, paths.ground_truth, paths.queries, queries.texts
-            )
-        text_emb = system_queries(system, models[key], ref)
-        top = search_system(
-            config.evaluate, system, models[key], ref, text_emb[: len(queries.texts)]
-        )
-        run.tops[system.name] = top
-        run.metrics[system.name] = system_metrics(
-            config.evaluate, models[key], ref, top, queries.hpir, queries.all_texts, text_emb
-        )
-        log.info("system %s: %s", system.name, short_metrics(run.metrics[system.name]))
-    return run, ref
+        for g in paths.galleries:
+            model = models[key][g.name]
+            if (
+                g.name not in run.refs
+            ):  # the first gallery fixes the images every system is scored on
+                run.refs[g.name] = Reference.read(
+                    model.gallery, g.scores, g.ground_truth, paths.queries, queries.texts
+                )
+            ref = run.refs[g.name]
+            text_emb = system_queries(system, model, ref)
+            top = search_system(ev, system, model, ref, text_emb[:n])
+            run.tops.setdefault(g.name, {})[system.name] = top
+            for split in g.splits:
+                rows = query_rows(queries.splits, split)
+                hpir = hpir_for(queries.hpir, [queries.texts[r] for r in rows]) if g.hpir else None
+                metrics = system_metrics(
+                    ev,
+                    model,
+                    reference_for(ref, rows),
+                    top[rows],
+                    hpir,
+                    queries.all_texts,
+                    text_emb,
+                )
+                run.metrics.setdefault(View(g.name, split).key, {})[system.name] = metrics
+                log.info("%s, %s: %s", system.name, View(g.name, split).key, short_metrics(metrics))
+    return run
 
 
 def run_judge(
-    config: Config, paths: Paths, comparisons: list, queries: Queries, run: Run, ref: Reference
+    config: Config, gallery: GallerySource, comparisons: list, texts: list, hpir, tops, ref
 ) -> tuple[dict, dict]:
-    """Win/similar/loss per (A, B) comparison, and the judge's own HPIR agreement."""
-    ev = config.evaluate
-    calls = judge.comparison_calls(comparisons, queries.texts, ref.facts, run.tops)
-    if queries.hpir is not None:
-        hpir_queries = queries.hpir["query"].to_pylist()
+    """Win/similar/loss per (A, B) comparison over the queries `texts` (rows of `tops`), and
+    the judge's own agreement with the `hpir` items, on one gallery."""
+    ev, queries_path = config.evaluate, config.expand(config.evaluate.queries)
+    calls = judge.comparison_calls(comparisons, texts, ref.facts, tops)
+    if hpir is not None:
+        hpir_queries = hpir["query"].to_pylist()
         item_facts = (
-            query_facts(paths.queries, hpir_queries) if ev.judge.backend == "oracle" else None
+            query_facts(queries_path, hpir_queries) if ev.judge.backend == "oracle" else None
         )
-        rows = hpir_rows(queries.hpir, ref.gallery)
-        judge.add_hpir_calls(calls, hpir_queries, rows, ev.k, item_facts)
+        judge.add_hpir_calls(calls, hpir_queries, hpir_rows(hpir, ref.gallery), ev.k, item_facts)
     if not calls.requests:
         return {}, {}
     log.info("judge (%s): %d calls", ev.judge.backend, len(calls.requests))
@@ -250,12 +243,29 @@ def run_judge(
             ev.k,
             calls.requests,
             ref.gallery.ids,
-            paths.corpus,
+            gallery.corpus,
             config.max_image_pixels,
             ev.decode.num_cpus,
         )
-    judge_hpir = judge.hpir_agreement(calls, answers, queries.hpir) if calls.hpir_items else {}
+    judge_hpir = judge.hpir_agreement(calls, answers, hpir) if calls.hpir_items else {}
     return judge.comparison_rates(calls, answers), judge_hpir
+
+
+def judge_tables(config: Config, paths: Paths, comparisons, queries: Queries, run: Run) -> dict:
+    """Per table (View.key): the judge's rates and its HPIR agreement on that gallery and split."""
+    ev, out = config.evaluate, {}
+    for g in paths.galleries:
+        for split in g.splits:
+            rows = query_rows(queries.splits, split)
+            texts = [queries.texts[r] for r in rows]
+            hpir = hpir_for(queries.hpir, texts) if g.hpir else None
+            rates, agreement = {}, {}
+            if ev.judge.backend != "none" and (comparisons or hpir is not None):
+                tops = {name: top[rows] for name, top in run.tops[g.name].items()}
+                ref = reference_for(run.refs[g.name], rows)
+                rates, agreement = run_judge(config, g, comparisons, texts, hpir, tops, ref)
+            out[View(g.name, split).key] = (rates, agreement)
+    return out
 
 
 def evaluate(config: Config) -> dict:
@@ -276,35 +286,28 @@ def evaluate(config: Config) -> dict:
     if any(s.rewrite for s in systems):
         with manifest.stage("rewrite"):
             queries.rewritten, queries.fallbacks = rewrite_texts(ev.rewrite, queries.all_texts)
-    run, ref = run_systems(config, paths, systems, queries, manifest)
-    judge_results, judge_hpir = {}, {}
-    if ev.judge.backend != "none" and (comparisons or queries.hpir is not None):
-        with manifest.stage("judge"):
-            judge_results, judge_hpir = run_judge(config, paths, comparisons, queries, run, ref)
-    metrics = {
-        "systems": run.metrics,
-        "judge": judge_results,
-        "judge_hpir": judge_hpir,
-        "k": ev.k,
-        "queries": len(queries.texts),
-        "judge_backend": ev.judge.backend,
-        "rewrite": {
-            "backend": ev.rewrite.backend,
-            "variant": ev.rewrite.variant,
-            "fallbacks": queries.fallbacks,
-        },
+    run = run_systems(config, paths, systems, queries, manifest)
+    with manifest.stage("judge"):
+        judged = judge_tables(config, paths, comparisons, queries, run)
+    tables = {
+        view.key: table(view, len(query_rows(queries.splits, view.split)), run.metrics, judged)
+        for view in views(paths.galleries)
     }
+    rewrite = {"backend": ev.rewrite.backend, "variant": ev.rewrite.variant}
+    metrics = metrics_json(tables, ev, {**rewrite, "fallbacks": queries.fallbacks})
     io.write_json(f"{paths.out}/metrics.json", metrics)
     with manifest.stage("report"):
+        g, split = paths.headline, paths.headline.splits[0]
+        rows = query_rows(queries.splits, split)
         write_report(
             ev,
             paths.out,
-            paths.corpus,
+            g.corpus,
             config.max_image_pixels,
             metrics,
-            queries.texts,
-            run.tops,
-            ref,
+            [queries.texts[r] for r in rows],
+            {name: top[rows] for name, top in run.tops[g.name].items()},
+            reference_for(run.refs[g.name], rows),
             systems,
         )
     return finish(manifest, paths.out, systems, queries, query_errors + run.errors, metrics)

@@ -37,6 +37,7 @@ def indexed_world(root: Path, num_images: int, *extra: str) -> list[str]:
         # The pretraining set (finetune's captions in demo.yaml) as large as the corpus: the
         # demo's 24,000 would take longer to render than a test world.
         f"world.pretrain_images={num_images}",
+        f"world.eval_images={num_images // 2}",
         "model.name=micro-clip",
         f"model.pretrained={ckpt}",
         "index_corpus.index.recall_queries=20",
@@ -46,6 +47,25 @@ def indexed_world(root: Path, num_images: int, *extra: str) -> list[str]:
     make_world(config)
     index_corpus(config)
     return overrides
+
+
+def score_gallery(overrides: list[str]) -> None:
+    """Score the world's evaluation gallery (index_corpus, embed step only) as the demo does:
+    evaluate's aesthetic@k on it reads these scores."""
+    from align.config import load_config
+    from align.storage import paths
+    from pipelines.index_corpus import index_corpus
+
+    config = load_config(
+        REPO / "configs/demo.yaml",
+        [
+            *overrides,
+            f"index_corpus.input={paths.WORLD_EVAL_IMAGES}",
+            f"index_corpus.output={paths.INDEX_CORPUS_EVAL}",
+            "index_corpus.steps=[embed]",
+        ],
+    )
+    index_corpus(config)
 
 
 class JsonHandler(BaseHTTPRequestHandler):

@@ -99,6 +99,26 @@ class JudgeConfig(Section):
     vllm: VllmJudgeConfig = VllmJudgeConfig()
 
 
+class SeenGalleryConfig(Section):
+    """A second gallery reported beside the first: the corpus the fine-tune trained on (pairs
+    and ratings came from its images), labelled 'seen'. Each system embeds it with its model and
+    searches it exactly."""
+
+    corpus: str = Field(paths.WORLD_IMAGES, description="Parquet in the images contract.")
+    scores: str = Field(
+        paths.INDEX_CORPUS, description="index_corpus output whose scorers give aesthetic@k."
+    )
+    ground_truth: str | None = Field(
+        paths.WORLD_GROUND_TRUTH, description="Its ground truth (None for a real corpus)."
+    )
+    splits: tuple[str, ...] = Field(
+        ("heldout",),
+        min_length=1,
+        description="Query splits reported on it (of evaluate.splits; the unseen families have "
+        "no image in the corpus).",
+    )
+
+
 class EvaluateConfig(Section):
     """The evaluate job: named systems compared on retrieval, aesthetics, HPIR and a judge."""
 
@@ -111,27 +131,39 @@ class EvaluateConfig(Section):
         }
     )
     queries: str = Field(paths.WORLD_QUERIES, description="The query set.")
-    split: str | None = Field("heldout", description="Keep queries of this split.")
+    splits: tuple[str, ...] | None = Field(
+        ("unseen", "heldout"),
+        min_length=1,
+        description="Query splits evaluated, each reported apart; the first, on the gallery "
+        "(evaluate.corpus), is the headline. None: every query of the file as one set.",
+    )
     corpus: str = Field(
-        paths.WORLD_IMAGES,
-        description="Parquet with image_id and image bytes (the images contract): what systems "
-        "without an index_corpus_dir search, and the images the judge and report show.",
+        paths.WORLD_EVAL_IMAGES,
+        description="The gallery, Parquet with image_id and image bytes (the images contract): "
+        "images no training step read, what systems without an index_corpus_dir search, and the "
+        "images the judge and report show.",
     )
     scores: str = Field(
-        paths.INDEX_CORPUS,
-        description="index_corpus output whose scorers give aesthetic@k (fixed for every system).",
+        paths.INDEX_CORPUS_EVAL,
+        description="index_corpus output of the gallery whose scorers give aesthetic@k (fixed "
+        "for every system).",
     )
     captions: str | None = Field(
         paths.WORLD_HELDOUT_IMAGES,
         description="Held-out image-caption pairs (images contract) for recall@k (None: skip).",
     )
     ground_truth: str | None = Field(
-        paths.WORLD_GROUND_TRUTH,
-        description="The synthetic world's ground truth: true_aesthetic@k, true_precision@k and "
-        "the oracle judge (None for a real corpus).",
+        paths.WORLD_EVAL_GROUND_TRUTH,
+        description="The gallery's ground truth on the synthetic world: true_aesthetic@k, "
+        "true_precision@k and the oracle judge (None for a real corpus).",
     )
     hpir: str | None = Field(
-        paths.WORLD_HPIR, description="HPIR file (the hpir contract; None: skip)."
+        paths.WORLD_HPIR,
+        description="HPIR file whose rows are gallery images (the hpir contract; None: skip).",
+    )
+    seen: SeenGalleryConfig | None = Field(
+        default_factory=SeenGalleryConfig,
+        description="The training corpus, reported beside the gallery as 'seen' (None: skip).",
     )
     k: int = Field(5, ge=1, description="Top-k for aesthetic@k, true_*@k and the judge's rows.")
     recall_ks: tuple[int, ...] = (1, 5, 10)
@@ -142,6 +174,17 @@ class EvaluateConfig(Section):
     report_queries: int = Field(
         12, ge=0, description="Queries shown as image grids in report.html."
     )
+
+    @model_validator(mode="after")
+    def _seen_splits_are_evaluated(self):
+        if self.seen and self.splits is not None:
+            extra = [s for s in self.seen.splits if s not in self.splits]
+            if extra:
+                raise ValueError(
+                    f"seen.splits {list(self.seen.splits)} name {extra}, not in splits "
+                    f"{list(self.splits)}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _rerank_reaches_k(self):

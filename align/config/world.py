@@ -22,7 +22,28 @@ class WorldConfig(Section):
     caption_quality_share: float = Field(
         0.3, ge=0.0, le=1.0, description="Share of captions that carry truthful quality words."
     )
-    heldout_query_share: float = Field(0.25, gt=0.0, lt=1.0)
+    heldout_query_share: float = Field(
+        0.25,
+        gt=0.0,
+        lt=1.0,
+        description="Share of the trained families' queries held out of training (split "
+        "'heldout').",
+    )
+    unseen_family_share: float = Field(
+        0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Share of content families (colour x shape) no training step sees: their "
+        "queries are split 'unseen', and the corpus, its ratings and the fine-tune's captions "
+        "hold none of their images.",
+    )
+    eval_images: int = Field(
+        2000,
+        ge=0,
+        description="The evaluation gallery: images of every family apart from the corpus, with "
+        "their own ground truth and no ratings, which evaluate searches (no training step reads "
+        "them).",
+    )
     heldout_images: int = Field(
         1000,
         ge=0,

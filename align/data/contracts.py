@@ -89,7 +89,12 @@ QUERIES = Contract(
     (
         Column("query_id", pa.string(), "stable unique id of the query"),
         Column("query", pa.string(), "the query text, content only"),
-        Column("split", pa.string(), "'train' (builds preferences) or 'heldout' (evaluation)"),
+        Column(
+            "split",
+            pa.string(),
+            "'train' (builds preferences), 'heldout' (evaluation, of trained content families) "
+            "or 'unseen' (evaluation, of families no training step saw)",
+        ),
         Column("shape", pa.string(), "ground truth: shape the query asks for", nullable=True),
         Column("colour", pa.string(), "ground truth: colour the query asks for", nullable=True),
         Column("background", pa.string(), "ground truth: background, if named", nullable=True),

@@ -14,8 +14,16 @@ The hidden true aesthetic is `w * low_level + (1 - w) * high_level` (w = world.l
 so it depends on both. Captions name the content; a share of them also carry truthful quality
 words ("a blurry, dark photo of a red star"), as web alt text sometimes does. Queries name content
 only and are split into train and held-out. Beside the corpus the world provides what evaluation
-and a learned aesthetic scorer need: held-out image-caption pairs (recall@k), an HPIR file and
-people's ratings of a share of the corpus, all from the ground truth (`make_hpir`, `make_ratings`).
+and a learned aesthetic scorer need: held-out image-caption pairs (recall@k), an evaluation
+gallery, an HPIR file and people's ratings of a share of the corpus, all from the ground truth
+(`make_hpir`, `make_ratings`).
+
+What no training step sees: a share of the content families (colour x shape, `unseen_families`)
+is held out whole. The corpus, and so its ratings and the preference pairs built from it, holds
+none of their images, the fine-tune's captions (`trained_rows` of the pretraining pairs) none of
+their captions, and their queries are split 'unseen'. The evaluation gallery (`eval` part) holds
+every family, and nothing trains on it. The pretraining pairs hold every family: they stand for
+the web a real CLIP learned from, so the base knows the content, not what people prefer in it.
 
 Everything is a pure function of (world.seed, shard index): the same seed gives the same bytes.
 """
@@ -48,6 +56,8 @@ COLOURS = {
     "pink": 320,
 }
 BACKGROUNDS = ("plain", "gradient", "striped", "dotted")
+# A content family: every image and query of one (colour, shape), with or without a background.
+FAMILIES = tuple((colour, shape) for colour in COLOURS for shape in SHAPES)
 LOW_LEVEL = ("sharpness", "exposure", "noise", "saturation")
 HIGH_LEVEL = ("composition", "harmony")
 ATTRIBUTES = LOW_LEVEL + HIGH_LEVEL
@@ -99,16 +109,24 @@ class Scene:
     noise_seed: int  # seeds the pixel noise, so rendering is a pure function of the scene
 
 
-def sample_scenes(rng: np.random.Generator, n: int) -> list[Scene]:
-    """Draw n scenes: content uniform, each quality uniform in [0, 1]."""
-    shapes = rng.integers(len(SHAPES), size=n)
-    colours = rng.integers(len(COLOURS), size=n)
+def sample_scenes(
+    rng: np.random.Generator, n: int, families: list[tuple[str, str]] | None = None
+) -> list[Scene]:
+    """Draw n scenes: content uniform (over `families` when given, else every colour and
+    shape), each quality uniform in [0, 1]."""
+    colour_names = list(COLOURS)
+    if families is None:
+        shapes = rng.integers(len(SHAPES), size=n)
+        colours = rng.integers(len(COLOURS), size=n)
+    else:
+        drawn = rng.integers(len(families), size=n)
+        shapes = np.array([SHAPES.index(families[f][1]) for f in drawn], dtype=np.int64)
+        colours = np.array([colour_names.index(families[f][0]) for f in drawn], dtype=np.int64)
     backgrounds = rng.integers(len(BACKGROUNDS), size=n)
     q = rng.random((n, len(ATTRIBUTES)))
     flags = rng.random((n, 3)) < 0.5
     placement = rng.random((n, 3))
     noise_seeds = rng.integers(2**32, size=n)
-    colour_names = list(COLOURS)
     return [
         Scene(
             SHAPES[shapes[i]],
@@ -285,17 +303,39 @@ class Part:
     stream: tuple[int, ...]  # its own random stream (after the seed, before the shard)
     id_prefix: str  # after "w{seed}-"
     folder: str  # under world.output
+    trained_families_only: bool = False  # no image of an unseen family
 
 
-# The world's three sets of images. The corpus is what users index and search; the held-out
-# image-caption pairs are evaluate's recall@k gallery; the pretraining pairs stand for the web a
-# real CLIP learned from before it ever saw the user's corpus. Each set has its own random stream
-# and id prefix, so no two coincide and the corpus does not change when another set's size does.
+# The world's four sets of images. The corpus is what users index and search and what the
+# fine-tune's pairs come from; the held-out image-caption pairs are evaluate's recall@k gallery;
+# the pretraining pairs stand for the web a real CLIP learned from before it ever saw the user's
+# corpus; the evaluation gallery is what evaluate searches, images no training step saw. Each set
+# has its own random stream and id prefix, so no two coincide and the corpus does not change when
+# another set's size does.
 PARTS = {
-    "corpus": Part("num_images", (), "", paths.IMAGES),
+    "corpus": Part("num_images", (), "", paths.IMAGES, trained_families_only=True),
     "heldout": Part("heldout_images", (2_000_003,), "h", paths.HELDOUT_IMAGES),
     "pretrain": Part("pretrain_images", (3_000_017,), "p", paths.PRETRAIN_IMAGES),
+    "eval": Part("eval_images", (5_000_011,), "e", paths.EVAL_IMAGES),
 }
+
+
+def unseen_families(world: WorldConfig) -> frozenset[tuple[str, str]]:
+    """The (colour, shape) families no training step sees: round(unseen_family_share x 48) of
+    them, drawn by the seed."""
+    n = round(world.unseen_family_share * len(FAMILIES))
+    order = np.random.default_rng([world.seed, 6_000_011]).permutation(len(FAMILIES))
+    return frozenset(FAMILIES[i] for i in order[:n])
+
+
+def trained_rows(world: WorldConfig, images: pa.Table, ground_truth: pa.Table) -> pa.Table:
+    """The rows of an images table whose ground truth is of a trained family (the fine-tune's
+    captions: the pretraining pairs less the unseen families)."""
+    unseen = unseen_families(world)
+    colours = ground_truth["colour"].to_pylist()
+    shapes = ground_truth["shape"].to_pylist()
+    keep = [(c, s) not in unseen for c, s in zip(colours, shapes, strict=True)]
+    return images.filter(pa.array(keep, pa.bool_()))
 
 
 def part_size(world: WorldConfig, part: str) -> int:
@@ -315,7 +355,8 @@ def render_shard(world: WorldConfig, shard: int, part: str = "corpus") -> tuple[
         raise ValueError(f"shard {shard} is past the end of a set of {total} images")
     rng = np.random.default_rng([world.seed, *PARTS[part].stream, shard])
     prefix = f"w{world.seed}-{PARTS[part].id_prefix}"
-    scenes = sample_scenes(rng, n)
+    unseen = unseen_families(world) if PARTS[part].trained_families_only else frozenset()
+    scenes = sample_scenes(rng, n, [f for f in FAMILIES if f not in unseen] if unseen else None)
     with_quality = rng.random(n) < world.caption_quality_share
     ids, images, captions, gt_rows = [], [], [], []
     for i, scene in enumerate(scenes):
@@ -350,22 +391,25 @@ def num_shards(world: WorldConfig, part: str = "corpus") -> int:
 
 
 def make_queries(world: WorldConfig) -> pa.Table:
-    """Content-only queries ('a red star', 'a red star on a striped background'), split into
-    train and held-out by a seeded shuffle."""
+    """Content-only queries ('a red star', 'a red star on a striped background'): those of the
+    unseen families split 'unseen', the others split into train and held-out by a seeded
+    shuffle."""
     rows = []
-    for colour in COLOURS:
-        for shape in SHAPES:
-            rows.append((colour, shape, None))
-            rows.extend((colour, shape, bg) for bg in BACKGROUNDS)
+    for colour, shape in FAMILIES:
+        rows.append((colour, shape, None))
+        rows.extend((colour, shape, bg) for bg in BACKGROUNDS)
+    unseen = unseen_families(world)
+    split = np.array(["unseen" if (c, s) in unseen else "train" for c, s, _ in rows], dtype=object)
+    trained = np.flatnonzero(split == "train")
     rng = np.random.default_rng([world.seed, 1_000_003])
-    order = rng.permutation(len(rows))
-    n_heldout = max(1, round(world.heldout_query_share * len(rows)))
-    heldout = set(order[:n_heldout].tolist())
+    order = rng.permutation(len(trained))
+    n_heldout = max(1, round(world.heldout_query_share * len(trained)))
+    split[trained[order[:n_heldout]]] = "heldout"
     return pa.table(
         {
             "query_id": [f"q{i:04d}" for i in range(len(rows))],
             "query": [content_phrase(c, s, b) for c, s, b in rows],
-            "split": ["heldout" if i in heldout else "train" for i in range(len(rows))],
+            "split": split.tolist(),
             "shape": [s for _, s, _ in rows],
             "colour": [c for c, _, _ in rows],
             "background": [b for _, _, b in rows],
@@ -417,7 +461,8 @@ def _row_facts(gt: dict[str, np.ndarray], rows: np.ndarray, rel: np.ndarray) -> 
 def make_hpir(
     world: WorldConfig, ground_truth: pa.Table, queries: pa.Table, row_size: int = 5
 ) -> pa.Table:
-    """An HPIR file (the `hpir` contract) for the held-out queries, from the ground truth.
+    """An HPIR file (the `hpir` contract) for the evaluated queries (every split but train),
+    from the ground truth of the images it draws rows from (the evaluation gallery's).
 
     Per query, half the items contrast aesthetics (both rows relevant, drawn at random) and half
     contrast accuracy (rows with different numbers of relevant images). Every item carries all
@@ -428,7 +473,7 @@ def make_hpir(
         c: ground_truth[c].to_numpy(zero_copy_only=False)
         for c in ("image_id", "shape", "colour", "background", "true_aesthetic")
     }
-    held = queries.filter(pc.equal(queries["split"], "heldout"))
+    held = queries.filter(pc.not_equal(queries["split"], "train"))
     asked = [
         held[c].to_numpy(zero_copy_only=False)[:, None] for c in ("colour", "shape", "background")
     ]

@@ -6,6 +6,8 @@
 - `gallery`: the searched images with their embeddings, scores and ground truth;
 - `hpir`: the HPIR protocol over a gallery;
 - `judge`: the judge's paired calls, the oracle's answers and the verdict rates;
+- `views`: the tables reported, one per gallery (images no training step saw; the training
+  corpus, 'seen') and query split, and metrics.json's layout;
 - `report`: `report.html` and the terminal table.
 
 May import every other subpackage of align (it is the top of the library).

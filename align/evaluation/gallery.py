@@ -98,3 +98,11 @@ def remap_rows(top: np.ndarray, gallery: Gallery, reference: Gallery) -> np.ndar
         pa.table({"image_id": pa.array(reference.ids, pa.string())}),
     )
     return np.where(top >= 0, rows.reshape(top.shape), -1)
+
+
+def caption_texts(source: str, ids: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The captions of the held-out images `ids` that have one, and their rows in `ids`."""
+    captions = tables.read_image_table(source, ids, ["image_id", "caption"])
+    text = captions["caption"].to_numpy(zero_copy_only=False)[tables.align_rows(ids, captions)]
+    usable = np.flatnonzero([bool(t and str(t).strip()) for t in text])
+    return [str(t) for t in text[usable]], usable

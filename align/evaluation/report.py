@@ -21,6 +21,7 @@ from align.data import tables
 from align.data.images import ImageDecodeError, jpeg_thumbnail
 from align.evaluation.scoring import Reference
 from align.evaluation.systems import System
+from align.evaluation.views import tables_of
 from align.log import get_logger
 from align.runtime.manifest import empty_output_dir
 from align.storage import io
@@ -119,14 +120,17 @@ def write_report(
     files = f"{out}/report_files"
     empty_output_dir(files, "evaluate")
     sections = [
-        f"<h1>Evaluation: {len(texts)} queries, top {ev.k}</h1>",
+        f"<h1>Evaluation: top {ev.k}</h1>",
         '<p id="broken" hidden></p>',
     ]
     sections += table_sections(metrics)
     sections += plot_sections(files, tops, ref, systems)
     shown = range(min(ev.report_queries, len(texts)))
     write_thumbnails(files, corpus, max_pixels, tops, ref.gallery.ids, shown)
-    sections.append("<h2>Top results per query</h2>")
+    headline = tables_of(metrics)[next(iter(tables_of(metrics)))].get("title")
+    sections.append(
+        f"<h2>Top results per query{': ' + html.escape(headline) if headline else ''}</h2>"
+    )
     for q in shown:
         sections += query_grid(texts[q], q, tops, ref)
     if ref.gt is not None:
@@ -139,10 +143,25 @@ def write_report(
 
 
 def table_sections(metrics: dict) -> list[str]:
+    """Per table (gallery and query split, the headline first): the systems, the judge's rates
+    and its agreement with people."""
+    sections = []
+    for table in tables_of(metrics).values():
+        title = table.get("title")
+        sections.append(
+            f"<h2>Systems: {html.escape(title)} ({table['queries']} queries)</h2>"
+            if title
+            else "<h2>Systems</h2>"
+        )
+        sections += one_table_sections({**metrics, **table})
+    return sections
+
+
+def one_table_sections(metrics: dict) -> list[str]:
     """The systems table, the judge's rates and its agreement with people."""
     results = metrics["systems"]
     columns = list(dict.fromkeys(c for m in results.values() for c in m))
-    sections = ["<h2>Systems</h2>"]
+    sections = []
     sections.append(
         _table(
             ["system", *columns],
@@ -151,7 +170,7 @@ def table_sections(metrics: dict) -> list[str]:
     )
     judge, hpir_agreement = judge_labels(metrics["judge_backend"])
     if metrics["judge"]:
-        sections.append(f"<h2>{html.escape(judge[0].upper() + judge[1:])}</h2>")
+        sections.append(f"<h3>{html.escape(judge[0].upper() + judge[1:])}</h3>")
         if metrics["judge_backend"] == "oracle":
             sections.append(f"<p>{html.escape(ORACLE_NOTE)}</p>")
         rows = [
@@ -260,7 +279,18 @@ def query_grid(text: str, q: int, tops: dict[str, np.ndarray], ref: Reference) -
 
 
 def format_table(metrics: dict) -> str:
-    """The systems table (and judge rates) as aligned text, for the terminal."""
+    """Every table (gallery and query split, the headline first) as aligned text, for the
+    terminal."""
+    blocks = []
+    for table in tables_of(metrics).values():
+        title = table.get("title")
+        head = [f"== {title} ({table['queries']} queries)"] if title else []
+        blocks.append("\n".join([*head, format_one_table({**metrics, **table})]))
+    return "\n\n".join(blocks)
+
+
+def format_one_table(metrics: dict) -> str:
+    """One systems table (and judge rates) as aligned text."""
     systems = metrics["systems"]
     columns = list(dict.fromkeys(c for m in systems.values() for c in m))
     width = max(len(n) for n in systems) + 2

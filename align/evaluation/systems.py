@@ -7,8 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from align.config import ConfigError, EvaluateConfig, ModelConfig, RerankConfig, SteerConfig
+from align.log import get_logger
 from align.models.clip import check_model
 from align.search.stored import check_layout, read_index_manifest
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,3 +54,14 @@ def resolve_systems(
             check_layout(f"{index_dir}/index", read_index_manifest(f"{index_dir}/index"))
         systems.append(System(name, model, s.rewrite, index_dir, s.rerank, s.steer))
     return systems
+
+
+def judged_comparisons(ev: EvaluateConfig, systems: list[System]) -> list[tuple[str, str]]:
+    """The (A, B) judge comparisons whose systems are both configured; the others are skipped
+    with a warning."""
+    names = {s.name for s in systems}
+    comparisons = [(a, b) for a, b in ev.judge.compare if a in names and b in names]
+    for a, b in ev.judge.compare:
+        if (a, b) not in comparisons:
+            log.warning("judge: skipping %s vs %s (not both in evaluate.systems)", a, b)
+    return comparisons

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from align.config import load_config
+from align.data import world
 from align.data.contracts import PAIRS, REWRITES
 from align.method.pairing import candidates_needed, pair_count
 from align.models.clip import ModelLoadError, build_clip
@@ -59,6 +60,18 @@ def test_keyword_pairs_carry_exact_reference_similarities(indexed_world):
     )
     keys = {(x["query_id"], x["chosen_id"], x["rejected_id"]) for x in p}
     assert not any((q, r, c) in keys for q, c, r in keys)
+
+    # No pair comes from the evaluation gallery or from a family no training step may see: its
+    # queries are training queries, its images corpus images of trained families.
+    assert {x["query_id"] for x in p} <= {q["query_id"] for q in train}
+    world_dir = indexed_world[0] / "world"
+    corpus = pq.read_table(world_dir / "ground_truth.parquet").to_pylist()
+    family = {r["image_id"]: (r["colour"], r["shape"]) for r in corpus}
+    gallery = set(pq.read_table(world_dir / "eval_images")["image_id"].to_pylist())
+    unseen = world.unseen_families(config.world)
+    assert gallery and unseen
+    for image in {x["chosen_id"] for x in p} | {x["rejected_id"] for x in p}:
+        assert image in family and image not in gallery and family[image] not in unseen
 
     # The stored reference similarity is the reference model's cosine(ORIGINAL query, image).
     clip = build_clip(config.model)

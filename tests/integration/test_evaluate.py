@@ -26,7 +26,7 @@ from align.data.contracts import ERRORS
 from align.data.images import decode_image, pixels_to_tensor
 from align.models.clip import ModelLoadError, build_clip
 from pipelines.evaluate import evaluate
-from tests.helpers import JsonHandler
+from tests.helpers import JsonHandler, score_gallery
 from tests.helpers import indexed_world as make_indexed_world
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,6 +40,7 @@ def world(ray_session, tmp_path_factory):
     held-out image that does not decode."""
     root = tmp_path_factory.mktemp("ev")
     overrides = make_indexed_world(root, 800, "world.heldout_images=120")
+    score_gallery(overrides)
     # The 'aligned' model: the reference model's weights, perturbed.
     torch.manual_seed(1)
     state = build_clip(ModelConfig(name="micro-clip", pretrained=str(root / "micro.pt"))).model
@@ -72,11 +73,21 @@ def oracle_run(world):
     return run(world)
 
 
-def brute_force_embeddings(config, pretrained: str, texts: list[str]):
-    """(corpus ids, image embeddings, text embeddings), computed here without Ray, FAISS or the
+# What each table searches: (images folder, ground truth, scored shards) under output_dir.
+GALLERY = ("world/eval_images", "world/eval_ground_truth.parquet", "index_corpus_eval/scored")
+SEEN = ("world/images", "world/ground_truth.parquet", "index_corpus/scored")
+
+
+def split_queries(config, split: str) -> pd.DataFrame:
+    queries = pq.read_table(Path(config.output_dir) / "world" / "queries.parquet").to_pandas()
+    return queries[queries.split == split]
+
+
+def brute_force_embeddings(config, pretrained: str, texts: list[str], images: str = GALLERY[0]):
+    """(gallery ids, image embeddings, text embeddings), computed here without Ray, FAISS or the
     job's code (images rounded to float16 as the job stores them)."""
     clip = build_clip(ModelConfig(name="micro-clip", pretrained=pretrained))
-    corpus = pq.read_table(Path(config.output_dir) / "world" / "images")
+    corpus = pq.read_table(Path(config.output_dir) / images)
     pixels = np.stack([decode_image(b, 32, 10**8) for b in corpus["image"].to_pylist()])
     with torch.no_grad():
         x = pixels_to_tensor(pixels, clip.mean, clip.std, "cpu")
@@ -85,46 +96,66 @@ def brute_force_embeddings(config, pretrained: str, texts: list[str]):
     return corpus["image_id"].to_numpy(zero_copy_only=False), img.numpy(), txt.numpy()
 
 
-def brute_force_top(config, pretrained: str, texts: list[str], k: int) -> np.ndarray:
-    """The top k corpus rows per text, computed here without Ray, FAISS or the job's code."""
-    ids, img, txt = brute_force_embeddings(config, pretrained, texts)
+def brute_force_top(config, pretrained: str, texts: list[str], k: int, images: str):
+    """The top k gallery rows per text, computed here without Ray, FAISS or the job's code."""
+    ids, img, txt = brute_force_embeddings(config, pretrained, texts, images)
     return ids, torch.from_numpy(txt @ img.T).topk(k).indices.numpy()
 
 
-def test_metrics_match_an_independent_computation(world, oracle_run):
+def test_a_table_per_gallery_and_split_the_unseen_gallery_first(world, oracle_run):
     config, result = oracle_run
     metrics = result["metrics"]
-    assert set(metrics["systems"]) == set(SYSTEMS)
-    on_disk = json.loads((Path(result["output"]) / "metrics.json").read_text())
+    tables = metrics["tables"]
+    assert list(tables) == ["unseen/unseen", "unseen/heldout", "seen/heldout"]
+    assert metrics["headline"] == "unseen/unseen" and metrics["order"] == list(tables)
+    assert metrics["systems"] == tables["unseen/unseen"]["systems"]
+    for key, table in tables.items():
+        split = key.split("/")[1]
+        assert table["queries"] == len(split_queries(config, split)), key
+        assert set(table["systems"]) == set(SYSTEMS)
+    assert "no training step saw" in tables["unseen/unseen"]["title"]
+    assert "seen" in tables["seen/heldout"]["title"]
+    # HPIR rows are gallery images: its agreement exists on the gallery's tables only.
+    assert tables["unseen/heldout"]["systems"]["base"]["hpir_aesthetic"] is not None
+    assert "hpir_aesthetic" not in tables["seen/heldout"]["systems"]["base"]
+    page = (Path(result["output"]) / "report.html").read_text()
+    titles = [t["title"] for t in tables.values()]
+    assert all(t in page for t in titles)
+    assert page.index(titles[0]) < page.index(titles[1]) < page.index(titles[2])
+
+
+TABLES = [
+    ("unseen/unseen", "unseen", GALLERY),
+    ("unseen/heldout", "heldout", GALLERY),
+    ("seen/heldout", "heldout", SEEN),
+]
+
+
+@pytest.mark.parametrize("table, split, gallery", TABLES)
+def test_metrics_match_an_independent_computation(world, oracle_run, table, split, gallery):
+    config, result = oracle_run
+    metrics = result["metrics"]["tables"][table]
+    on_disk = json.loads((Path(result["output"]) / "metrics.json").read_text())["tables"][table]
     for name in SYSTEMS:
         assert on_disk["systems"][name] == pytest.approx(metrics["systems"][name])
     assert metrics["systems"]["aligned"] != metrics["systems"]["base"]
     base = metrics["systems"]["base"]
-    for key in (
-        "recall@1",
-        "recall@5",
-        "recall@10",
-        "aesthetic@5",
-        "aesthetic_lowlevel@5",
-        "true_aesthetic@5",
-        "true_precision@5",
-        "hpir_accuracy",
-        "hpir_aesthetic",
-    ):
+    keys = ["recall@1", "recall@5", "recall@10", "aesthetic@5", "aesthetic_lowlevel@5"]
+    keys += ["true_aesthetic@5", "true_precision@5"]
+    for key in keys + (["hpir_accuracy", "hpir_aesthetic"] if gallery == GALLERY else []):
         assert isinstance(base[key], float), key
     assert base["recall@1"] <= base["recall@5"] <= base["recall@10"]
     # Rewriting changes the query, not the model: caption recall is the model's.
     assert metrics["systems"]["base+rewrite"]["recall@5"] == base["recall@5"]
 
-    queries = pq.read_table(Path(config.output_dir) / "world" / "queries.parquet").to_pandas()
-    held = queries[queries.split == "heldout"]
-    gt = pq.read_table(Path(config.output_dir) / "world" / "ground_truth.parquet").to_pandas()
+    held = split_queries(config, split)
+    gt = pq.read_table(Path(config.output_dir) / gallery[1]).to_pandas()
     gt = gt.set_index("image_id")
     for name, pretrained in (
         ("base", config.model.pretrained),
         ("aligned", config.evaluate.systems["aligned"].pretrained),
     ):
-        ids, top = brute_force_top(config, pretrained, held["query"].tolist(), 5)
+        ids, top = brute_force_top(config, pretrained, held["query"].tolist(), 5, gallery[0])
         true = gt.loc[ids[top.ravel()], "true_aesthetic"].to_numpy().mean()
         assert metrics["systems"][name]["true_aesthetic@5"] == pytest.approx(true, abs=0.01)
         relevant = [
@@ -144,12 +175,11 @@ def test_baselines_match_an_independent_computation(world, oracle_run):
     steer: the query plus w times the mean embedding of the best-rated share, renormalised; both
     written out here with numpy from the scored shards and this test's own embeddings."""
     config, result = oracle_run
-    systems = result["metrics"]["systems"]
-    queries = pq.read_table(Path(config.output_dir) / "world" / "queries.parquet").to_pandas()
-    held = queries[queries.split == "heldout"]["query"].tolist()
-    gt = pq.read_table(Path(config.output_dir) / "world" / "ground_truth.parquet").to_pandas()
+    systems = result["metrics"]["systems"]  # the headline: the gallery, unseen families
+    held = split_queries(config, "unseen")["query"].tolist()
+    gt = pq.read_table(Path(config.output_dir) / GALLERY[1]).to_pandas()
     ids, img, txt = brute_force_embeddings(config, config.model.pretrained, held)
-    scored = pq.read_table(Path(config.output_dir) / "index_corpus" / "scored").to_pandas()
+    scored = pq.read_table(Path(config.output_dir) / GALLERY[2]).to_pandas()
     aesthetic = scored.set_index("image_id")["aesthetic"].reindex(ids).to_numpy(np.float64)
     true = gt.set_index("image_id")["true_aesthetic"].reindex(ids).to_numpy()
 
@@ -281,10 +311,13 @@ def test_http_judge_sends_both_orders_and_counts_verdicts(world):
             "evaluate.judge.compare=[[aligned, base]]",
             "evaluate.hpir=null",
             "evaluate.captions=null",
+            "evaluate.seen=null",  # each query in one table: a prompt names one query
         )
     finally:
         server.shutdown()
-    n = result["metrics"]["queries"]
+    tables = result["metrics"]["tables"]
+    assert list(tables) == ["unseen/unseen", "unseen/heldout"]
+    n = sum(t["queries"] for t in tables.values())
     calls = _BrightnessJudge.calls
     assert len(calls) == 2 * n
     by_prompt = {}
@@ -296,7 +329,7 @@ def test_http_judge_sends_both_orders_and_counts_verdicts(world):
     assert swapped == n
     rates = result["metrics"]["judge"]["aligned_vs_base"]
     # A brightness judge is consistent, so it never answers "similar" unless rows tie.
-    assert rates["n"] == n and rates["similar"] < 0.2
+    assert rates["n"] == result["metrics"]["queries"] and rates["similar"] < 0.2
     assert rates["win"] + rates["loss"] + rates["similar"] == pytest.approx(1.0)
 
 

@@ -26,6 +26,7 @@ SMALL_DEMO = [
     "world.shard_size=150",
     "world.heldout_images=60",
     "world.pretrain_images=300",
+    "world.eval_images=150",
     "world.hpir_items_per_query=2",
     "train_scorer.epochs=2",
     "index_corpus.files_per_unit=2",  # one unit: each unit starts its own actor pools
@@ -121,7 +122,9 @@ def test_demo_submitted_with_ray_job_submit(cluster, tmp_path):
     assert "joining the Ray cluster at" in logs  # the driver used the cluster, not its own Ray
     metrics = json.loads((out / "evaluate/metrics.json").read_text())
     assert set(metrics["systems"]) == set(load_config(REPO / "configs/demo.yaml").evaluate.systems)
-    for job in ("world", "index_corpus", "build_preferences", "finetune", "index_corpus_aligned"):
+    assert list(metrics["tables"]) == ["unseen/unseen", "unseen/heldout", "seen/heldout"]
+    jobs = ("world", "index_corpus", "build_preferences", "finetune", "index_corpus_aligned")
+    for job in (*jobs, "index_corpus_eval"):
         manifest = json.loads((out / job / "_manifest.json").read_text())
         counts = manifest["counts"]
         assert counts["rows_in"] == counts["rows_out"] + counts["rows_error"]

@@ -47,7 +47,8 @@ def test_demo_world_twice_with_the_same_seed_is_byte_identical(tmp_path):
     assert not set(pretraining["image_id"].to_pylist()) & set(images["image_id"].to_pylist())
     manifest = json.loads((runs[0] / "_manifest.json").read_text())
     assert manifest["counts"] == {"rows_in": 750, "rows_out": 750, "rows_error": 0}
-    assert manifest["world"]["queries"]["train"] + manifest["world"]["queries"]["heldout"] == 240
+    assert sum(manifest["world"]["queries"].values()) == 240
+    assert manifest["world"]["queries"]["unseen"] == 5 * len(manifest["world"]["unseen_families"])
     print("make_world 750 images, render stage (s):", manifest["timings_s"]["render"])
 
 

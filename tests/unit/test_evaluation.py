@@ -1,5 +1,4 @@
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from align import evaluation
@@ -100,7 +99,9 @@ def small_world():
 
 
 def test_hpir_file_follows_the_ground_truth(small_world):
-    cfg, gt, queries = small_world
+    cfg, _, queries = small_world
+    cfg = cfg.model_copy(update={"eval_images": 3000})
+    _, gt = world.render_shard(cfg, 0, "eval")  # HPIR rows are drawn from the gallery
     hpir = world.make_hpir(cfg, gt, queries)
     assert hpir.schema == HPIR.schema and hpir.num_rows > 0
     assert hpir.equals(world.make_hpir(cfg, gt, queries))  # deterministic
@@ -116,13 +117,9 @@ def test_hpir_file_follows_the_ground_truth(small_world):
         assert item["aesthetic_preferred"] == ("a" if mean_a > mean_b else "b")
         assert 0.6 <= item["aesthetic_confidence"] <= 1.0
     assert decided > hpir.num_rows // 2
-    # Only held-out queries.
-    heldout = set(
-        pa.compute.filter(
-            queries["query"], pa.compute.equal(queries["split"], "heldout")
-        ).to_pylist()
-    )
-    assert set(hpir["query"].to_pylist()) <= heldout
+    # The evaluated queries, of trained families and of unseen ones; no training query.
+    split = dict(zip(queries["query"].to_pylist(), queries["split"].to_pylist(), strict=True))
+    assert {split[q] for q in hpir["query"].to_pylist()} == {"heldout", "unseen"}
 
 
 def test_heldout_and_pretraining_images_are_new_images(small_world):

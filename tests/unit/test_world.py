@@ -124,6 +124,59 @@ def test_queries_name_content_only_and_split_by_seed():
     )
     assert not any(b in t for t in texts for b in banned)
     splits = q["split"].to_pylist()
-    assert splits.count("heldout") == round(cfg.heldout_query_share * len(texts))
+    trained = len(texts) - splits.count("unseen")
+    assert splits.count("heldout") == round(cfg.heldout_query_share * trained)
     assert world.make_queries(cfg).equals(q)
     assert world.make_queries(WorldConfig(seed=4))["split"].to_pylist() != splits
+
+
+def families_of(gt) -> set[tuple[str, str]]:
+    return set(zip(gt["colour"].to_pylist(), gt["shape"].to_pylist(), strict=True))
+
+
+def test_unseen_families_are_in_no_training_input_and_in_the_gallery():
+    """The corpus (so its ratings and every pair built from it) and the fine-tune's captions
+    hold no image of an unseen family; their queries are split 'unseen'; the gallery holds
+    every family and shares no image with any training input."""
+    cfg = WorldConfig(seed=7, num_images=1200, shard_size=1200, pretrain_images=1200)
+    cfg = cfg.model_copy(update={"eval_images": 1200, "unseen_family_share": 0.25})
+    unseen = world.unseen_families(cfg)
+    assert len(unseen) == 12 and unseen == world.unseen_families(cfg)
+    assert world.unseen_families(cfg.model_copy(update={"seed": 8})) != unseen
+    corpus, corpus_gt = world.render_shard(cfg, 0)
+    assert not families_of(corpus_gt) & unseen
+    assert len(families_of(corpus_gt)) == len(world.FAMILIES) - len(unseen)
+    ratings = world.make_ratings(cfg, corpus_gt)
+    assert set(ratings["image_id"].to_pylist()) <= set(corpus["image_id"].to_pylist())
+
+    pretrain, pretrain_gt = world.render_shard(cfg, 0, "pretrain")
+    assert families_of(pretrain_gt) == set(world.FAMILIES)  # the base's web knows every family
+    captions = world.trained_rows(cfg, pretrain, pretrain_gt)
+    kept = set(captions["image_id"].to_pylist())
+    truth = pretrain_gt.to_pylist()
+    assert kept == {r["image_id"] for r in truth if (r["colour"], r["shape"]) not in unseen}
+    assert not any(f"{c} {s}" in t for c, s in unseen for t in captions["caption"].to_pylist())
+
+    gallery, gallery_gt = world.render_shard(cfg, 0, "eval")
+    assert families_of(gallery_gt) == set(world.FAMILIES)
+    for images in (corpus, pretrain):
+        assert not set(gallery["image_id"].to_pylist()) & set(images["image_id"].to_pylist())
+        assert not set(gallery["image"].to_pylist()) & set(images["image"].to_pylist())
+
+    q = world.make_queries(cfg).to_pylist()
+    of_unseen = [r for r in q if (r["colour"], r["shape"]) in unseen]
+    assert {r["split"] for r in of_unseen} == {"unseen"} and len(of_unseen) == 12 * 5
+    trained = [r for r in q if (r["colour"], r["shape"]) not in unseen]
+    assert {r["split"] for r in trained} == {"train", "heldout"}
+
+
+def test_without_unseen_families_the_corpus_and_queries_are_drawn_as_before():
+    """unseen_family_share 0: content drawn from every colour and shape as sample_scenes always
+    has, and the query split of the whole set."""
+    cfg = WorldConfig(seed=5, num_images=40, shard_size=40, unseen_family_share=0.0)
+    _, gt = world.render_shard(cfg, 0)
+    scenes = world.sample_scenes(np.random.default_rng([5, 0]), 40)
+    assert gt["shape"].to_pylist() == [s.shape for s in scenes]
+    assert gt["colour"].to_pylist() == [s.colour for s in scenes]
+    q = world.make_queries(cfg)
+    assert set(q["split"].to_pylist()) == {"train", "heldout"}

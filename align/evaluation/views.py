@@ -1,0 +1,181 @@
+"""The tables an evaluation reports: each gallery searched (the images no training step saw, and
+the corpus the fine-tune trained on, 'seen') with each query split (query families no training
+step saw, held-out queries of trained families), the first gallery and split the headline.
+
+metrics.json holds every table under `tables`, their order in `order` (the headline first: JSON
+objects are written with sorted keys) and repeats the headline's `systems`, `judge`,
+`judge_hpir` and `queries` at its top level, where a reader of one table looks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from align.config import EvaluateConfig
+from align.evaluation.scoring import Reference
+
+# What each gallery and split stands for, in the tables' titles.
+GALLERY_TITLES = {
+    "unseen": "gallery of images no training step saw",
+    "seen": "the corpus the fine-tune trained on (seen)",
+}
+SPLIT_TITLES = {
+    "unseen": "query families no training step saw",
+    "heldout": "held-out queries of trained families",
+    None: "every query",
+}
+
+
+@dataclass(frozen=True)
+class GallerySource:
+    """One gallery evaluate searches: its images, scores and ground truth, the HPIR file drawn
+    from it, and the query splits reported on it."""
+
+    name: str
+    corpus: str
+    scores: str
+    ground_truth: str | None
+    hpir: str | None
+    splits: tuple[str | None, ...]
+    own_index: bool  # a system's index_corpus_dir, where set, is this gallery's index
+
+
+@dataclass(frozen=True)
+class View:
+    """One table: a gallery and a query split."""
+
+    gallery: str
+    split: str | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.gallery}/{self.split or 'all'}"
+
+    @property
+    def title(self) -> str:
+        split = SPLIT_TITLES.get(self.split, f"split {self.split}")
+        return f"{GALLERY_TITLES.get(self.gallery, self.gallery)}, {split}"
+
+
+@dataclass
+class Queries:
+    """The evaluated queries (every split), the split of each, and every text embedded (the
+    queries, then the HPIR file's)."""
+
+    texts: list[str]
+    splits: np.ndarray
+    all_texts: list[str]
+    rewritten: list[str]
+    hpir: pa.Table | None
+    rows_in: int
+    fallbacks: int = 0
+
+
+@dataclass
+class Run:
+    """Per gallery: its reference, each system's top k for every query (reference rows); per
+    table (View.key): each system's metrics."""
+
+    refs: dict[str, Reference] = field(default_factory=dict)
+    tops: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    metrics: dict[str, dict[str, dict]] = field(default_factory=dict)
+    errors: list[dict] = field(default_factory=list)
+
+
+def gallery_sources(ev: EvaluateConfig, expand) -> list[GallerySource]:
+    """The configured galleries, paths expanded (`expand`: Config.expand): the gallery
+    (evaluate.corpus) first, then the seen corpus (evaluate.seen) if configured."""
+    optional = lambda p: expand(p) if p else None  # noqa: E731
+    splits = tuple(ev.splits) if ev.splits is not None else (None,)
+    out = [
+        GallerySource(
+            "unseen",
+            expand(ev.corpus),
+            expand(ev.scores),
+            optional(ev.ground_truth),
+            optional(ev.hpir),
+            splits,
+            own_index=True,
+        )
+    ]
+    if ev.seen is not None:
+        seen = ev.seen
+        seen_splits = tuple(seen.splits) if ev.splits is not None else (None,)
+        out.append(
+            GallerySource(
+                "seen",
+                expand(seen.corpus),
+                expand(seen.scores),
+                optional(seen.ground_truth),
+                None,
+                seen_splits,
+                own_index=False,
+            )
+        )
+    return out
+
+
+def views(galleries: list[GallerySource]) -> list[View]:
+    """Every (gallery, split) table, the headline first."""
+    return [View(g.name, s) for g in galleries for s in g.splits]
+
+
+def query_rows(splits: np.ndarray, split: str | None) -> np.ndarray:
+    """Rows of the evaluated queries in `split` (every row for None)."""
+    return np.arange(len(splits)) if split is None else np.flatnonzero(splits == split)
+
+
+def reference_for(ref: Reference, rows: np.ndarray) -> Reference:
+    """`ref` with its per-query facts narrowed to the queries at `rows`."""
+    facts = None if ref.facts is None else {c: v[rows] for c, v in ref.facts.items()}
+    return Reference(ref.gallery, ref.scores, ref.gt, facts)
+
+
+def hpir_for(hpir: pa.Table | None, texts: list[str]) -> pa.Table | None:
+    """The HPIR items whose query is one of `texts` (None when none is)."""
+    if hpir is None:
+        return None
+    items = hpir.filter(pc.is_in(hpir["query"], value_set=pa.array(texts, pa.string())))
+    return items if items.num_rows else None
+
+
+def tables_of(metrics: dict) -> dict[str, dict]:
+    """The tables of a metrics.json in their order, headline first (one untitled table for a
+    metrics dict without `tables`)."""
+    tables = metrics.get("tables")
+    if not tables:
+        return {"": metrics}
+    return {key: tables[key] for key in metrics.get("order", tables)}
+
+
+def table(view: View, queries: int, metrics: dict[str, dict], judged: dict) -> dict:
+    """One table of metrics.json: what it shows, its queries, each system's metrics
+    (`metrics[view.key]`) and the judge's rates and HPIR agreement (`judged[view.key]`)."""
+    rates, agreement = judged[view.key]
+    return {
+        "title": view.title,
+        "gallery": view.gallery,
+        "split": view.split,
+        "queries": queries,
+        "systems": metrics[view.key],
+        "judge": rates,
+        "judge_hpir": agreement,
+    }
+
+
+def metrics_json(tables: dict[str, dict], ev: EvaluateConfig, rewrite: dict) -> dict:
+    """metrics.json: the headline table (the first) at the top level, then every table."""
+    headline = next(iter(tables))
+    top = {key: tables[headline][key] for key in ("systems", "judge", "judge_hpir", "queries")}
+    return {
+        "headline": headline,
+        **top,
+        "tables": tables,
+        "order": list(tables),
+        "k": ev.k,
+        "judge_backend": ev.judge.backend,
+        "rewrite": rewrite,
+    }
