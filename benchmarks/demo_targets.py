@@ -1,6 +1,6 @@
 """The demo's targets, read from demo runs' evaluate/metrics.json (docs/findings.md).
 
-    python benchmarks/demo_targets.py outputs/demo [/tmp/s3 /tmp/s4 ...] [--markdown]
+    python benchmarks/demo_targets.py outputs/demo [/tmp/s3 /tmp/s4 ...] [--markdown | --systems]
 
 Per run (an output_dir, or a metrics.json) and per table (the gallery no training step saw, for
 query families never trained on and for held-out queries of trained families; the training
@@ -9,7 +9,8 @@ corpus, 'seen'): base true_precision@5 >= 0.8; the aligned model's true_aestheti
 base - 0.02; aligned hpir_aesthetic above base (tables with HPIR items). `all_met` is over the
 headline table, the first. The oracle judge's aligned vs base win - loss is printed beside them
 and is no target: it reads the ground truth true_aesthetic@5 measures (no independent evidence).
-Prints JSON figures (or a markdown table).
+Prints JSON figures (or markdown: the targets, or with --systems each table's systems as
+docs/findings.md shows them).
 """
 
 from __future__ import annotations
@@ -96,11 +97,47 @@ def markdown(results: dict) -> str:
     return "\n".join(out)
 
 
+def systems_markdown(run: str, metrics: dict, k: int = 5) -> str:
+    """Per table of one run: recall@k, true_aesthetic@k (gain over base), true_precision@k,
+    hpir_aesthetic and the oracle judge against base, a row per system."""
+    tables = metrics.get("tables") or {"all": metrics}
+    out = []
+    for name in metrics.get("order", list(tables)):
+        table = tables[name]
+        base = table["systems"]["base"][f"true_aesthetic@{k}"]
+        judge = table.get("judge") or {}
+        out.append(f"{run}: {table.get('title', name)} ({table['queries']} queries)\n")
+        out.append(
+            f"| system | recall@{k} | true_aesthetic@{k} | true_precision@{k} | hpir_aesthetic "
+            "| oracle judge vs base (win / similar / loss) |"
+        )
+        out.append("| --- | --- | --- | --- | --- | --- |")
+        first = [s for s in ("base", "base+rewrite") if s in table["systems"]]
+        for system in first + sorted(set(table["systems"]) - set(first)):  # JSON sorts keys
+            m = table["systems"][system]
+            aes = m[f"true_aesthetic@{k}"]
+            gain = "" if system == "base" else f" ({aes / base - 1:+.1%})"
+            hpir = m.get("hpir_aesthetic")
+            vs = judge.get(f"{system}_vs_base")
+            verdict = f"{vs['win']:.2f} / {vs['similar']:.2f} / {vs['loss']:.2f}" if vs else ""
+            out.append(
+                f"| {system} | {m[f'recall@{k}']:.3f} | {aes:.3f}{gain} | "
+                f"{m[f'true_precision@{k}']:.3f} | {'-' if hpir is None else f'{hpir:.3f}'} | "
+                f"{verdict} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="output dirs or metrics.json files")
     parser.add_argument("--markdown", action="store_true", help="tables instead of JSON")
+    parser.add_argument("--systems", action="store_true", help="each table's systems instead")
     args = parser.parse_args()
+    if args.systems:
+        print("\n".join(systems_markdown(run, read_metrics(run)) for run in args.runs))
+        return
     results = {run: run_targets(read_metrics(run)) for run in args.runs}
     print(markdown(results) if args.markdown else json.dumps(results, indent=2))
 

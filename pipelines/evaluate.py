@@ -129,6 +129,11 @@ def read_query_set(ev: EvaluateConfig, paths: Paths, manifest: JobManifest) -> t
         raise InputNotFound(f"no usable queries in {paths.queries} (splits {list(splits)})")
     texts = checked["query"].to_pylist()
     of_split = np.array([split_of[i] for i in checked["query_id"].to_pylist()], dtype=object)
+    for split in (s for s in splits if s is not None and not (of_split == s).any()):
+        raise InputNotFound(
+            f"no usable queries of split {split!r} in {paths.queries}: evaluate.splits names "
+            "only splits the query file has"
+        )
     hpir_texts = hpir["query"].to_pylist() if hpir is not None else []
     all_texts = list(dict.fromkeys(texts + hpir_texts))  # one embedding pass for both sets
     rows_in = raw.num_rows + len(read_errors)
@@ -188,9 +193,8 @@ def run_systems(config: Config, paths: Paths, systems: list[System], queries: Qu
                 models[key] = embed_model(config, paths, system, queries, rewrite, run.errors)
         for g in paths.galleries:
             model = models[key][g.name]
-            if (
-                g.name not in run.refs
-            ):  # the first gallery fixes the images every system is scored on
+            # The first system's gallery fixes the rows every system is scored on.
+            if g.name not in run.refs:
                 run.refs[g.name] = Reference.read(
                     model.gallery, g.scores, g.ground_truth, paths.queries, queries.texts
                 )

@@ -51,8 +51,9 @@ class EvalSystemConfig(Section):
     )
     index_corpus_dir: str | None = Field(
         None,
-        description="An index_corpus output built with this model, searched as it is (for large "
-        "corpora). None: evaluate embeds evaluate.corpus with the model and searches exactly.",
+        description="An index_corpus output of the gallery (evaluate.corpus) built with this "
+        "model, searched as it is (for large galleries). None: evaluate embeds the gallery with "
+        "the model and searches exactly (the seen corpus is always embedded).",
     )
 
 

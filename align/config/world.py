@@ -38,11 +38,11 @@ class WorldConfig(Section):
         "hold none of their images.",
     )
     eval_images: int = Field(
-        2000,
+        6000,
         ge=0,
         description="The evaluation gallery: images of every family apart from the corpus, with "
         "their own ground truth and no ratings, which evaluate searches (no training step reads "
-        "them).",
+        "them). As many as the corpus: a query's relevant images are about as many as there.",
     )
     heldout_images: int = Field(
         1000,

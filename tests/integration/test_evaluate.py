@@ -24,6 +24,7 @@ from PIL import Image
 from align.config import ModelConfig, load_config
 from align.data.contracts import ERRORS
 from align.data.images import decode_image, pixels_to_tensor
+from align.errors import InputNotFound
 from align.models.clip import ModelLoadError, build_clip
 from pipelines.evaluate import evaluate
 from tests.helpers import JsonHandler, score_gallery
@@ -362,3 +363,13 @@ def test_missing_checkpoint_fails_before_work_naming_the_system(world, tmp_path)
         timeout=120,
     )
     assert cli.returncode == 2 and "evaluate: error:" in cli.stderr and "q.parquet" in cli.stderr
+
+
+def test_a_split_the_query_file_lacks_fails_before_ray_naming_it(world, tmp_path):
+    root, overrides, _ = world
+    config = load_config(
+        REPO / "configs/demo.yaml",
+        [*overrides, "evaluate.splits=[unseen, nosuch]", f"evaluate.output={tmp_path}/ev"],
+    )
+    with pytest.raises(InputNotFound, match="split 'nosuch'.*evaluate.splits"):
+        evaluate(config)
