@@ -132,8 +132,9 @@ def systems_markdown(run: str, metrics: dict, k: int = 5) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="output dirs or metrics.json files")
-    parser.add_argument("--markdown", action="store_true", help="tables instead of JSON")
-    parser.add_argument("--systems", action="store_true", help="each table's systems instead")
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("--markdown", action="store_true", help="tables instead of JSON")
+    shown.add_argument("--systems", action="store_true", help="each table's systems instead")
     args = parser.parse_args()
     if args.systems:
         print("\n".join(systems_markdown(run, read_metrics(run)) for run in args.runs))

@@ -9,7 +9,7 @@ learned scorer), build preference pairs, fine-tune with retrieval DPO (+ InfoNCE
 corpus again with the aligned model (what `configs/serve.yaml` serves beside the base model), score
 the evaluation gallery (images no training step read), and evaluate every system of
 `evaluate.systems` (base, base+rewrite, rerank, steer, aligned, aligned+rerank) on it, for query
-families no training step saw and for held-out queries of trained families, and on the training
+families the alignment never saw and for held-out queries of trained families, and on the training
 corpus beside it ("seen"); it prints the tables, the headline first, and writes
 `evaluate/report.html`.
 """
@@ -47,7 +47,7 @@ def summarise_world(config: Config) -> str:
         f"world: {gt.num_rows} images, true aesthetic mean {true.mean():.3f}, "
         f"corr(true, low-level) {corr_low:.2f}, corr(true, high-level) {corr_high:.2f}, "
         f"{words} captions with quality words; {len(unseen)} of {len(world.FAMILIES)} content "
-        f"families unseen by training, {config.world.eval_images} gallery images"
+        f"families the alignment never sees, {world.part_size(config.world, 'eval')} gallery images"
     )
 
 

@@ -1,4 +1,4 @@
-"""evaluate: compare named systems on held-out queries: a model, with or without query rewriting,
+"""evaluate: compare named systems on queries no training step used: a model, with or without query rewriting,
 and the query-time baselines (re-ranking its top results by aesthetics, steering the query
 embedding towards the corpus's best-rated images: align/method/ranking.py).
 
@@ -40,7 +40,7 @@ from actors.text_embed import embed_texts
 from align import evaluation
 from align.config import Config, ConfigError, EvaluateConfig
 from align.data.error_rows import write_error_rows
-from align.data.queries import check_queries, query_facts, read_queries
+from align.data.queries import check_queries, has_column, query_facts, read_queries
 from align.errors import InputNotFound
 from align.evaluation import judge
 from align.evaluation.gallery import Gallery, caption_texts
@@ -64,7 +64,6 @@ from align.evaluation.views import (
     metrics_json,
     query_rows,
     reference_for,
-    table,
     views,
 )
 from align.log import get_logger
@@ -111,10 +110,16 @@ def read_query_set(ev: EvaluateConfig, paths: Paths, manifest: JobManifest) -> t
     io.require_exists(paths.queries, "queries (evaluate.queries)")
     if paths.captions:
         io.require_exists(paths.captions, "held-out captions (evaluate.captions)")
-    for g, key in zip(paths.galleries, ("evaluate", "evaluate.seen"), strict=False):
-        io.require_exists(g.corpus, f"gallery images ({key}.corpus)")
+    for g in paths.galleries:
+        io.require_exists(g.corpus, f"gallery images ({g.config_key}.corpus)")
+        io.require_exists(f"{g.scores}/scored", f"the gallery's scores ({g.config_key}.scores)")
         if g.ground_truth:
-            io.require_exists(g.ground_truth, f"ground truth ({key}.ground_truth)")
+            io.require_exists(g.ground_truth, f"ground truth ({g.config_key}.ground_truth)")
+    if ev.splits is not None and not has_column(paths.queries, "split"):
+        raise InputNotFound(
+            f"{paths.queries} has no 'split' column: set evaluate.splits=null to evaluate every "
+            "query as one set"
+        )
     hpir = read_hpir(paths.headline.hpir) if paths.headline.hpir else None
     splits = ev.splits if ev.splits is not None else (None,)
     with manifest.stage("read"):
@@ -129,9 +134,10 @@ def read_query_set(ev: EvaluateConfig, paths: Paths, manifest: JobManifest) -> t
         raise InputNotFound(f"no usable queries in {paths.queries} (splits {list(splits)})")
     texts = checked["query"].to_pylist()
     of_split = np.array([split_of[i] for i in checked["query_id"].to_pylist()], dtype=object)
-    for split in (s for s in splits if s is not None and not (of_split == s).any()):
+    missing = [s for s in splits if s is not None and not (of_split == s).any()]
+    if missing:
         raise InputNotFound(
-            f"no usable queries of split {split!r} in {paths.queries}: evaluate.splits names "
+            f"no usable queries of split(s) {missing} in {paths.queries}: evaluate.splits names "
             "only splits the query file has"
         )
     hpir_texts = hpir["query"].to_pylist() if hpir is not None else []
@@ -183,8 +189,7 @@ def embed_model(
 def run_systems(config: Config, paths: Paths, systems: list[System], queries: Queries, manifest):
     """Every system searched on every gallery and measured on each of its splits; models shared
     between systems are embedded once."""
-    ev, run, models = config.evaluate, Run(), {}
-    n = len(queries.texts)
+    run, models = Run(), {}
     for system in systems:
         key = system.model_key
         with manifest.stage(f"embed:{system.name}"):
@@ -192,31 +197,35 @@ def run_systems(config: Config, paths: Paths, systems: list[System], queries: Qu
                 rewrite = any(s.rewrite for s in systems if s.model_key == key)
                 models[key] = embed_model(config, paths, system, queries, rewrite, run.errors)
         for g in paths.galleries:
-            model = models[key][g.name]
-            # The first system's gallery fixes the rows every system is scored on.
-            if g.name not in run.refs:
-                run.refs[g.name] = Reference.read(
-                    model.gallery, g.scores, g.ground_truth, paths.queries, queries.texts
-                )
-            ref = run.refs[g.name]
-            text_emb = system_queries(system, model, ref)
-            top = search_system(ev, system, model, ref, text_emb[:n])
-            run.tops.setdefault(g.name, {})[system.name] = top
-            for split in g.splits:
-                rows = query_rows(queries.splits, split)
-                hpir = hpir_for(queries.hpir, [queries.texts[r] for r in rows]) if g.hpir else None
-                metrics = system_metrics(
-                    ev,
-                    model,
-                    reference_for(ref, rows),
-                    top[rows],
-                    hpir,
-                    queries.all_texts,
-                    text_emb,
-                )
-                run.metrics.setdefault(View(g.name, split).key, {})[system.name] = metrics
-                log.info("%s, %s: %s", system.name, View(g.name, split).key, short_metrics(metrics))
+            search_gallery(config.evaluate, paths, g, system, models[key][g.name], queries, run)
     return run
+
+
+def search_gallery(ev, paths: Paths, g: GallerySource, system, model, queries: Queries, run: Run):
+    """One system's top k on one gallery, and its metrics for each of the gallery's splits."""
+    # The first system's gallery fixes the rows every system is scored on.
+    if g.name not in run.refs:
+        run.refs[g.name] = Reference.read(
+            model.gallery, g.scores, g.ground_truth, paths.queries, queries.texts
+        )
+    ref = run.refs[g.name]
+    text_emb = system_queries(system, model, ref)
+    top = search_system(ev, system, model, ref, text_emb[: len(queries.texts)])
+    if system.index_corpus_dir and g.own_index and (top < 0).mean() > 0.5:
+        raise ConfigError(
+            f"system {system.name!r}: most results of its index_corpus_dir "
+            f"{system.index_corpus_dir} are not images of the gallery {g.corpus} "
+            f"({g.config_key}.corpus): index that gallery with the system's model"
+        )
+    run.tops.setdefault(g.name, {})[system.name] = top
+    for split in g.splits:
+        rows = query_rows(queries.splits, split)
+        hpir = hpir_for(queries.hpir, split, [queries.texts[r] for r in rows]) if g.hpir else None
+        ref_rows, all_texts = reference_for(ref, rows), queries.all_texts
+        metrics = system_metrics(ev, model, ref_rows, top[rows], hpir, all_texts, text_emb)
+        table_key = View(g, split).key
+        run.metrics.setdefault(table_key, {})[system.name] = metrics
+        log.info("%s, %s: %s", system.name, table_key, short_metrics(metrics))
 
 
 def run_judge(
@@ -238,7 +247,8 @@ def run_judge(
     if ev.judge.backend == "oracle":
         if ref.gt is None:
             raise ConfigError(
-                "evaluate.judge.backend=oracle needs evaluate.ground_truth (the world's ground truth)"
+                f"evaluate.judge.backend=oracle needs {gallery.config_key}.ground_truth (the "
+                "world's ground truth)"
             )
         answers = judge.oracle_answers(calls.requests, ref.gt, ev.judge.oracle_margin)
     else:
@@ -262,13 +272,13 @@ def judge_tables(config: Config, paths: Paths, comparisons, queries: Queries, ru
         for split in g.splits:
             rows = query_rows(queries.splits, split)
             texts = [queries.texts[r] for r in rows]
-            hpir = hpir_for(queries.hpir, texts) if g.hpir else None
+            hpir = hpir_for(queries.hpir, split, texts) if g.hpir else None
             rates, agreement = {}, {}
             if ev.judge.backend != "none" and (comparisons or hpir is not None):
                 tops = {name: top[rows] for name, top in run.tops[g.name].items()}
                 ref = reference_for(run.refs[g.name], rows)
                 rates, agreement = run_judge(config, g, comparisons, texts, hpir, tops, ref)
-            out[View(g.name, split).key] = (rates, agreement)
+            out[View(g, split).key] = (rates, agreement)
     return out
 
 
@@ -278,12 +288,8 @@ def evaluate(config: Config) -> dict:
     systems = resolve_systems(ev, config.model, config.expand)
     comparisons = judged_comparisons(ev, systems)
     queries, query_errors = read_query_set(ev, paths, manifest)
-    log.info(
-        "%d queries, %d systems: %s",
-        len(queries.texts),
-        len(systems),
-        ", ".join(s.name for s in systems),
-    )
+    names = ", ".join(s.name for s in systems)
+    log.info("%d queries, %d systems: %s", len(queries.texts), len(systems), names)
 
     init_ray(config.ray)
     io.makedirs(paths.out)
@@ -293,12 +299,7 @@ def evaluate(config: Config) -> dict:
     run = run_systems(config, paths, systems, queries, manifest)
     with manifest.stage("judge"):
         judged = judge_tables(config, paths, comparisons, queries, run)
-    tables = {
-        view.key: table(view, len(query_rows(queries.splits, view.split)), run.metrics, judged)
-        for view in views(paths.galleries)
-    }
-    rewrite = {"backend": ev.rewrite.backend, "variant": ev.rewrite.variant}
-    metrics = metrics_json(tables, ev, {**rewrite, "fallbacks": queries.fallbacks})
+    metrics = metrics_json(views(paths.galleries), queries, run.metrics, judged, ev)
     io.write_json(f"{paths.out}/metrics.json", metrics)
     with manifest.stage("report"):
         g, split = paths.headline, paths.headline.splits[0]

@@ -41,7 +41,7 @@ def _render_and_write(
     images, ground_truth = world.render_shard(cfg, shard, part)
     io.write_parquet(images, f"{images_dir}/shard-{shard:05d}.parquet")
     if trained_dir:
-        trained = world.trained_rows(cfg, images, ground_truth)
+        trained = world.trained_family_rows(cfg, images, ground_truth)
         io.write_parquet(trained, f"{trained_dir}/shard-{shard:05d}.parquet")
     return ground_truth
 
@@ -85,7 +85,7 @@ def make_world(config: Config) -> dict:
         config.world.num_images,
         config.world.heldout_images,
         config.world.pretrain_images,
-        config.world.eval_images,
+        world.part_size(config.world, "eval"),
     )
     with manifest.stage("render"):
         ground_truth = pa.concat_tables(ray.get(refs["corpus"]))
@@ -93,7 +93,8 @@ def make_world(config: Config) -> dict:
         ray.get(refs["heldout"] + refs["pretrain"])
     with manifest.stage("write"):
         io.write_parquet(ground_truth, f"{out}/{paths.GROUND_TRUTH}")
-        gallery_truth = write_gallery_truth(out, eval_parts) or ground_truth
+        gallery_truth = write_gallery_truth(out, eval_parts)
+        gallery_truth = ground_truth if gallery_truth is None else gallery_truth
         queries = world.make_queries(config.world)
         io.write_parquet(queries, f"{out}/{paths.QUERIES}")
         hpir = world.make_hpir(config.world, gallery_truth, queries)
@@ -106,7 +107,7 @@ def make_world(config: Config) -> dict:
         "images": ground_truth.num_rows,
         "heldout_images": config.world.heldout_images,
         "pretrain_images": config.world.pretrain_images,
-        "eval_images": config.world.eval_images,
+        "eval_images": world.part_size(config.world, "eval"),
         "unseen_families": sorted(" ".join(f) for f in world.unseen_families(config.world)),
         "hpir_items": hpir.num_rows,
         "rated_images": ratings.num_rows,

@@ -34,7 +34,7 @@ def indexed_world(root: Path, num_images: int, *extra: str) -> list[str]:
         f"output_dir={root}",
         f"world.num_images={num_images}",
         f"world.shard_size={num_images // 2}",
-        # The pretraining set (finetune's captions in demo.yaml) as large as the corpus: the
+        # The pretraining set (finetune_captions, less the unseen families) as large as the corpus: the
         # demo's 24,000 would take longer to render than a test world.
         f"world.pretrain_images={num_images}",
         f"world.eval_images={num_images // 2}",

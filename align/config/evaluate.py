@@ -138,6 +138,10 @@ class EvaluateConfig(Section):
         description="Query splits evaluated, each reported apart; the first, on the gallery "
         "(evaluate.corpus), is the headline. None: every query of the file as one set.",
     )
+    gallery_title: str = Field(
+        "gallery of images no training step read",
+        description="What the gallery (evaluate.corpus) is, in the tables' titles.",
+    )
     corpus: str = Field(
         paths.WORLD_EVAL_IMAGES,
         description="The gallery, Parquet with image_id and image bytes (the images contract): "
@@ -178,7 +182,9 @@ class EvaluateConfig(Section):
 
     @model_validator(mode="after")
     def _seen_splits_are_evaluated(self):
-        if self.seen and self.splits is not None:
+        if self.splits is not None and len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"splits {list(self.splits)} names a split twice")
+        if self.seen is not None and self.splits is not None:
             extra = [s for s in self.seen.splits if s not in self.splits]
             if extra:
                 raise ValueError(

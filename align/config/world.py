@@ -32,17 +32,17 @@ class WorldConfig(Section):
     unseen_family_share: float = Field(
         0.2,
         ge=0.0,
-        lt=1.0,
-        description="Share of content families (colour x shape) no training step sees: their "
+        le=0.9,
+        description="Share of content families (colour x shape) the alignment never sees: their "
         "queries are split 'unseen', and the corpus, its ratings and the fine-tune's captions "
         "hold none of their images.",
     )
-    eval_images: int = Field(
-        6000,
+    eval_images: int | None = Field(
+        None,
         ge=0,
         description="The evaluation gallery: images of every family apart from the corpus, with "
         "their own ground truth and no ratings, which evaluate searches (no training step reads "
-        "them). As many as the corpus: a query's relevant images are about as many as there.",
+        "them). None: as many as the corpus (num_images).",
     )
     heldout_images: int = Field(
         1000,
@@ -62,7 +62,9 @@ class WorldConfig(Section):
     )
     rating_noise: float = Field(0.05, ge=0.0, description="Std of a rating around the truth.")
     hpir_items_per_query: int = Field(
-        8, ge=0, description="HPIR items (row A vs row B) per held-out query."
+        8,
+        ge=0,
+        description="HPIR items (row A vs row B) per evaluated query (every split but train).",
     )
     low_level_weight: float = Field(
         0.5,

@@ -93,7 +93,7 @@ QUERIES = Contract(
             "split",
             pa.string(),
             "'train' (builds preferences), 'heldout' (evaluation, of trained content families) "
-            "or 'unseen' (evaluation, of families no training step saw)",
+            "or 'unseen' (evaluation, of families the alignment never saw)",
         ),
         Column("shape", pa.string(), "ground truth: shape the query asks for", nullable=True),
         Column("colour", pa.string(), "ground truth: colour the query asks for", nullable=True),

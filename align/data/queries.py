@@ -44,6 +44,19 @@ def is_parquet(path: str) -> bool:
     return path.endswith(".parquet") or io.exists(path) and not io.is_file(path)
 
 
+def has_column(path: str, column: str) -> bool:
+    """Does the query file at `path` have `column` (Parquet: its first file's footer; text and
+    JSONL files have only the query)?"""
+    if not is_parquet(path):
+        return False
+    files = io.parquet_files(path)
+    if not files:
+        return False
+    fs, inside = io.filesystem(files[0])
+    with fs.open_input_file(inside) as fh:
+        return column in pq.ParquetFile(fh).schema_arrow.names
+
+
 def query_files(path: str) -> list[dict]:
     """The files to read, each with the position of its first row over all of them and its size
     in bytes. Parquet: columns and types checked from the footers (no data read); text and

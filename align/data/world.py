@@ -13,14 +13,14 @@ each drawn uniformly in [0, 1] (1 = best), control how it is rendered:
 The hidden true aesthetic is `w * low_level + (1 - w) * high_level` (w = world.low_level_weight),
 so it depends on both. Captions name the content; a share of them also carry truthful quality
 words ("a blurry, dark photo of a red star"), as web alt text sometimes does. Queries name content
-only and are split into train and held-out. Beside the corpus the world provides what evaluation
+only and are split into train, held-out and unseen (below). Beside the corpus the world provides what evaluation
 and a learned aesthetic scorer need: held-out image-caption pairs (recall@k), an evaluation
 gallery, an HPIR file and people's ratings of a share of the corpus, all from the ground truth
 (`make_hpir`, `make_ratings`).
 
-What no training step sees: a share of the content families (colour x shape, `unseen_families`)
-is held out whole. The corpus, and so its ratings and the preference pairs built from it, holds
-none of their images, the fine-tune's captions (`trained_rows` of the pretraining pairs) none of
+What the alignment (the learned scorer, the preference pairs, the fine-tune) never sees: a share
+of the content families (colour x shape, `unseen_families`) is held out whole. The corpus, and so its ratings and the preference pairs built from it, holds
+none of their images, the fine-tune's captions (`trained_family_rows` of the pretraining pairs) none of
 their captions, and their queries are split 'unseen'. The evaluation gallery (`eval` part) holds
 every family, and nothing trains on it. The pretraining pairs hold every family: they stand for
 the web a real CLIP learned from, so the base knows the content, not what people prefer in it.
@@ -321,16 +321,18 @@ PARTS = {
 
 
 def unseen_families(world: WorldConfig) -> frozenset[tuple[str, str]]:
-    """The (colour, shape) families no training step sees: round(unseen_family_share x 48) of
-    them, drawn by the seed."""
+    """The (colour, shape) families the alignment never sees: round(unseen_family_share x 48)
+    of them, drawn by the seed."""
     n = round(world.unseen_family_share * len(FAMILIES))
     order = np.random.default_rng([world.seed, 6_000_011]).permutation(len(FAMILIES))
     return frozenset(FAMILIES[i] for i in order[:n])
 
 
-def trained_rows(world: WorldConfig, images: pa.Table, ground_truth: pa.Table) -> pa.Table:
-    """The rows of an images table whose ground truth is of a trained family (the fine-tune's
-    captions: the pretraining pairs less the unseen families)."""
+def trained_family_rows(world: WorldConfig, images: pa.Table, ground_truth: pa.Table) -> pa.Table:
+    """The rows of an images table whose ground truth (row-aligned) is of a trained family (the
+    fine-tune's captions: the pretraining pairs less the unseen families)."""
+    if not images["image_id"].equals(ground_truth["image_id"]):
+        raise ValueError("images and ground truth are not row-aligned")
     unseen = unseen_families(world)
     colours = ground_truth["colour"].to_pylist()
     shapes = ground_truth["shape"].to_pylist()
@@ -339,8 +341,10 @@ def trained_rows(world: WorldConfig, images: pa.Table, ground_truth: pa.Table) -
 
 
 def part_size(world: WorldConfig, part: str) -> int:
-    """Images in one of the world's sets (PARTS)."""
-    return getattr(world, PARTS[part].size_field)
+    """Images in one of the world's sets (PARTS); the gallery is as large as the corpus unless
+    world.eval_images says otherwise."""
+    size = getattr(world, PARTS[part].size_field)
+    return world.num_images if size is None else size
 
 
 def render_shard(world: WorldConfig, shard: int, part: str = "corpus") -> tuple[pa.Table, pa.Table]:
@@ -449,7 +453,7 @@ HPIR_MIN_SHARE = 0.6
 
 def _row_facts(gt: dict[str, np.ndarray], rows: np.ndarray, rel: np.ndarray) -> dict[str, float]:
     """Ground-truth accuracy (share relevant), aesthetic (mean true aesthetic) and diversity
-    (distinct contents) of one row of corpus rows."""
+    (distinct contents) of one row of images (`rows` of the ground truth)."""
     contents = {(gt["shape"][r], gt["colour"][r], gt["background"][r]) for r in rows}
     return {
         "accuracy": float(rel[rows].mean()),

@@ -127,7 +127,7 @@ def write_report(
     sections += plot_sections(files, tops, ref, systems)
     shown = range(min(ev.report_queries, len(texts)))
     write_thumbnails(files, corpus, max_pixels, tops, ref.gallery.ids, shown)
-    headline = tables_of(metrics)[next(iter(tables_of(metrics)))].get("title")
+    headline = next(iter(tables_of(metrics).values())).get("title")
     sections.append(
         f"<h2>Top results per query{': ' + html.escape(headline) if headline else ''}</h2>"
     )

@@ -1,10 +1,12 @@
-"""The tables an evaluation reports: each gallery searched (the images no training step saw, and
-the corpus the fine-tune trained on, 'seen') with each query split (query families no training
-step saw, held-out queries of trained families), the first gallery and split the headline.
+"""The tables an evaluation reports: each gallery searched (`gallery`, evaluate.corpus: on the
+synthetic world, images no training step read; `seen`, evaluate.seen: the corpus the fine-tune
+trained on) with each query split (`unseen`: query families the alignment never saw; `heldout`:
+held-out queries of trained families), the first gallery and split the headline.
 
-metrics.json holds every table under `tables`, their order in `order` (the headline first: JSON
-objects are written with sorted keys) and repeats the headline's `systems`, `judge`,
-`judge_hpir` and `queries` at its top level, where a reader of one table looks."""
+metrics.json holds every table under `tables` (keyed `gallery/split`), their order in `order`
+(the headline first: JSON objects are written with sorted keys) and repeats the headline's
+`systems`, `judge`, `judge_hpir` and `queries` at its top level, where a reader of one table
+looks."""
 
 from __future__ import annotations
 
@@ -17,13 +19,10 @@ import pyarrow.compute as pc
 from align.config import EvaluateConfig
 from align.evaluation.scoring import Reference
 
-# What each gallery and split stands for, in the tables' titles.
-GALLERY_TITLES = {
-    "unseen": "gallery of images no training step saw",
-    "seen": "the corpus the fine-tune trained on (seen)",
-}
+SEEN_TITLE = "the corpus the fine-tune trained on (seen)"
+# What each query split of the synthetic world stands for, in the tables' titles.
 SPLIT_TITLES = {
-    "unseen": "query families no training step saw",
+    "unseen": "query families the alignment never saw",
     "heldout": "held-out queries of trained families",
     None: "every query",
 }
@@ -35,6 +34,8 @@ class GallerySource:
     from it, and the query splits reported on it."""
 
     name: str
+    title: str
+    config_key: str  # where its paths are configured, for error messages
     corpus: str
     scores: str
     ground_truth: str | None
@@ -47,17 +48,16 @@ class GallerySource:
 class View:
     """One table: a gallery and a query split."""
 
-    gallery: str
+    gallery: GallerySource
     split: str | None
 
     @property
     def key(self) -> str:
-        return f"{self.gallery}/{self.split or 'all'}"
+        return f"{self.gallery.name}/{self.split or 'all'}"
 
     @property
     def title(self) -> str:
-        split = SPLIT_TITLES.get(self.split, f"split {self.split}")
-        return f"{GALLERY_TITLES.get(self.gallery, self.gallery)}, {split}"
+        return f"{self.gallery.title}, {SPLIT_TITLES.get(self.split, f'split {self.split}')}"
 
 
 @dataclass
@@ -87,12 +87,15 @@ class Run:
 
 def gallery_sources(ev: EvaluateConfig, expand) -> list[GallerySource]:
     """The configured galleries, paths expanded (`expand`: Config.expand): the gallery
-    (evaluate.corpus) first, then the seen corpus (evaluate.seen) if configured."""
+    (evaluate.corpus) first, then the seen corpus (evaluate.seen) if configured. Without splits
+    (evaluate.splits null) every gallery reports every query as one table."""
     optional = lambda p: expand(p) if p else None  # noqa: E731
     splits = tuple(ev.splits) if ev.splits is not None else (None,)
     out = [
         GallerySource(
-            "unseen",
+            "gallery",
+            ev.gallery_title,
+            "evaluate",
             expand(ev.corpus),
             expand(ev.scores),
             optional(ev.ground_truth),
@@ -103,15 +106,16 @@ def gallery_sources(ev: EvaluateConfig, expand) -> list[GallerySource]:
     ]
     if ev.seen is not None:
         seen = ev.seen
-        seen_splits = tuple(seen.splits) if ev.splits is not None else (None,)
         out.append(
             GallerySource(
                 "seen",
+                SEEN_TITLE,
+                "evaluate.seen",
                 expand(seen.corpus),
                 expand(seen.scores),
                 optional(seen.ground_truth),
                 None,
-                seen_splits,
+                tuple(seen.splits) if ev.splits is not None else (None,),
                 own_index=False,
             )
         )
@@ -120,7 +124,7 @@ def gallery_sources(ev: EvaluateConfig, expand) -> list[GallerySource]:
 
 def views(galleries: list[GallerySource]) -> list[View]:
     """Every (gallery, split) table, the headline first."""
-    return [View(g.name, s) for g in galleries for s in g.splits]
+    return [View(g, s) for g in galleries for s in g.splits]
 
 
 def query_rows(splits: np.ndarray, split: str | None) -> np.ndarray:
@@ -134,10 +138,11 @@ def reference_for(ref: Reference, rows: np.ndarray) -> Reference:
     return Reference(ref.gallery, ref.scores, ref.gt, facts)
 
 
-def hpir_for(hpir: pa.Table | None, texts: list[str]) -> pa.Table | None:
-    """The HPIR items whose query is one of `texts` (None when none is)."""
-    if hpir is None:
-        return None
+def hpir_for(hpir: pa.Table | None, split: str | None, texts: list[str]) -> pa.Table | None:
+    """The HPIR items of one table: those whose query is one of its `texts` (the queries of
+    `split`), every item when the evaluation has no splits; None when there are none."""
+    if hpir is None or split is None:
+        return hpir
     items = hpir.filter(pc.is_in(hpir["query"], value_set=pa.array(texts, pa.string())))
     return items if items.num_rows else None
 
@@ -157,7 +162,7 @@ def table(view: View, queries: int, metrics: dict[str, dict], judged: dict) -> d
     rates, agreement = judged[view.key]
     return {
         "title": view.title,
-        "gallery": view.gallery,
+        "gallery": view.gallery.name,
         "split": view.split,
         "queries": queries,
         "systems": metrics[view.key],
@@ -166,8 +171,15 @@ def table(view: View, queries: int, metrics: dict[str, dict], judged: dict) -> d
     }
 
 
-def metrics_json(tables: dict[str, dict], ev: EvaluateConfig, rewrite: dict) -> dict:
-    """metrics.json: the headline table (the first) at the top level, then every table."""
+def metrics_json(
+    shown: list[View], queries: Queries, metrics: dict, judged: dict, ev: EvaluateConfig
+) -> dict:
+    """metrics.json: the headline table (the first view's) at the top level, then every table;
+    `metrics` and `judged` are keyed by View.key."""
+    tables = {
+        v.key: table(v, len(query_rows(queries.splits, v.split)), metrics, judged) for v in shown
+    }
+    rewrite = {"backend": ev.rewrite.backend, "variant": ev.rewrite.variant}
     headline = next(iter(tables))
     top = {key: tables[headline][key] for key in ("systems", "judge", "judge_hpir", "queries")}
     return {
@@ -177,5 +189,5 @@ def metrics_json(tables: dict[str, dict], ev: EvaluateConfig, rewrite: dict) -> 
         "order": list(tables),
         "k": ev.k,
         "judge_backend": ev.judge.backend,
-        "rewrite": rewrite,
+        "rewrite": {**rewrite, "fallbacks": queries.fallbacks},
     }

@@ -61,7 +61,7 @@ def test_keyword_pairs_carry_exact_reference_similarities(indexed_world):
     keys = {(x["query_id"], x["chosen_id"], x["rejected_id"]) for x in p}
     assert not any((q, r, c) in keys for q, c, r in keys)
 
-    # No pair comes from the evaluation gallery or from a family no training step may see: its
+    # No pair comes from the evaluation gallery or from a family the alignment may not see: its
     # queries are training queries, its images corpus images of trained families.
     assert {x["query_id"] for x in p} <= {q["query_id"] for q in train}
     world_dir = indexed_world[0] / "world"

@@ -151,7 +151,7 @@ def test_unseen_families_are_in_no_training_input_and_in_the_gallery():
 
     pretrain, pretrain_gt = world.render_shard(cfg, 0, "pretrain")
     assert families_of(pretrain_gt) == set(world.FAMILIES)  # the base's web knows every family
-    captions = world.trained_rows(cfg, pretrain, pretrain_gt)
+    captions = world.trained_family_rows(cfg, pretrain, pretrain_gt)
     kept = set(captions["image_id"].to_pylist())
     truth = pretrain_gt.to_pylist()
     assert kept == {r["image_id"] for r in truth if (r["colour"], r["shape"]) not in unseen}
@@ -170,9 +170,9 @@ def test_unseen_families_are_in_no_training_input_and_in_the_gallery():
     assert {r["split"] for r in trained} == {"train", "heldout"}
 
 
-def test_without_unseen_families_the_corpus_and_queries_are_drawn_as_before():
-    """unseen_family_share 0: content drawn from every colour and shape as sample_scenes always
-    has, and the query split of the whole set."""
+def test_without_unseen_families_content_is_drawn_over_every_colour_and_shape():
+    """unseen_family_share 0: the corpus's content drawn over every colour and shape
+    (sample_scenes without families), and only train and held-out queries."""
     cfg = WorldConfig(seed=5, num_images=40, shard_size=40, unseen_family_share=0.0)
     _, gt = world.render_shard(cfg, 0)
     scenes = world.sample_scenes(np.random.default_rng([5, 0]), 40)
