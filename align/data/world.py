@@ -13,15 +13,16 @@ each drawn uniformly in [0, 1] (1 = best), control how it is rendered:
 The hidden true aesthetic is `w * low_level + (1 - w) * high_level` (w = world.low_level_weight),
 so it depends on both. Captions name the content; a share of them also carry truthful quality
 words ("a blurry, dark photo of a red star"), as web alt text sometimes does. Queries name content
-only and are split into train, held-out and unseen (below). Beside the corpus the world provides what evaluation
-and a learned aesthetic scorer need: held-out image-caption pairs (recall@k), an evaluation
-gallery, an HPIR file and people's ratings of a share of the corpus, all from the ground truth
-(`make_hpir`, `make_ratings`).
+only and are split into train, held-out and unseen (below). Beside the corpus the world provides
+what evaluation and a learned aesthetic scorer need: held-out image-caption pairs (recall@k), an
+evaluation gallery, an HPIR file and people's ratings of a share of the corpus, all from the
+ground truth (`make_hpir`, `make_ratings`).
 
 What the alignment (the learned scorer, the preference pairs, the fine-tune) never sees: a share
-of the content families (colour x shape, `unseen_families`) is held out whole. The corpus, and so its ratings and the preference pairs built from it, holds
-none of their images, the fine-tune's captions (`trained_family_rows` of the pretraining pairs) none of
-their captions, and their queries are split 'unseen'. The evaluation gallery (`eval` part) holds
+of the content families (colour x shape, `unseen_families`) is held out whole. The corpus, and so
+its ratings and the preference pairs built from it, holds none of their images, the fine-tune's
+captions (`trained_family_rows` of the pretraining pairs) none of their captions, and their
+queries are split 'unseen'. The evaluation gallery (`eval` part) holds
 every family, and nothing trains on it. The pretraining pairs hold every family: they stand for
 the web a real CLIP learned from, so the base knows the content, not what people prefer in it.
 
@@ -120,8 +121,8 @@ def sample_scenes(
         colours = rng.integers(len(COLOURS), size=n)
     else:
         drawn = rng.integers(len(families), size=n)
-        shapes = np.array([SHAPES.index(families[f][1]) for f in drawn], dtype=np.int64)
-        colours = np.array([colour_names.index(families[f][0]) for f in drawn], dtype=np.int64)
+        shapes = np.array([SHAPES.index(s) for _, s in families])[drawn]
+        colours = np.array([colour_names.index(c) for c, _ in families])[drawn]
     backgrounds = rng.integers(len(BACKGROUNDS), size=n)
     q = rng.random((n, len(ATTRIBUTES)))
     flags = rng.random((n, 3)) < 0.5
@@ -333,11 +334,9 @@ def trained_family_rows(world: WorldConfig, images: pa.Table, ground_truth: pa.T
     fine-tune's captions: the pretraining pairs less the unseen families)."""
     if not images["image_id"].equals(ground_truth["image_id"]):
         raise ValueError("images and ground truth are not row-aligned")
-    unseen = unseen_families(world)
-    colours = ground_truth["colour"].to_pylist()
-    shapes = ground_truth["shape"].to_pylist()
-    keep = [(c, s) not in unseen for c, s in zip(colours, shapes, strict=True)]
-    return images.filter(pa.array(keep, pa.bool_()))
+    family = pc.binary_join_element_wise(ground_truth["colour"], ground_truth["shape"], " ")
+    unseen = pa.array([f"{c} {s}" for c, s in unseen_families(world)], pa.string())
+    return images.filter(pc.invert(pc.is_in(family, value_set=unseen)))
 
 
 def part_size(world: WorldConfig, part: str) -> int:

@@ -371,7 +371,7 @@ def test_a_split_the_query_file_lacks_fails_before_ray_naming_it(world, tmp_path
     root, overrides, _ = world
     config = load_config(
         REPO / "configs/demo.yaml",
-        [*overrides, "evaluate.splits=[unseen, nosuch]", f"evaluate.output={tmp_path}/ev"],
+        [*overrides, "evaluate.splits=[unseen, heldout, nosuch]", f"evaluate.output={tmp_path}/ev"],
     )
-    with pytest.raises(InputNotFound, match="split 'nosuch'.*evaluate.splits"):
+    with pytest.raises(InputNotFound, match=r"split\(s\) \['nosuch'\].*evaluate.splits"):
         evaluate(config)

@@ -122,7 +122,7 @@ def test_demo_submitted_with_ray_job_submit(cluster, tmp_path):
     assert "joining the Ray cluster at" in logs  # the driver used the cluster, not its own Ray
     metrics = json.loads((out / "evaluate/metrics.json").read_text())
     assert set(metrics["systems"]) == set(load_config(REPO / "configs/demo.yaml").evaluate.systems)
-    assert list(metrics["tables"]) == ["gallery/unseen", "gallery/heldout", "seen/heldout"]
+    assert metrics["order"] == ["gallery/unseen", "gallery/heldout", "seen/heldout"]
     jobs = ("world", "index_corpus", "build_preferences", "finetune", "index_corpus_aligned")
     for job in (*jobs, "index_corpus_eval"):
         manifest = json.loads((out / job / "_manifest.json").read_text())
