@@ -60,10 +60,9 @@ from align.evaluation.views import (
     Run,
     View,
     gallery_sources,
-    hpir_for,
     metrics_json,
-    query_rows,
     reference_for,
+    view_queries,
     views,
 )
 from align.log import get_logger
@@ -218,14 +217,12 @@ def search_gallery(ev, paths: Paths, g: GallerySource, system, model, queries: Q
             f"({g.config_key}.corpus): index that gallery with the system's model"
         )
     run.tops.setdefault(g.name, {})[system.name] = top
-    for split in g.splits:
-        rows = query_rows(queries.splits, split)
-        hpir = hpir_for(queries.hpir, split, [queries.texts[r] for r in rows]) if g.hpir else None
+    for view in (View(g, split) for split in g.splits):
+        rows, _, hpir = view_queries(view, queries)
         ref_rows, all_texts = reference_for(ref, rows), queries.all_texts
         metrics = system_metrics(ev, model, ref_rows, top[rows], hpir, all_texts, text_emb)
-        table_key = View(g, split).key
-        run.metrics.setdefault(table_key, {})[system.name] = metrics
-        log.info("%s, %s: %s", system.name, table_key, short_metrics(metrics))
+        run.metrics.setdefault(view.key, {})[system.name] = metrics
+        log.info("%s, %s: %s", system.name, view.key, short_metrics(metrics))
 
 
 def run_judge(
@@ -268,17 +265,15 @@ def run_judge(
 def judge_tables(config: Config, paths: Paths, comparisons, queries: Queries, run: Run) -> dict:
     """Per table (View.key): the judge's rates and its HPIR agreement on that gallery and split."""
     ev, out = config.evaluate, {}
-    for g in paths.galleries:
-        for split in g.splits:
-            rows = query_rows(queries.splits, split)
-            texts = [queries.texts[r] for r in rows]
-            hpir = hpir_for(queries.hpir, split, texts) if g.hpir else None
-            rates, agreement = {}, {}
-            if ev.judge.backend != "none" and (comparisons or hpir is not None):
-                tops = {name: top[rows] for name, top in run.tops[g.name].items()}
-                ref = reference_for(run.refs[g.name], rows)
-                rates, agreement = run_judge(config, g, comparisons, texts, hpir, tops, ref)
-            out[View(g, split).key] = (rates, agreement)
+    for view in views(paths.galleries):
+        g = view.gallery
+        rows, texts, hpir = view_queries(view, queries)
+        rates, agreement = {}, {}
+        if ev.judge.backend != "none" and (comparisons or hpir is not None):
+            tops = {name: top[rows] for name, top in run.tops[g.name].items()}
+            ref = reference_for(run.refs[g.name], rows)
+            rates, agreement = run_judge(config, g, comparisons, texts, hpir, tops, ref)
+        out[view.key] = (rates, agreement)
     return out
 
 
@@ -302,15 +297,16 @@ def evaluate(config: Config) -> dict:
     metrics = metrics_json(views(paths.galleries), queries, run.metrics, judged, ev)
     io.write_json(f"{paths.out}/metrics.json", metrics)
     with manifest.stage("report"):
-        g, split = paths.headline, paths.headline.splits[0]
-        rows = query_rows(queries.splits, split)
+        headline = views(paths.galleries)[0]
+        g = headline.gallery
+        rows, texts, _ = view_queries(headline, queries)
         write_report(
             ev,
             paths.out,
             g.corpus,
             config.max_image_pixels,
             metrics,
-            [queries.texts[r] for r in rows],
+            texts,
             {name: top[rows] for name, top in run.tops[g.name].items()},
             reference_for(run.refs[g.name], rows),
             systems,

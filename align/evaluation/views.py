@@ -132,6 +132,14 @@ def query_rows(splits: np.ndarray, split: str | None) -> np.ndarray:
     return np.arange(len(splits)) if split is None else np.flatnonzero(splits == split)
 
 
+def view_queries(view: View, queries: Queries) -> tuple[np.ndarray, list[str], pa.Table | None]:
+    """What one table reports on: the rows of `queries` in its split, their texts, and its HPIR
+    items (from the HPIR file of a gallery that has one)."""
+    rows = query_rows(queries.splits, view.split)
+    texts = [queries.texts[r] for r in rows]
+    return rows, texts, hpir_for(queries.hpir, view.split, texts) if view.gallery.hpir else None
+
+
 def reference_for(ref: Reference, rows: np.ndarray) -> Reference:
     """`ref` with its per-query facts narrowed to the queries at `rows`."""
     facts = None if ref.facts is None else {c: v[rows] for c, v in ref.facts.items()}
