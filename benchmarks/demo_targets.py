@@ -1,6 +1,6 @@
 """The demo's targets, read from demo runs' evaluate/metrics.json (docs/findings.md).
 
-    python benchmarks/demo_targets.py outputs/demo [/tmp/s3 /tmp/s4 ...] [--markdown | --systems]
+    python benchmarks/demo_targets.py outputs/demo [/tmp/s3 /tmp/s4 ...] [--markdown | --systems | --summary]
 
 Per run (an output_dir, or a metrics.json) and per table (the gallery no training step saw, for
 query families never trained on and for held-out queries of trained families; the training
@@ -10,7 +10,8 @@ base - 0.02; aligned hpir_aesthetic above base (tables with HPIR items). `all_me
 headline table, the first. The oracle judge's aligned vs base win - loss is printed beside them
 and is no target: it reads the ground truth true_aesthetic@5 measures (no independent evidence).
 Prints JSON figures (or markdown: the targets, or with --systems each table's systems as
-docs/findings.md shows them).
+docs/findings.md shows them, or with --summary a row per run and table: the figures the targets
+read, for comparing seeds).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+import numpy as np
 
 
 def targets(table: dict, k: int = 5) -> dict:
@@ -129,15 +132,74 @@ def systems_markdown(run: str, metrics: dict, k: int = 5) -> str:
     return "\n".join(out)
 
 
+SUMMARY_COLUMNS = (
+    "| run | table | base true_aesthetic@5 | base+rewrite | aligned (share of the rewrite's gain) "
+    "| aligned true_precision@5 - base | recall@5 - base | hpir_aesthetic - base | targets met |"
+)
+
+
+def summary_row(metrics: dict, table: str, t: dict) -> dict:
+    """The figures of one table's targets `t` that --summary shows."""
+    base = metrics.get("tables", {"all": metrics})[table]["systems"]["base"]
+    hpir = t.get("hpir_aesthetic_change")
+    return {
+        "base": base["true_aesthetic@5"],
+        "rewrite": t["rewrite_gain"],
+        "gain": t["aligned_gain"]["value"],
+        "share": t["share_of_rewrite_gain"]["value"],
+        "precision": t["precision_change"]["value"],
+        "recall": t["recall_change"]["value"],
+        "hpir": None if hpir is None else hpir["value"],
+        "met": "yes" if t["all_met"] else "**no**",
+    }
+
+
+def mean_row(rows: list[dict]) -> dict:
+    """The mean of each figure over runs, and how many runs met every target."""
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("hpir", "met")}
+    hpirs = [r["hpir"] for r in rows if r["hpir"] is not None]
+    mean["hpir"] = float(np.mean(hpirs)) if hpirs else None
+    mean["met"] = f"{sum(r['met'] == 'yes' for r in rows)} of {len(rows)}"
+    return mean
+
+
+def summary_markdown(results: dict) -> str:
+    """A row per run and table (results: {run: (metrics, run_targets(metrics))}), the tables
+    grouped by their place in each run's order (the headline first), and the mean over runs
+    under each."""
+    by_place: dict[int, list[tuple[str, str, dict]]] = {}
+    for run, (metrics, tables) in results.items():
+        for place, name in enumerate(n for n in tables if n != "all_met"):
+            row = summary_row(metrics, name, tables[name])
+            by_place.setdefault(place, []).append((run, name, row))
+    out = [SUMMARY_COLUMNS, "| --- |" + " --- |" * (SUMMARY_COLUMNS.count("|") - 2)]
+    for rows in by_place.values():
+        if len(rows) > 1:
+            rows = [*rows, ("mean", rows[0][1], mean_row([r for _, _, r in rows]))]
+        for run, name, r in rows:
+            hpir = "-" if r["hpir"] is None else f"{r['hpir']:+.3f}"
+            out.append(
+                f"| {run} | {name} | {r['base']:.3f} | {r['rewrite']:+.1%} | "
+                f"{r['gain']:+.1%} ({r['share']:.2f}) | {r['precision']:+.3f} | "
+                f"{r['recall']:+.3f} | {hpir} | {r['met']} |"
+            )
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="output dirs or metrics.json files")
     shown = parser.add_mutually_exclusive_group()
     shown.add_argument("--markdown", action="store_true", help="tables instead of JSON")
     shown.add_argument("--systems", action="store_true", help="each table's systems instead")
+    shown.add_argument("--summary", action="store_true", help="a row per run and table instead")
     args = parser.parse_args()
     if args.systems:
         print("\n".join(systems_markdown(run, read_metrics(run)) for run in args.runs))
+        return
+    if args.summary:
+        metrics = {run: read_metrics(run) for run in args.runs}
+        print(summary_markdown({run: (m, run_targets(m)) for run, m in metrics.items()}))
         return
     results = {run: run_targets(read_metrics(run)) for run in args.runs}
     print(markdown(results) if args.markdown else json.dumps(results, indent=2))
