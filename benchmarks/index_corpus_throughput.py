@@ -77,6 +77,7 @@ def main() -> None:
             f"world.num_images={args.images}",
             "world.shard_size=1000",
             "world.pretrain_images=0",  # the corpus is what this figure reads
+            "world.eval_images=0",
             f"model.name={args.model}",
             f"index_corpus.files_per_unit={shards}",  # one unit: no actor restarts between units
             *args.overrides,
