@@ -27,23 +27,21 @@ def caption_hits(model_path: str, config, images, k: int = 5) -> np.ndarray:
     import torch
 
     from align.config import ModelConfig
-    from align.data.images import decode_image
+    from align.data.images import decode_image, pixels_to_tensor
+    from align.evaluation.metrics import target_ranks
     from align.models.clip import build_clip
 
     clip = build_clip(ModelConfig(name=config.model.name, pretrained=model_path))
     pixels = np.stack(
         [decode_image(b, clip.image_size, config.max_image_pixels) for b in images["image"]]
     )
-    mean = torch.tensor(clip.mean).view(1, 3, 1, 1)
-    std = torch.tensor(clip.std).view(1, 3, 1, 1)
     with torch.inference_mode():
-        x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
+        x = pixels_to_tensor(pixels, clip.mean, clip.std, "cpu")
         image_emb = torch.nn.functional.normalize(clip.model.encode_image(x), dim=-1)
         tokens = clip.tokenizer([str(c) for c in images["caption"]])
         text_emb = torch.nn.functional.normalize(clip.model.encode_text(tokens), dim=-1)
     similarity = (text_emb @ image_emb.T).numpy()
-    rank = (similarity > np.diag(similarity)[:, None]).sum(axis=1)
-    return rank < k
+    return target_ranks(similarity, np.arange(len(similarity))) < k
 
 
 def main() -> None:
@@ -70,9 +68,7 @@ def main() -> None:
     )
     if truth["image_id"].to_pylist() != images["image_id"]:
         raise SystemExit("recall_by_family: the held-out images are not this config's world")
-    unseen_set = world.unseen_families(config.world)
-    families = zip(truth["colour"].to_pylist(), truth["shape"].to_pylist(), strict=True)
-    unseen = np.array([f in unseen_set for f in families])
+    unseen = world.unseen_family_mask(config.world, truth).to_numpy(zero_copy_only=False)
     base = caption_hits(str(out / "pretrain/model.pt"), config, images)
     aligned = caption_hits(str(out / "finetune/model.pt"), config, images)
     change = aligned.astype(int) - base.astype(int)

@@ -334,9 +334,14 @@ def trained_family_rows(world: WorldConfig, images: pa.Table, ground_truth: pa.T
     fine-tune's captions: the pretraining pairs less the unseen families)."""
     if not images["image_id"].equals(ground_truth["image_id"]):
         raise ValueError("images and ground truth are not row-aligned")
+    return images.filter(pc.invert(unseen_family_mask(world, ground_truth)))
+
+
+def unseen_family_mask(world: WorldConfig, ground_truth: pa.Table):
+    """Per ground-truth row: whether its image is of an unseen family (an Arrow boolean array)."""
     family = pc.binary_join_element_wise(ground_truth["colour"], ground_truth["shape"], " ")
     unseen = pa.array([f"{c} {s}" for c, s in unseen_families(world)], pa.string())
-    return images.filter(pc.invert(pc.is_in(family, value_set=unseen)))
+    return pc.is_in(family, value_set=unseen)
 
 
 def part_size(world: WorldConfig, part: str) -> int:

@@ -44,9 +44,15 @@ def recall_at_k(
     The rank counts images strictly more similar than the target, so ties favour the target
     (as FAISS' order would not be defined for them either).
     """
-    own = similarity[np.arange(len(target)), target]
-    rank = (similarity > own[:, None]).sum(axis=1)
+    rank = target_ranks(similarity, target)
     return {f"recall@{k}": float((rank < k).mean()) for k in ks}
+
+
+def target_ranks(similarity: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(Q,) rank of each query's target image (column `target`) in its row of `similarity`: the
+    images strictly more similar than it, so ties favour the target."""
+    own = similarity[np.arange(len(target)), target]
+    return (similarity > own[:, None]).sum(axis=1)
 
 
 def mean_at_k(values: np.ndarray, top: np.ndarray) -> float:
