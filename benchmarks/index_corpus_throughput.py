@@ -1,11 +1,14 @@
 """End-to-end images/s of the index_corpus job against a bare single-process loop doing the same
 decode, embed and score on the same images, in one run.
 
-    python benchmarks/index_corpus_throughput.py [--images 20000] [--model tiny-clip] [key=value ...]
+    python benchmarks/index_corpus_throughput.py [--images 20000] [--model tiny-clip]
+        [--repeats 3] [key=value ...]
 
 Prints both rates and their ratio. The job's rate counts its embed-and-score stage (read, decode,
 embed, score, staged write: what the loop does) and, separately, the whole job with the combine
-and index steps.
+and index steps. With --repeats N the loop and the job alternate N times on the same images (the
+job into a fresh output folder each time) and the medians are printed beside each pair: on a
+shared machine one pair's ratio moves with the load of the moment, the medians much less.
 """
 
 from __future__ import annotations
@@ -27,13 +30,11 @@ def bare_loop(images_dir: str, model_name: str, batch_size: int) -> tuple[int, f
     import torch
 
     from align.config import Config, ModelConfig
-    from align.data.images import decode_image
+    from align.data.images import decode_image, pixels_to_tensor
     from align.models.aesthetics import lowlevel_score
     from align.models.clip import build_clip
 
     clip = build_clip(ModelConfig(name=model_name))
-    mean = torch.tensor(clip.mean).view(1, 3, 1, 1)
-    std = torch.tensor(clip.std).view(1, 3, 1, 1)
     t0 = time.perf_counter()
     n = 0
     for path in sorted(Path(images_dir).glob("*.parquet")):
@@ -47,7 +48,7 @@ def bare_loop(images_dir: str, model_name: str, batch_size: int) -> tuple[int, f
                 ]
             )
             with torch.inference_mode():
-                x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
+                x = pixels_to_tensor(pixels, clip.mean, clip.std, "cpu")
                 emb = torch.nn.functional.normalize(clip.model.encode_image(x), dim=-1).half()
             lowlevel_score(pixels)
             n += len(pixels)
@@ -55,17 +56,29 @@ def bare_loop(images_dir: str, model_name: str, batch_size: int) -> tuple[int, f
     return n, time.perf_counter() - t0
 
 
+def run_job(config, output: str) -> tuple[int, float, float]:
+    """index_corpus into `output`. Returns (images, embed-and-score stage s, whole job s)."""
+    from pipelines.index_corpus import index_corpus
+
+    config = config.model_copy(deep=True)
+    config.index_corpus.output = output
+    t0 = time.perf_counter()
+    manifest = index_corpus(config)
+    t_job = time.perf_counter() - t0
+    return manifest["counts"]["rows_in"], manifest["timings_s"]["embed_and_score"], t_job
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--model", default="tiny-clip")
+    parser.add_argument("--repeats", type=int, default=1, help="loop/job pairs, alternated")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("overrides", nargs="*", help="config overrides for the job (key=value)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from align.config import load_config
-    from pipelines.index_corpus import index_corpus
     from pipelines.make_world import make_world
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-index-")
@@ -86,22 +99,24 @@ def main() -> None:
     make_world(config)
     images_dir = f"{workdir}/world/images"
 
-    n_loop, t_loop = bare_loop(images_dir, args.model, config.index_corpus.embed.batch_size)
-    t0 = time.perf_counter()
-    manifest = index_corpus(config)
-    t_job = time.perf_counter() - t0
-    n_job = manifest["counts"]["rows_in"]
-    t_stage = manifest["timings_s"]["embed_and_score"]
-
-    loop_rate, stage_rate, job_rate = n_loop / t_loop, n_job / t_stage, n_job / t_job
+    rates = []  # (loop, stages, whole job) images/s, one row per pair
+    for repeat in range(args.repeats):
+        n_loop, t_loop = bare_loop(images_dir, args.model, config.index_corpus.embed.batch_size)
+        n_job, t_stage, t_job = run_job(config, f"{workdir}/index_corpus_{repeat}")
+        rates.append((n_loop / t_loop, n_job / t_stage, n_job / t_job))
+        print_rates(f"pair {repeat + 1}", *rates[-1], n_job, t_loop, t_stage, t_job)
+    if args.repeats > 1:
+        loop, stage, job = np.median(np.asarray(rates), axis=0)
+        print_rates(f"median of {args.repeats}", loop, stage, job, n_job)
     print(f"machine: {os.cpu_count()} CPUs, model {args.model}, {n_job} images")
-    print(f"bare single-process loop : {loop_rate:8.1f} images/s ({t_loop:.1f} s)")
-    print(
-        f"index_corpus stages      : {stage_rate:8.1f} images/s ({t_stage:.1f} s)  ratio {stage_rate / loop_rate:.2f}"
-    )
-    print(
-        f"index_corpus whole job   : {job_rate:8.1f} images/s ({t_job:.1f} s)  ratio {job_rate / loop_rate:.2f}"
-    )
+
+
+def print_rates(label, loop, stage, job, n, *seconds) -> None:
+    t_loop, t_stage, t_job = (f" ({t:.1f} s)" for t in seconds) if seconds else ("",) * 3
+    print(f"{label}:")
+    print(f"  bare single-process loop : {loop:8.1f} images/s{t_loop}")
+    print(f"  index_corpus stages      : {stage:8.1f} images/s{t_stage}  ratio {stage / loop:.2f}")
+    print(f"  index_corpus whole job   : {job:8.1f} images/s{t_job}  ratio {job / loop:.2f}")
 
 
 if __name__ == "__main__":
