@@ -102,7 +102,9 @@ def main() -> None:
     rates = []  # (loop, stages, whole job) images/s, one row per pair
     for repeat in range(args.repeats):
         n_loop, t_loop = bare_loop(images_dir, args.model, config.index_corpus.embed.batch_size)
-        n_job, t_stage, t_job = run_job(config, f"{workdir}/index_corpus_{repeat}")
+        # A fresh output each time: a job finds a finished output and skips its units.
+        output = tempfile.mkdtemp(dir=workdir, prefix="index_corpus_")
+        n_job, t_stage, t_job = run_job(config, output)
         rates.append((n_loop / t_loop, n_job / t_stage, n_job / t_job))
         print_rates(f"pair {repeat + 1}", *rates[-1], n_job, t_loop, t_stage, t_job)
     if args.repeats > 1:
