@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("overrides", nargs="*", help="config overrides for the job (key=value)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from align.config import load_config
@@ -106,14 +108,15 @@ def main() -> None:
         output = tempfile.mkdtemp(dir=workdir, prefix="index_corpus_")
         n_job, t_stage, t_job = run_job(config, output)
         rates.append((n_loop / t_loop, n_job / t_stage, n_job / t_job))
-        print_rates(f"pair {repeat + 1}", *rates[-1], n_job, t_loop, t_stage, t_job)
+        print_rates(f"pair {repeat + 1}", *rates[-1], t_loop, t_stage, t_job)
     if args.repeats > 1:
         loop, stage, job = np.median(np.asarray(rates), axis=0)
-        print_rates(f"median of {args.repeats}", loop, stage, job, n_job)
+        print_rates(f"median of {args.repeats}", loop, stage, job)
     print(f"machine: {os.cpu_count()} CPUs, model {args.model}, {n_job} images")
 
 
-def print_rates(label, loop, stage, job, n, *seconds) -> None:
+def print_rates(label, loop, stage, job, *seconds) -> None:
+    """Three rates (images/s) and their ratios to the loop; with `seconds`, the times too."""
     t_loop, t_stage, t_job = (f" ({t:.1f} s)" for t in seconds) if seconds else ("",) * 3
     print(f"{label}:")
     print(f"  bare single-process loop : {loop:8.1f} images/s{t_loop}")
