@@ -97,6 +97,11 @@ def unit_pipeline(config: Config, files: list[str], source: str, model: ModelFac
     scorers = {name: s.checkpoint for name, s in ic.scorers.items()}
     parquet = ic.input_format == "parquet"
     ds = read_unit(ic, files, source, layout)
+    # The context is this dataset's own (and its descendants'), not the process's.
+    decoded_image_bytes = model.image_size**2 * 3
+    ds.context.target_max_block_size = min(
+        ds.context.target_max_block_size or 128 * 2**20, ic.block_images * decoded_image_bytes
+    )
     ds = decode_stage(
         ds,
         ic.decode,

@@ -51,6 +51,13 @@ class IndexCorpusConfig(Section):
         "reads that stall.",
     )
     decode: PoolConfig = PoolConfig(batch_size=128, concurrency=2)
+    block_images: int = Field(
+        1024,
+        ge=1,
+        description="Decoded images per Ray Data block, at most (Ray's 128 MiB bound still holds): "
+        "small images would otherwise fill a block with a whole unit (10,000 at 64 px), and one "
+        "embed actor would wait for all of it to decode while the others had none.",
+    )
     embed: PoolConfig = PoolConfig()
     score: PoolConfig = PoolConfig()
     scorers: dict[str, ScorerConfig] = Field(

@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from PIL import Image
 from align.config import load_config
 from align.data.contracts import ERRORS, SCORED, SCORER_COLUMN_PREFIX
 from align.search.corpus import load_corpus, load_index
-from pipelines.index_corpus import index_corpus
+from pipelines.index_corpus import check_inputs, index_corpus, unit_pipeline
 from pipelines.make_world import make_world
 from tests.helpers import metric_total, scraped_metrics, wait_for_metrics
 
@@ -245,6 +246,39 @@ def test_img2dataset_webdataset_shards_read_in_full(ray_session, tmp_path):
     _, found = index.search(np.array([r["embedding"] for r in kept], dtype=np.float32), 1)
     row_to_id = dict(zip(id_map["row"].to_pylist(), id_map["image_id"].to_pylist(), strict=True))
     assert [row_to_id[r] for r in found[:, 0]] == [r["image_id"] for r in kept]
+
+
+def test_decoded_blocks_hold_at_most_block_images(ray_session, tmp_path):
+    """Small images stream through the pools in blocks of block_images, not one block a unit
+    (Ray's 128 MiB bound alone holds thousands of them), so every embed actor has work."""
+    import pyarrow as pa
+
+    ids = [f"i{i:02d}" for i in range(40)]
+    images = [encode(good_image(i), "PNG") for i in range(40)]
+    pq.write_table(pa.table({"image_id": ids, "image": images}), tmp_path / "in.parquet")
+    config = load_config(
+        REPO / "configs/demo.yaml",
+        [
+            f"output_dir={tmp_path}",
+            f"index_corpus.input={tmp_path / 'in.parquet'}",
+            "index_corpus.block_images=8",
+            *SMALL,
+        ],
+    )
+    source = config.expand(config.index_corpus.input)
+    model, units, layout = check_inputs(config, source)
+    ds = unit_pipeline(config, units[0], source, model, layout).materialize()
+    assert sorted(ds.to_pandas()["image_id"]) == ids
+    # Ray Data's own account of the decode stage: the blocks it produced and their rows.
+    decode = re.search(
+        r"MapBatches\(decode_batch\): \d+ tasks executed, (\d+) blocks produced.*?"
+        r"Output num rows per block: (\d+) min, (\d+) max",
+        ds.stats(),
+        re.DOTALL,
+    )
+    assert decode is not None, ds.stats()
+    blocks, most_rows = int(decode.group(1)), int(decode.group(3))
+    assert blocks >= 5 and most_rows <= 8
 
 
 def test_parquet_with_paths_and_a_missing_file(ray_session, bad_corpus, tmp_path):
