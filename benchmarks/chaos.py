@@ -212,8 +212,9 @@ def run_losing_a_node(cluster: LocalCluster, job, config, once: str, actors: str
 
 def world_overrides(workdir: Path, sizes: Sizes) -> list[str]:
     """configs/demo.yaml at the chaos run's size: a fixed micro-clip checkpoint (every process
-    must load the same weights), one shard of input per unit, two actors per pool (so that both
-    worker nodes hold some), two Ray Train workers spread over two nodes."""
+    must load the same weights), one shard of input per unit in two blocks, two actors per pool
+    (so that both worker nodes hold some; a pool has no more actors than blocks), two Ray Train
+    workers spread over two nodes."""
     import torch
 
     from align.config import ModelConfig
@@ -232,6 +233,7 @@ def world_overrides(workdir: Path, sizes: Sizes) -> list[str]:
         "model.name=micro-clip",
         f"model.pretrained={ckpt}",
         "index_corpus.files_per_unit=1",
+        f"index_corpus.block_images={max(1, -(-n // sizes.units) // 2)}",  # two blocks a unit
         "index_corpus.embed.concurrency=2",
         "index_corpus.score.concurrency=2",
         "index_corpus.index.recall_queries=20",

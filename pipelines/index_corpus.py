@@ -48,6 +48,7 @@ from align.runtime.manifest import JobManifest
 from align.runtime.progress import JobProgress
 from align.runtime.resume import DONE_MARKER, finished_units, unit_done, unit_inputs
 from align.runtime.session import again_if_failed_inside_ray, init_ray
+from align.runtime.stages import pool_for_blocks
 from align.search.build import exact_duplicates, write_index
 from align.search.stored import DUPLICATES_FILE
 from align.storage import io
@@ -99,9 +100,12 @@ def unit_pipeline(config: Config, files: list[str], source: str, model: ModelFac
     ds = read_unit(ic, files, source, layout)
     # The context is this dataset's own (and its descendants'), not the process's.
     decoded_image_bytes = model.image_size**2 * 3
-    ds.context.target_max_block_size = min(
+    block_bytes = min(
         ds.context.target_max_block_size or 128 * 2**20, ic.block_images * decoded_image_bytes
     )
+    ds.context.target_max_block_size = block_bytes
+    rows = count_input_rows(ic, files)
+    blocks = None if rows is None else -(-rows // max(1, block_bytes // decoded_image_bytes))
     ds = decode_stage(
         ds,
         ic.decode,
@@ -110,8 +114,8 @@ def unit_pipeline(config: Config, files: list[str], source: str, model: ModelFac
         image_column=ic.image_column if parquet else "image",
         path_column=ic.path_column if parquet else "path",
     )
-    ds = image_embed_stage(ds, config.model, ic.embed)
-    ds = score_stage(ds, scorers, model.embed_dim, ic.score)
+    ds = image_embed_stage(ds, config.model, pool_for_blocks(ic.embed, blocks))
+    ds = score_stage(ds, scorers, model.embed_dim, pool_for_blocks(ic.score, blocks))
     return ds.map_batches(
         scored_to_arrow, batch_format="numpy", batch_size=None, num_cpus=ic.decode.num_cpus
     )

@@ -56,7 +56,8 @@ class IndexCorpusConfig(Section):
         ge=1,
         description="Decoded images per Ray Data block, at most (Ray's 128 MiB bound still holds): "
         "small images would otherwise fill a block with a whole unit (10,000 at 64 px), and one "
-        "embed actor would wait for all of it to decode while the others had none.",
+        "embed actor would wait for all of it to decode while the others had none. A unit's embed "
+        "and score pools start no more actors than it has blocks.",
     )
     embed: PoolConfig = PoolConfig()
     score: PoolConfig = PoolConfig()

@@ -55,6 +55,14 @@ def actor_pool(stage: PoolConfig) -> dict:
     }
 
 
+def pool_for_blocks(stage: PoolConfig, blocks: int | None) -> PoolConfig:
+    """`stage` with no more actors than `blocks` (None: not known, `stage` as it is): an actor
+    that gets no block costs only its start (a Ray worker, the model loaded, on a GPU too)."""
+    if blocks is None or stage.concurrency <= blocks:
+        return stage
+    return stage.model_copy(update={"concurrency": max(1, blocks)})
+
+
 def task_pool(stage: PoolConfig) -> dict:
     """map_batches arguments for a task stage (CPU only), from its config."""
 

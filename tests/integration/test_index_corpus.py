@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -248,9 +249,9 @@ def test_img2dataset_webdataset_shards_read_in_full(ray_session, tmp_path):
     assert [row_to_id[r] for r in found[:, 0]] == [r["image_id"] for r in kept]
 
 
-def test_decoded_blocks_hold_at_most_block_images(ray_session, tmp_path):
-    """Small images stream through the pools in blocks of block_images, not one block a unit
-    (Ray's 128 MiB bound alone holds thousands of them), so every embed actor has work."""
+def run_unit_of_40_images(tmp_path, *overrides):
+    """unit_pipeline over one Parquet file of 40 small images: the materialised dataset and the
+    warnings Ray Data gave while it ran."""
     import pyarrow as pa
 
     ids = [f"i{i:02d}" for i in range(40)]
@@ -258,17 +259,21 @@ def test_decoded_blocks_hold_at_most_block_images(ray_session, tmp_path):
     pq.write_table(pa.table({"image_id": ids, "image": images}), tmp_path / "in.parquet")
     config = load_config(
         REPO / "configs/demo.yaml",
-        [
-            f"output_dir={tmp_path}",
-            f"index_corpus.input={tmp_path / 'in.parquet'}",
-            "index_corpus.block_images=8",
-            *SMALL,
-        ],
+        [f"output_dir={tmp_path}", f"index_corpus.input={tmp_path / 'in.parquet'}", *overrides],
     )
     source = config.expand(config.index_corpus.input)
     model, units, layout = check_inputs(config, source)
-    ds = unit_pipeline(config, units[0], source, model, layout).materialize()
+    with warnings.catch_warnings(record=True) as given:
+        warnings.simplefilter("always")
+        ds = unit_pipeline(config, units[0], source, model, layout).materialize()
     assert sorted(ds.to_pandas()["image_id"]) == ids
+    return ds, [str(w.message) for w in given]
+
+
+def test_decoded_blocks_hold_at_most_block_images(ray_session, tmp_path):
+    """Small images stream through the pools in blocks of block_images, not one block a unit
+    (Ray's 128 MiB bound alone holds thousands of them), so every embed actor has work."""
+    ds, _ = run_unit_of_40_images(tmp_path, "index_corpus.block_images=8", *SMALL)
     # Ray Data's own account of the decode stage: the blocks it produced and their rows.
     decode = re.search(
         r"MapBatches\(decode_batch\): \d+ tasks executed, (\d+) blocks produced.*?"
@@ -279,6 +284,14 @@ def test_decoded_blocks_hold_at_most_block_images(ray_session, tmp_path):
     assert decode is not None, ds.stats()
     blocks, most_rows = int(decode.group(1)), int(decode.group(3))
     assert blocks >= 5 and most_rows <= 8
+
+
+def test_a_unit_of_one_block_starts_one_actor_a_pool(ray_session, tmp_path):
+    """Two embedders and two scorers configured, one block in the unit: one actor each, and no
+    warning from Ray Data that a pool had more actors than inputs."""
+    overrides = ["index_corpus.embed.concurrency=2", "index_corpus.score.concurrency=2"]
+    _, given = run_unit_of_40_images(tmp_path, *overrides, *SMALL)
+    assert not [w for w in given if "concurrent actors" in w], given
 
 
 def test_parquet_with_paths_and_a_missing_file(ray_session, bad_corpus, tmp_path):

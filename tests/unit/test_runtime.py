@@ -94,3 +94,15 @@ def test_flush_subnormals_makes_cpu_math_treat_them_as_zero():
         assert (torch.tensor([1e-30]) * 1.0).item() == pytest.approx(1e-30)  # normal: kept
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_a_pool_has_no_more_actors_than_blocks():
+    from align.config import PoolConfig
+    from align.runtime.stages import pool_for_blocks
+
+    pool = PoolConfig(concurrency=4, num_gpus=1.0, threads=2)
+    assert pool_for_blocks(pool, 2).concurrency == 2
+    assert pool_for_blocks(pool, 0).concurrency == 1  # an empty unit still has its pool
+    assert pool_for_blocks(pool, 9) is pool and pool_for_blocks(pool, None) is pool
+    capped = pool_for_blocks(pool, 3)
+    assert (capped.num_gpus, capped.threads, capped.batch_size) == (1.0, 2, pool.batch_size)
