@@ -92,8 +92,11 @@ def read_unit(ic: IndexCorpusConfig, files: list[str], source: str, layout: str 
 # The per-unit pipeline
 
 
-def unit_pipeline(config: Config, files: list[str], source: str, model: ModelFacts, layout):
-    """read -> decode (tasks) -> embed (actor pool) -> score (actor pool) -> Arrow, for a unit."""
+def unit_pipeline(
+    config: Config, files: list[str], source: str, model: ModelFacts, layout, rows: int | None
+):
+    """read -> decode (tasks) -> embed (actor pool) -> score (actor pool) -> Arrow, for a unit
+    of `rows` input rows (None: not known before reading)."""
     ic = config.index_corpus
     scorers = {name: s.checkpoint for name, s in ic.scorers.items()}
     parquet = ic.input_format == "parquet"
@@ -104,7 +107,6 @@ def unit_pipeline(config: Config, files: list[str], source: str, model: ModelFac
         ds.context.target_max_block_size or 128 * 2**20, ic.block_images * decoded_image_bytes
     )
     ds.context.target_max_block_size = block_bytes
-    rows = count_input_rows(ic, files)
     blocks = None if rows is None else -(-rows // max(1, block_bytes // decoded_image_bytes))
     ds = decode_stage(
         ds,
@@ -122,14 +124,20 @@ def unit_pipeline(config: Config, files: list[str], source: str, model: ModelFac
 
 
 def write_unit(
-    config: Config, files: list[str], source: str, unit_dir: str, model: ModelFacts, layout
+    config: Config,
+    files: list[str],
+    source: str,
+    unit_dir: str,
+    model: ModelFacts,
+    layout,
+    rows: int | None,
 ) -> None:
     """The unit's pipeline written into an empty `unit_dir`, run again from an empty folder when
     it failed inside Ray (index_corpus.unit_retries)."""
 
     def attempt():
         io.empty_dir(unit_dir)  # what a killed run or a failed attempt left is started over
-        unit_pipeline(config, files, source, model, layout).write_parquet(unit_dir)
+        unit_pipeline(config, files, source, model, layout, rows).write_parquet(unit_dir)
 
     again_if_failed_inside_ray(attempt, config.index_corpus.unit_retries, f"unit {unit_dir}")
 
@@ -140,11 +148,11 @@ def run_unit(
     """Decode, embed and score one unit into `unit_dir`, then mark it done (align/runtime/resume.py)."""
     ic = config.index_corpus
     t0 = time.perf_counter()
-    write_unit(config, files, source, unit_dir, model, layout)
+    expected = count_input_rows(ic, files)
+    write_unit(config, files, source, unit_dir, model, layout, expected)
     score_columns = [SCORER_COLUMN_PREFIX + n for n in ic.scorers]
     staged = io.read_parquet(unit_dir, columns=["status", "error", *score_columns])
     ok = int(pc.sum(pc.equal(staged["status"], "ok")).as_py() or 0)
-    expected = count_input_rows(ic, files)
     # Rows img2dataset listed but never downloaded: error rows (its sidecars name them), plus
     # those only its _stats.json counts.
     not_downloaded = pc.starts_with(pc.fill_null(staged["error"], ""), NOT_DOWNLOADED)

@@ -265,7 +265,7 @@ def run_unit_of_40_images(tmp_path, *overrides):
     model, units, layout = check_inputs(config, source)
     with warnings.catch_warnings(record=True) as given:
         warnings.simplefilter("always")
-        ds = unit_pipeline(config, units[0], source, model, layout).materialize()
+        ds = unit_pipeline(config, units[0], source, model, layout, len(ids)).materialize()
     assert sorted(ds.to_pandas()["image_id"]) == ids
     return ds, [str(w.message) for w in given]
 
@@ -482,12 +482,12 @@ def test_a_unit_that_failed_inside_ray_runs_again_and_one_that_failed_in_code_do
     unit_dir.mkdir()
     (unit_dir / "left-by-the-failed-attempt.parquet").write_bytes(b"partial")
     monkeypatch.setattr(job, "unit_pipeline", pipeline(crash_once))
-    job.write_unit(config, [], "", str(unit_dir), None, None)
+    job.write_unit(config, [], "", str(unit_dir), None, None, None)
     assert len(calls) == 2  # the second attempt wrote the unit
     assert sorted(pq.read_table(unit_dir)["id"].to_pylist()) == list(range(20))
 
     calls.clear()
     monkeypatch.setattr(job, "unit_pipeline", pipeline(code_error))
     with pytest.raises(Exception, match="a bug in a stage"):
-        job.write_unit(config, [], "", str(unit_dir), None, None)
+        job.write_unit(config, [], "", str(unit_dir), None, None, None)
     assert len(calls) == 1
