@@ -32,9 +32,6 @@ $(STAMP): pyproject.toml
 	# its dependencies (its server's pins clash with ours; the client needs only requests).
 	$(PY) -m pip install -q --no-deps "clip-retrieval==$(CLIP_RETRIEVAL)"
 	$(PY) -c "import torchvision, open_clip, ray, faiss, deepspeed; print('environment ok: torch', __import__('torch').__version__)"
-	# DeepSpeed's CPU communication op, compiled once here (about a minute) rather than by the
-	# first training run, where a job's workers would wait on it (cached under ~/.cache).
-	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 # Debian's chromium, for the tests that render report.html (and the search page) headless.

@@ -233,6 +233,14 @@ def deepspeed_config(cfg: FinetuneConfig, micro_batch: int, bf16: bool) -> dict:
     }
 
 
+def skip_shared_memory_all_reduce_op(deepspeed) -> None:
+    """On CPU, DeepSpeed's communication backend compiles a shared-memory all-reduce op when it
+    starts (about a minute, in every new environment) that only its inference tensor parallelism
+    calls; training all-reduces through torch.distributed (gloo). Marked incompatible, it is not
+    built."""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def metrics_jsonl(records: list[dict]) -> bytes:
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
 

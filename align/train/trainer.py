@@ -37,6 +37,7 @@ from align.train.steps import (
     freeze_batchnorm_statistics,
     lr_multiplier,
     metrics_jsonl,
+    skip_shared_memory_all_reduce_op,
     step_losses,
 )
 
@@ -95,6 +96,9 @@ class Trainer:
         if cfg.backend == "deepspeed":
             # Imported here: DeepSpeed picks its accelerator at import, after DS_ACCELERATOR is set.
             import deepspeed
+
+            if not self.use_gpu:
+                skip_shared_memory_all_reduce_op(deepspeed)
 
             micro = cfg.pairs_per_batch if cfg.uses_pairs else cfg.captions_per_batch
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -2,6 +2,7 @@
 checks that decide which pairs are trained on."""
 
 import math
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -244,3 +245,24 @@ def test_adamw_groups_weight_decay_as_clip_and_its_fused_step_matches_the_loop()
         opt.step()
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_cpu_deepspeed_backend_builds_no_shared_memory_op(tmp_path):
+    """DeepSpeed's CPU backend would compile its inference-only all-reduce op on start; after
+    the skip its builder hands back nothing and nothing is compiled (a process of its own:
+    DeepSpeed picks its accelerator once, at import)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import deepspeed\n"
+        "from deepspeed.comm.torch import build_shm_op\n"
+        "from align.train.steps import skip_shared_memory_all_reduce_op\n"
+        "assert deepspeed.ops.__compatible_ops__['deepspeed_shm_comm'], 'compatible before'\n"
+        "skip_shared_memory_all_reduce_op(deepspeed)\n"
+        "assert build_shm_op() is None\n"
+    )
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not any(tmp_path.iterdir())  # no build folder: nothing compiled
