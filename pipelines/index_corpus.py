@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.data
+from ray.data.context import DEFAULT_TARGET_MAX_BLOCK_SIZE
 
 from actors.decode import decode_stage
 from actors.embed import image_embed_stage
@@ -103,9 +104,8 @@ def unit_pipeline(
     ds = read_unit(ic, files, source, layout)
     # The context is this dataset's own (and its descendants'), not the process's.
     decoded_image_bytes = model.image_size**2 * 3
-    block_bytes = min(
-        ds.context.target_max_block_size or 128 * 2**20, ic.block_images * decoded_image_bytes
-    )
+    ray_bound = ds.context.target_max_block_size or DEFAULT_TARGET_MAX_BLOCK_SIZE
+    block_bytes = min(ray_bound, ic.block_images * decoded_image_bytes)
     ds.context.target_max_block_size = block_bytes
     blocks = None if rows is None else -(-rows // max(1, block_bytes // decoded_image_bytes))
     ds = decode_stage(
