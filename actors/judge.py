@@ -90,29 +90,37 @@ def build_llm_judge(cfg: JudgeConfig, k: int):
 def llm_judge_answers(
     judge: JudgeConfig,
     k: int,
-    requests: list[dict],
-    image_ids: np.ndarray,
-    corpus: str,
+    groups: dict[str, tuple[list[dict], np.ndarray, str]],
     max_pixels: int,
     num_cpus: float,
-) -> dict[str, str]:
-    """request_id -> first|second|similar from a vision LLM (http or vllm), through
-    ray.data.llm, for requests whose rows are positions in `image_ids`; the images are read from
-    the corpus and sent as data URLs (prepared in CPU tasks of `num_cpus`)."""
-
-    needed = {image_ids[r] for req in requests for r in (*req["first"], *req["second"])}
-    images = tables.read_image_table(corpus, np.array(sorted(needed)), ["image_id", "image"])
-    by_id = dict(zip(images["image_id"].to_pylist(), images["image"].to_pylist(), strict=True))
-    table = pa.table(
-        {
-            "request_id": [r["request_id"] for r in requests],
-            "query": [r["query"] for r in requests],
-            "images": [
-                [by_id.get(image_ids[i], b"") for i in (*r["first"], *r["second"])]
-                for r in requests
-            ],
-        }
-    )
+) -> dict[str, dict[str, str]]:
+    """Per group: request_id -> first|second|similar from a vision LLM (http or vllm), through
+    one ray.data.llm pass over every group's requests. A group is (requests, image_ids, corpus):
+    its requests' rows are positions in `image_ids`, whose images are read from `corpus` and sent
+    as data URLs (prepared in CPU tasks of `num_cpus`)."""
+    needed: dict[str, set] = {}
+    for requests, image_ids, corpus in groups.values():
+        rows = {r for req in requests for r in (*req["first"], *req["second"])}
+        needed.setdefault(corpus, set()).update(image_ids[sorted(rows)].tolist())
+    by_id = {}  # (corpus, image_id) -> encoded image
+    for corpus, ids in needed.items():
+        images = tables.read_image_table(corpus, np.array(sorted(ids)), ["image_id", "image"])
+        by_id.update(
+            zip(
+                [(corpus, i) for i in images["image_id"].to_pylist()],
+                images["image"].to_pylist(),
+                strict=True,
+            )
+        )
+    keys = list(groups)
+    request_ids, texts, images = [], [], []
+    for g, (requests, image_ids, corpus) in enumerate(groups.values()):
+        for r in requests:
+            request_ids.append(f"{g}/{r['request_id']}")  # unique across groups
+            texts.append(r["query"])
+            rows = (*r["first"], *r["second"])
+            images.append([by_id.get((corpus, image_ids[i]), b"") for i in rows])
+    table = pa.table({"request_id": request_ids, "query": texts, "images": images})
     ds = ray.data.from_arrow(table).map_batches(
         attach_data_urls,
         fn_kwargs={"image_size": judge.image_size, "max_pixels": max_pixels},
@@ -121,12 +129,13 @@ def llm_judge_answers(
         num_cpus=num_cpus,
     )
     ds = build_llm_judge(judge, k)(ds)
-    answers = {}
+    answers: dict[str, dict[str, str]] = {key: {} for key in keys}
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         for rid, answer, error in zip(
             batch["request_id"], batch["answer"], batch["error"], strict=True
         ):
-            answers[str(rid)] = str(answer)
+            g, request_id = str(rid).split("/", 1)
+            answers[keys[int(g)]][request_id] = str(answer)
             if error:
-                log.warning("judge request %s: %s", rid, error)
+                log.warning("judge request %s (%s): %s", request_id, keys[int(g)], error)
     return answers

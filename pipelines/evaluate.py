@@ -225,55 +225,63 @@ def search_gallery(ev, paths: Paths, g: GallerySource, system, model, queries: Q
         log.info("%s, %s: %s", system.name, view.key, short_metrics(metrics))
 
 
-def run_judge(
-    config: Config, gallery: GallerySource, comparisons: list, texts: list, hpir, tops, ref
-) -> tuple[dict, dict]:
-    """Win/similar/loss per (A, B) comparison over the queries `texts` (rows of `tops`), and
-    the judge's own agreement with the `hpir` items, on one gallery."""
-    ev, queries_path = config.evaluate, config.expand(config.evaluate.queries)
+def view_calls(config: Config, comparisons: list, texts: list, hpir, tops, ref) -> judge.JudgeCalls:
+    """Two calls per query and (A, B) comparison over the queries `texts` (rows of `tops`), and
+    two per `hpir` item, on one table."""
+    ev = config.evaluate
     calls = judge.comparison_calls(comparisons, texts, ref.facts, tops)
     if hpir is not None:
         hpir_queries = hpir["query"].to_pylist()
         item_facts = (
-            query_facts(queries_path, hpir_queries) if ev.judge.backend == "oracle" else None
+            query_facts(config.expand(ev.queries), hpir_queries)
+            if ev.judge.backend == "oracle"
+            else None
         )
         judge.add_hpir_calls(calls, hpir_queries, hpir_rows(hpir, ref.gallery), ev.k, item_facts)
-    if not calls.requests:
-        return {}, {}
-    log.info("judge (%s): %d calls", ev.judge.backend, len(calls.requests))
-    if ev.judge.backend == "oracle":
+    return calls
+
+
+def judge_answers(config: Config, tables: dict) -> dict[str, dict[str, str]]:
+    """Per table key: request_id -> first|second|similar. An LLM judge answers every table's
+    calls in one pass (a vLLM engine loads once per evaluation, not once per table)."""
+    ev = config.evaluate
+    calls = sum(len(t[1].requests) for t in tables.values())
+    log.info("judge (%s): %d calls over %d tables", ev.judge.backend, calls, len(tables))
+    if ev.judge.backend != "oracle":
+        groups = {
+            key: (c.requests, ref.gallery.ids, g.corpus) for key, (g, c, ref) in tables.items()
+        }
+        return llm_judge_answers(
+            ev.judge, ev.k, groups, config.max_image_pixels, ev.decode.num_cpus
+        )
+    answers = {}
+    for key, (g, c, ref) in tables.items():
         if ref.gt is None:
             raise ConfigError(
-                f"evaluate.judge.backend=oracle needs {gallery.config_key}.ground_truth (the "
-                "world's ground truth)"
+                f"evaluate.judge.backend=oracle needs {g.config_key}.ground_truth (the world's "
+                "ground truth)"
             )
-        answers = judge.oracle_answers(calls.requests, ref.gt, ev.judge.oracle_margin)
-    else:
-        answers = llm_judge_answers(
-            ev.judge,
-            ev.k,
-            calls.requests,
-            ref.gallery.ids,
-            gallery.corpus,
-            config.max_image_pixels,
-            ev.decode.num_cpus,
-        )
-    judge_hpir = judge.hpir_agreement(calls, answers, hpir) if calls.hpir_items else {}
-    return judge.comparison_rates(calls, answers), judge_hpir
+        answers[key] = judge.oracle_answers(c.requests, ref.gt, ev.judge.oracle_margin)
+    return answers
 
 
 def judge_tables(config: Config, paths: Paths, comparisons, queries: Queries, run: Run) -> dict:
     """Per table (View.key): the judge's rates and its HPIR agreement on that gallery and split."""
-    ev, out = config.evaluate, {}
+    ev, tables, hpirs = config.evaluate, {}, {}
     for view in views(paths.galleries):
         g = view.gallery
-        rows, texts, hpir = view_queries(view, queries)
-        rates, agreement = {}, {}
-        if ev.judge.backend != "none" and (comparisons or hpir is not None):
+        rows, texts, hpirs[view.key] = view_queries(view, queries)
+        if ev.judge.backend != "none" and (comparisons or hpirs[view.key] is not None):
             tops = {name: top[rows] for name, top in run.tops[g.name].items()}
             ref = reference_for(run.refs[g.name], rows)
-            rates, agreement = run_judge(config, g, comparisons, texts, hpir, tops, ref)
-        out[view.key] = (rates, agreement)
+            calls = view_calls(config, comparisons, texts, hpirs[view.key], tops, ref)
+            if calls.requests:
+                tables[view.key] = (g, calls, ref)
+    answers = judge_answers(config, tables) if tables else {}
+    out = dict.fromkeys(hpirs, ({}, {}))
+    for key, (_, calls, _) in tables.items():
+        agreement = judge.hpir_agreement(calls, answers[key], hpirs[key])
+        out[key] = (judge.comparison_rates(calls, answers[key]), agreement)
     return out
 
 

@@ -302,7 +302,12 @@ class _BrightnessJudge(JsonHandler):
         self.reply(200, {"choices": [{"message": {"content": answer}}]})
 
 
-def test_http_judge_sends_both_orders_and_counts_verdicts(world):
+def test_http_judge_sends_both_orders_and_counts_verdicts(world, monkeypatch):
+    import actors.judge
+
+    built = []  # one judge processor (one vLLM engine on a GPU) for every table
+    build = actors.judge.build_llm_judge
+    monkeypatch.setattr(actors.judge, "build_llm_judge", lambda *a: built.append(a) or build(*a))
     server = ThreadingHTTPServer(("127.0.0.1", 0), _BrightnessJudge)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     _BrightnessJudge.calls = []
@@ -314,22 +319,28 @@ def test_http_judge_sends_both_orders_and_counts_verdicts(world):
             "evaluate.judge.compare=[[aligned, base]]",
             "evaluate.hpir=null",
             "evaluate.captions=null",
-            "evaluate.seen=null",  # each query in one table: a prompt names one query
         )
     finally:
         server.shutdown()
     tables = result["metrics"]["tables"]
-    assert list(tables) == ["gallery/unseen", "gallery/heldout"]
+    # Two galleries (two corpora), three tables: the calls of all of them in one pass.
+    assert list(tables) == ["gallery/unseen", "gallery/heldout", "seen/heldout"]
+    assert len(built) == 1
     n = sum(t["queries"] for t in tables.values())
     calls = _BrightnessJudge.calls
     assert len(calls) == 2 * n
-    by_prompt = {}
+    by_comparison = {}  # (query, the images of both rows): the two calls of one comparison
     for prompt, urls in calls:
         assert len(urls) == 10 and "row 1" in prompt
-        by_prompt.setdefault(prompt, []).append(urls)
-    # Each query asked twice, the second time with the rows swapped.
-    swapped = sum(1 for pair in by_prompt.values() if len(pair) == 2 and pair[0][:5] == pair[1][5:])
+        by_comparison.setdefault((prompt, frozenset(urls)), []).append(urls)
+    # Each query of each table asked twice, the second time with the rows swapped.
+    swapped = sum(
+        1 for pair in by_comparison.values() if len(pair) == 2 and pair[0][:5] == pair[1][5:]
+    )
     assert swapped == n
+    for table in tables.values():  # each table's verdicts from its own calls' answers
+        rates = table["judge"]["aligned_vs_base"]
+        assert rates["n"] == table["queries"] and rates["win"] + rates["loss"] > 0
     rates = result["metrics"]["judge"]["aligned_vs_base"]
     # A brightness judge is consistent, so it never answers "similar" unless rows tie.
     assert rates["n"] == result["metrics"]["queries"] and rates["similar"] < 0.2
