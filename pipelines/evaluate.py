@@ -245,7 +245,7 @@ def judge_answers(config: Config, tables: dict) -> dict[str, dict[str, str]]:
     """Per table key: request_id -> first|second|similar. An LLM judge answers every table's
     calls in one pass (a vLLM engine loads once per evaluation, not once per table)."""
     ev = config.evaluate
-    calls = sum(len(t[1].requests) for t in tables.values())
+    calls = sum(len(c.requests) for _, c, _ in tables.values())
     log.info("judge (%s): %d calls over %d tables", ev.judge.backend, calls, len(tables))
     if ev.judge.backend != "oracle":
         groups = {
