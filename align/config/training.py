@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from align.config.sections import PoolConfig, Section
 from align.storage import paths
@@ -174,6 +174,42 @@ class FinetuneConfig(Section):
         "for dpo (a small shift on top of a trained model, whose reference log-probabilities "
         "were computed in eval mode), train for contrastive pretraining.",
     )
+
+    lock_text: bool = Field(
+        False,
+        description="Freeze the text tower (open_clip's --lock-text): only the image tower, the "
+        "temperature and what lock_text_unlocked_layers leaves open learn.",
+    )
+    lock_text_unlocked_layers: int = Field(
+        0,
+        ge=0,
+        description="Text layer groups left trainable from the end (open_clip's "
+        "--lock-text-unlocked-layers): the projection, then the last block with its LayerNorm.",
+    )
+    lock_image: bool = Field(
+        False,
+        description="Freeze the image tower (open_clip's --lock-image, as LiT trains), its "
+        "BatchNorm statistics too.",
+    )
+    lock_image_unlocked_groups: int = Field(
+        0,
+        ge=0,
+        description="Image layer groups left trainable from the end (open_clip's "
+        "--lock-image-unlocked-groups; ViT towers only).",
+    )
+
+    @model_validator(mode="after")
+    def _something_trains(self):
+        if (
+            self.lock_text
+            and self.lock_image
+            and not (self.lock_text_unlocked_layers or self.lock_image_unlocked_groups)
+        ):
+            raise ValueError(
+                "lock_text and lock_image freeze both towers and leave nothing to train: "
+                "unlock some layers (lock_text_unlocked_layers, lock_image_unlocked_groups)"
+            )
+        return self
 
     @property
     def batchnorm_frozen(self) -> bool:

@@ -189,6 +189,23 @@ def freeze_batchnorm_statistics(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+def lock_towers(model: torch.nn.Module, cfg: FinetuneConfig) -> int:
+    """Freeze the towers `cfg.lock_text` / `cfg.lock_image` name, through open_clip's own
+    lock_text_tower / lock_image_tower (the layers its --lock-* flags leave open stay open).
+    A locked image tower's BatchNorm layers stop updating their statistics too, so the tower does
+    not change at all. Returns how many parameter tensors are frozen."""
+    if cfg.lock_text:
+        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)
+    if cfg.lock_image:
+        try:
+            model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups)
+        except AssertionError as e:  # open_clip's ResNet towers lock only whole
+            raise UserError(f"finetune.lock_image_unlocked_groups: {e}") from None
+        if not cfg.lock_image_unlocked_groups:
+            freeze_batchnorm_statistics(model.visual)
+    return sum(not p.requires_grad for p in model.parameters())
+
+
 def adamw(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW over the model's trained parameters, weight decay as CLIP trains (none on gains,
     biases, embeddings and the logit scale), torch's fused kernel unless `optim.fused` is off."""

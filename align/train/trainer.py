@@ -35,6 +35,7 @@ from align.train.steps import (
     deepspeed_config,
     endless_batches,
     freeze_batchnorm_statistics,
+    lock_towers,
     lr_multiplier,
     metrics_jsonl,
     skip_shared_memory_all_reduce_op,
@@ -78,6 +79,7 @@ class Trainer:
         model = self.clip.model.float().train()
         if cfg.batchnorm_frozen:
             freeze_batchnorm_statistics(model)
+        lock_towers(model, cfg)
         if not cfg.uses_captions:
             # Only InfoNCE trains the temperature (DPO uses it detached): with no contrastive
             # term it gets no gradient, and DDP refuses parameters that never get one.

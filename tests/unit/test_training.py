@@ -11,6 +11,7 @@ import torch
 
 from align.config import ConfigError, FinetuneConfig, ModelConfig, OptimConfig, load_config
 from align.data.images import pixels_to_tensor
+from align.errors import UserError
 from align.method.losses import clip_contrastive_loss
 from align.models.clip import build_clip
 from align.train.pair_checks import pair_errors, usable_pairs
@@ -18,6 +19,7 @@ from align.train.steps import (
     StepInputs,
     clip_forward,
     freeze_batchnorm_statistics,
+    lock_towers,
     lr_multiplier,
     metrics_jsonl,
     plot_metrics,
@@ -216,6 +218,54 @@ def test_frozen_batchnorm_keeps_the_base_model_at_step_zero():
     after = {k: v for k, v in model.state_dict().items() if "running" in k}
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.training  # the rest of the model still trains (dropout and friends)
+
+
+def _trained_step(model, inputs, cfg):
+    """One AdamW step of the step's loss; returns the state before and after."""
+    from align.train.steps import adamw
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = adamw(model, OptimConfig(lr=1e-2))
+    loss, _ = step_losses(model, inputs, cfg)
+    loss.backward()
+    opt.step()
+    return before, model.state_dict()
+
+
+@pytest.mark.parametrize("tower", ["text", "image"])
+def test_a_locked_tower_does_not_change_while_the_other_trains(tower):
+    rn = build_clip(ModelConfig(name="micro-rn-clip"))
+    inputs = _inputs(rn)
+    inputs.chosen_ref, inputs.rejected_ref = _reference_sims(rn, inputs)
+    model = rn.model.train()  # BatchNorm in train mode: a locked tower must still not drift
+    cfg = FinetuneConfig(contrastive_weight=0.5, **{f"lock_{tower}": True})
+    assert lock_towers(model, cfg) > 0
+    before, after = _trained_step(model, inputs, cfg)
+
+    def moved(keys):
+        return {k for k in keys if not torch.equal(before[k], after[k])}
+
+    visual = [k for k in before if k.startswith("visual.")]
+    text = [k for k in before if not k.startswith("visual.") and k != "logit_scale"]
+    locked, trained = (text, visual) if tower == "text" else (visual, text)
+    assert moved(locked) == set()  # weights and BatchNorm statistics alike
+    assert moved(trained)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not any(n in locked for n in trainable)
+
+
+def test_tower_locks_that_leave_nothing_to_train_or_that_the_tower_refuses_are_named():
+    with pytest.raises(ValueError, match="leave nothing to train"):
+        FinetuneConfig(lock_text=True, lock_image=True)
+    FinetuneConfig(lock_text=True, lock_image=True, lock_text_unlocked_layers=1)
+    model = build_clip(ModelConfig(name="micro-rn-clip")).model
+    cfg = FinetuneConfig(lock_image=True, lock_image_unlocked_groups=1)
+    with pytest.raises(UserError, match="lock_image_unlocked_groups"):
+        lock_towers(model, cfg)  # open_clip locks a ResNet tower only whole
+    text = build_clip(ModelConfig(name="micro-clip")).model
+    lock_towers(text, FinetuneConfig(lock_text=True, lock_text_unlocked_layers=1))
+    trainable = {n for n, p in text.named_parameters() if p.requires_grad}
+    assert "text_projection" in trainable and "token_embedding.weight" not in trainable
 
 
 def test_adamw_groups_weight_decay_as_clip_and_its_fused_step_matches_the_loop():
