@@ -134,8 +134,18 @@ def test_ddp_recomputed_reference_matches_the_stored_one_and_bad_images_are_erro
     _, manifest = run(preferences, "finetune.output=ft_ddp", "finetune.backend=ddp",
                       "finetune.dpo.reference=recompute", f"finetune.images={images}",
                       "finetune.pair_images=join", "finetune.contrastive_weight=0",
-                      "finetune.cache_decoded_mb=0", "finetune.max_steps=2")  # fmt: skip
+                      "finetune.cache_decoded_mb=0", "finetune.max_steps=2",
+                      "finetune.lock_image=true")  # fmt: skip
     assert manifest["export"] == str(out / "model.pt") and (out / "model.pt").is_file()
+    # A locked image tower comes back bit for bit (the base's index stays valid); the text moved.
+    import torch
+
+    base = torch.load(root / "micro.pt", map_location="cpu")
+    base = base.get("state_dict", base)
+    aligned = torch.load(out / "model.pt", map_location="cpu")["state_dict"]
+    visual = [k for k in aligned if k.startswith("visual.")]
+    assert visual and all(torch.equal(aligned[k], base[k]) for k in visual)
+    assert not torch.equal(aligned["text_projection"], base["text_projection"])
     counts = manifest["counts"]
     assert counts["rows_error"] == affected and counts["rows_out"] == counts["rows_in"] - affected
     errors = pq.read_table(out / "errors").to_pylist()
