@@ -95,7 +95,8 @@ def markdown(results: dict) -> str:
             out.append(f"| {target} | " + " | ".join(cells) + " |")
         rewrite = " | ".join(f"{tables[n]['rewrite_gain']:+.3f}" for n in names)
         out.append(f"| rewrite_gain (reference) | {rewrite} |")
-        oracle = [str(tables[n].get("oracle_judge_win_minus_loss", "-")) for n in names]
+        oracle = [tables[n].get("oracle_judge_win_minus_loss") for n in names]
+        oracle = ["-" if v is None else f"{v:+.2f}" for v in oracle]
         out.append(f"| oracle judge win - loss (not evidence) | {' | '.join(oracle)} |\n")
     return "\n".join(out)
 
