@@ -82,7 +82,9 @@ def test_deepspeed_trains_exports_and_a_second_run_resumes(preferences):
     exported = open_clip.create_model("micro-clip", pretrained=str(out / "model.pt"))
     initial = build_clip(ModelConfig(name="micro-clip", pretrained=str(root / "micro.pt"))).model
     initial_weights = initial.state_dict()
-    moved = {k: (v - initial_weights[k]).abs().max().item() for k, v in exported.state_dict().items()}
+    moved = {
+        k: (v - initial_weights[k]).abs().max().item() for k, v in exported.state_dict().items()
+    }
     assert max(v for k, v in moved.items() if k.startswith("visual.")) > 1e-4
     assert max(v for k, v in moved.items() if not k.startswith("visual.")) > 1e-4
 
