@@ -3,8 +3,9 @@
     python benchmarks/similarity_report.py [--output-dir outputs/demo]
 
 For each held-out query of a demo run, the base model (pretrain/model.pt over index_corpus/) and,
-where the run has one, the aligned model (finetune/model.pt over index_corpus_aligned/) are asked
-how they order the corpus. Printed as JSON, per model:
+where the run has one, the aligned model (finetune/model.pt over index_corpus_aligned/, or over
+index_corpus/ when the fine-tune kept the image tower and the demo built no index of its own) are
+asked how they order the corpus. Printed as JSON, per model:
 - precision@5 and true_aesthetic@5 of its top 5 (the figures evaluate reports, as a check);
 - the Pearson correlation, over the images relevant to the query, of the query-image similarity
   with each quality attribute, the true aesthetic, and whether the image's caption carried
@@ -82,7 +83,10 @@ def report(root: Path, model_name: str) -> dict:
         str(world / "ground_truth.parquet"), columns=["image_id", *ATTRIBUTES, "quality_words"]
     )
 
-    models = {"base": ("index_corpus", "pretrain"), "aligned": ("index_corpus_aligned", "finetune")}
+    aligned_index = "index_corpus_aligned"
+    if not (root / aligned_index / "index").is_dir():  # the image tower locked: the base's index
+        aligned_index = "index_corpus"
+    models = {"base": ("index_corpus", "pretrain"), "aligned": (aligned_index, "finetune")}
     result = {}
     for name, (index, job) in models.items():
         if not (root / index / "index").is_dir() or not (root / job / "model.pt").is_file():

@@ -6,7 +6,8 @@ Runs the jobs in order, in one embedded Ray session, each writing under `output_
 alone: make the world, train the learned aesthetic scorer on its ratings, pretrain the base model
 on its captions (CLIP InfoNCE), index and score the corpus with that model (pixel measures and the
 learned scorer), build preference pairs, fine-tune with retrieval DPO (+ InfoNCE), index the
-corpus again with the aligned model (what `configs/serve.yaml` serves beside the base model), score
+corpus again with the aligned model where its image tower changed (`configs/serve.yaml` serves it
+beside the base model; the demo's fine-tune locks the image tower, so it searches the base's), score
 the evaluation gallery (images no training step read), and evaluate every system of
 `evaluate.systems` (base, base+rewrite, rerank, steer, aligned, aligned+rerank) on it, for query
 families the alignment never saw and for held-out queries of trained families, and on the training
@@ -23,6 +24,7 @@ import numpy as np
 from align.config import Config, ModelConfig, ScorerConfig
 from align.data import world
 from align.log import get_logger
+from align.models.clip import image_tower_digest
 from align.runtime.cli import run_job
 from align.storage import io, paths
 from pipelines.build_preferences import build_preferences
@@ -92,6 +94,23 @@ def with_index_corpus(config: Config, model: ModelConfig | None = None, **change
     return config.model_copy(update={**update, **({"model": model} if model else {})})
 
 
+def index_aligned(config: Config, export: str) -> None:
+    """The aligned model's index, for serving. A fine-tune that kept the image tower as it was
+    (finetune.lock_image) embeds every image as the base did: the aligned model searches the
+    base's index (configs/serve.yaml), and the corpus is not embedded again."""
+    aligned = config.model.model_copy(update={"pretrained": export})
+    if image_tower_digest(aligned) == image_tower_digest(config.model):
+        print(
+            "index_corpus (aligned model): not run, the fine-tune kept the base's image tower; "
+            "the aligned model searches the base's index"
+        )
+        return
+    manifest = index_corpus(
+        with_index_corpus(config, output=paths.INDEX_CORPUS_ALIGNED, model=aligned)
+    )
+    print(f"index_corpus (aligned model): {manifest['counts']['rows_out']} scored")
+
+
 def demo(config: Config) -> None:
     log.info("step 1/9: make_world")
     make_world(config)
@@ -126,14 +145,8 @@ def demo(config: Config) -> None:
     log.info("step 6/9: finetune (retrieval DPO + lambda * contrastive)")
     manifest = finetune(config)
     print(summarise_training("finetune", manifest))
-    # Fine-tuning moves both towers, so the aligned model searches its own embeddings of the
-    # corpus: the index configs/serve.yaml serves beside the base model's.
     log.info("step 7/9: index_corpus with the aligned model (for serving)")
-    aligned = config.model.model_copy(update={"pretrained": manifest["export"]})
-    manifest = index_corpus(
-        with_index_corpus(config, output=paths.INDEX_CORPUS_ALIGNED, model=aligned)
-    )
-    print(f"index_corpus (aligned model): {manifest['counts']['rows_out']} scored")
+    index_aligned(config, manifest["export"])
     # The evaluation gallery is scored as a user's new corpus would be: by the same scorers,
     # nothing trained on it. Evaluate embeds it with each system's model itself.
     log.info("step 8/9: index_corpus of the evaluation gallery (its aesthetic scores)")

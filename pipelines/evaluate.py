@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from functools import partial
 
 import faiss
 import numpy as np
@@ -146,7 +147,7 @@ def read_query_set(ev: EvaluateConfig, paths: Paths, manifest: JobManifest) -> t
 
 
 def embed_model(
-    config: Config, paths: Paths, system: System, queries: Queries, rewrite: bool, errors: list
+    config: Config, paths: Paths, system: System, queries: Queries, rewrite: bool, run: Run
 ) -> dict[str, ModelPass]:
     """Per gallery, the model's pass: the gallery, query embeddings (plain and, if a system of
     this model rewrites, rewritten) and caption recall. Its images (every gallery, unless the
@@ -156,11 +157,10 @@ def embed_model(
     ev, max_pixels = config.evaluate, config.max_image_pixels
     log.info("system %s: embedding with %s", system.name, system.model.pretrained)
     own = system.index_corpus_dir
-    embedded_galleries = [g for g in paths.galleries if not (own and g.own_index)]
-    sources = [g.corpus for g in embedded_galleries]
+    sources = [g.corpus for g in paths.galleries if not (own and g.own_index)]
     sources += [paths.captions] if paths.captions else []
-    embedded, bad = embed_image_sources(sources, system.model, ev.decode, ev.embed, max_pixels)
-    errors += bad
+    embed = partial(embed_image_sources, sources, system.model, ev.decode, ev.embed, max_pixels)
+    embedded = run.image_embeddings(system, sources, embed)  # or another of its image tower's
     galleries = {}
     for g in paths.galleries:
         if own and g.own_index:  # searched as it is
@@ -194,9 +194,10 @@ def run_systems(config: Config, paths: Paths, systems: list[System], queries: Qu
         with manifest.stage(f"embed:{system.name}"):
             if key not in models:
                 rewrite = any(s.rewrite for s in systems if s.model_key == key)
-                models[key] = embed_model(config, paths, system, queries, rewrite, run.errors)
+                models[key] = embed_model(config, paths, system, queries, rewrite, run)
         for g in paths.galleries:
             search_gallery(config.evaluate, paths, g, system, models[key][g.name], queries, run)
+    manifest.extra["image_embeddings_of"] = run.image_pass_of  # per model: whose images it read
     return run
 
 

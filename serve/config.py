@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError, model_validator
 from align.config import ModelConfig, RerankConfig, RewriteConfig, Section
 from align.errors import UserError
 from align.runtime.manifest import MANIFEST_NAME
-from align.search.stored import check_index
+from align.search.stored import check_index, read_index_manifest, shares_image_tower
 from align.storage import io
 
 
@@ -33,8 +33,10 @@ class ServedModelConfig(Section):
     )
     run: str | None = Field(
         None,
-        description="finetune or pretrain output folder; the index must have been built with its "
-        "exported model.pt (None: serve whatever model built the index).",
+        description="finetune or pretrain output folder whose exported model.pt is served; the "
+        "index must have been built with it or with a model of the same image tower (a fine-tune "
+        "with finetune.lock_image over its base's index). None: serve whatever model built the "
+        "index.",
     )
     label: str | None = Field(None, description="Name shown on the search page.")
 
@@ -244,12 +246,38 @@ def _read_manifest(folder: str, what: str, jobs: tuple[str, ...]) -> dict:
     return manifest
 
 
+def _run_model(what: str, indexed: ModelConfig, run_dir: str, ic_dir: str) -> ModelConfig:
+    """The model a training run exported, for an index built with `indexed`: that model, or
+    one whose image tower is the indexed model's (a fine-tune with finetune.lock_image), which
+    then embeds the queries while the index stays as it is."""
+
+    run = _read_manifest(run_dir, f"{what} run", ("finetune", "pretrain"))
+    if indexed.pretrained == run["export"]:
+        return indexed
+    exported = indexed.model_copy(update={"pretrained": run["export"]})
+    try:
+        index_manifest = read_index_manifest(f"{ic_dir}/index")
+    except UserError as e:
+        raise ServeConfigError(f"{what}: {e}") from None
+    try:
+        if shares_image_tower(exported, index_manifest):
+            return exported
+    except UserError:  # the run's checkpoint is gone or unreadable: the message below says so
+        pass
+    raise ServeConfigError(
+        f"{what}: the index in {ic_dir} was built with model.pretrained={indexed.pretrained}, "
+        f"not with the run's {run['export']}, and the two image towers differ; index the corpus "
+        f"with model.pretrained={run['export']}"
+    )
+
+
 def resolve_models(args: ServeArgs) -> dict[str, ServedModel]:
     """Each configured model from the manifests of the jobs that made it; checked before serving.
 
     Raises:
         ServeConfigError: a folder without a finished job's manifest, an index built with another
-            model than the named run's, or a model that cannot be built (missing checkpoint).
+            model than the named run's (and another image tower), or a model that cannot be
+            built (missing checkpoint).
     """
 
     served = {}
@@ -259,14 +287,7 @@ def resolve_models(args: ServeArgs) -> dict[str, ServedModel]:
         manifest = _read_manifest(ic_dir, f"{what} index_corpus", ("index_corpus",))
         model = ModelConfig.model_validate(manifest["config"]["model"])
         if m.run is not None:
-            run_dir = io.absolute(m.run)
-            run = _read_manifest(run_dir, f"{what} run", ("finetune", "pretrain"))
-            if model.pretrained != run["export"]:
-                raise ServeConfigError(
-                    f"{what}: the index in {ic_dir} was built with model.pretrained="
-                    f"{model.pretrained}, not with the run's {run['export']}; index the corpus "
-                    f"with model.pretrained={run['export']}"
-                )
+            model = _run_model(what, model, io.absolute(m.run), ic_dir)
         try:  # the index exists, was built with these weights, and has per-shard files
             check_index(model, ic_dir)
         except UserError as e:

@@ -10,6 +10,7 @@ looks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,7 @@ import pyarrow.compute as pc
 
 from align.config import EvaluateConfig
 from align.evaluation.scoring import Reference
+from align.models.clip import image_tower_digest
 
 SEEN_TITLE = "the corpus the fine-tune trained on (seen)"
 # What each query split of the synthetic world stands for, in the tables' titles.
@@ -83,6 +85,24 @@ class Run:
     tops: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     metrics: dict[str, dict[str, dict]] = field(default_factory=dict)
     errors: list[dict] = field(default_factory=list)
+    # Image embeddings by (model name, image tower digest, sources), with the system that made
+    # them: a fine-tune that locked its image tower reads its base's instead of embedding again.
+    image_passes: dict[tuple, tuple[str, list]] = field(default_factory=dict)
+    # Per model (the first system of it): the system whose image embeddings it read.
+    image_pass_of: dict[str, str] = field(default_factory=dict)
+
+    def image_embeddings(self, system, sources: list[str], embed: Callable[[], tuple]) -> list:
+        """(ids, embeddings) per source from `embed()` (which returns them and its error rows),
+        or those of an earlier system whose model has the same image tower
+        (align.models.clip.image_tower_digest)."""
+        key = (system.model.name, image_tower_digest(system.model), tuple(sources))
+        if key not in self.image_passes:
+            embedded, bad = embed()
+            self.errors.extend(bad)
+            self.image_passes[key] = (system.name, embedded)
+        first, embedded = self.image_passes[key]
+        self.image_pass_of[system.name] = first
+        return list(embedded)
 
 
 def gallery_sources(ev: EvaluateConfig, expand) -> list[GallerySource]:

@@ -9,6 +9,7 @@ without touching a model hub. Real models keep open_clip's own names, pretrained
 
 from __future__ import annotations
 
+import hashlib
 import io as _io
 import pickle
 from dataclasses import dataclass
@@ -183,6 +184,39 @@ def weights_fingerprint(cfg: ModelConfig) -> dict:
         if version is not None:
             fingerprint["checkpoint"] = version
     return fingerprint
+
+
+IMAGE_TOWER_PREFIX = "visual."
+
+
+def image_tower_digest(cfg: ModelConfig) -> str:
+    """sha256 of the image tower's weights and buffers (every state-dict entry under `visual.`,
+    floats as float32). Two models of one digest embed every image alike: a model fine-tuned with
+    its image tower locked (finetune.lock_image) searches the index its base built, and nothing
+    re-embeds the corpus. A checkpoint file is read memory-mapped; a pretrained tag, the seeded
+    init or a checkpoint in another key layout is built.
+
+    Raises:
+        ModelLoadError: as check_model, for a model that cannot be built.
+    """
+    import torch
+
+    check_model(cfg)
+    state = {}
+    if cfg.pretrained and _is_path(cfg.pretrained):
+        local = io.local_copy(cfg.pretrained)  # fetched by check_model, reused here
+        state = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else {}
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not any(k.startswith(IMAGE_TOWER_PREFIX) for k in state):
+        state = build_clip(cfg).model.state_dict()
+    digest = hashlib.sha256()
+    for key in sorted(k for k in state if k.startswith(IMAGE_TOWER_PREFIX)):
+        tensor = state[key].detach().cpu().contiguous()
+        tensor = tensor.float() if tensor.is_floating_point() else tensor
+        digest.update(f"{key}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def export_checkpoint(model, path: str) -> None:

@@ -1,7 +1,7 @@
 """What an index folder holds, written and checked in one place: the file names, `_index.json`
 (the model and its weights, the spec, the shards with their content hashes, recall), the corpus's
 rating embeddings, and the check that an index was built with the model a job or the server is
-about to use it with (name, pretrained weights, dimension, layout).
+about to use it with (name, pretrained weights or the same image tower, dimension, layout).
 
 index_corpus writes, per index shard s (align.search.build.build_index_shard):
   shard-s.faiss            the FAISS index (IVF types share one trained quantizer and codebook)
@@ -18,7 +18,12 @@ import numpy as np
 from align.config import ModelConfig
 from align.errors import InputNotFound, UserError
 from align.method.ranking import rating_embeddings
-from align.models.clip import ModelLoadError, check_model, weights_fingerprint
+from align.models.clip import (
+    ModelLoadError,
+    check_model,
+    image_tower_digest,
+    weights_fingerprint,
+)
 from align.storage import io
 
 # The folder's file names (the docstring above says what each holds).
@@ -59,23 +64,29 @@ def read_index_manifest(index_dir: str) -> dict:
 
 def check_index(model: ModelConfig, index_corpus_dir: str) -> dict:
     """The index manifest of an index_corpus output, checked before any work: a missing index,
-    or one built with another model, other weights or another dimension, fails here."""
+    or one built with another model, other weights or another dimension, fails here. Another
+    checkpoint of the same image tower passes (shares_image_tower)."""
 
     manifest_path = f"{index_corpus_dir}/index/{INDEX_MANIFEST}"
     io.require_exists(manifest_path, "index (run index_corpus first)")
     index_manifest = io.read_json(manifest_path)
     facts = check_model(model)
     built_with = index_manifest["model"]["name"]
-    if built_with != model.name or index_manifest["model"].get("pretrained") != model.pretrained:
+    same_model = (built_with, index_manifest["model"].get("pretrained")) == (
+        model.name,
+        model.pretrained,
+    )
+    if not same_model and not shares_image_tower(model, index_manifest):
         raise ModelLoadError(
             f"index at {index_corpus_dir} was built with model {built_with!r} "
             f"(pretrained={index_manifest['model'].get('pretrained')!r}) but the config's model is "
-            f"{model.name!r} (pretrained={model.pretrained!r})"
+            f"{model.name!r} (pretrained={model.pretrained!r}), whose image tower is not the one "
+            f"that embedded the corpus"
         )
     # The path alone is not the model: a model.pt retrained in place has other weights than the
     # ones that embedded the corpus, and its queries would search the wrong space.
     built_weights = index_manifest.get("weights")
-    if built_weights is not None and built_weights != weights_fingerprint(model):
+    if same_model and built_weights is not None and built_weights != weights_fingerprint(model):
         raise ModelLoadError(
             f"{model.pretrained} was rewritten after the index in {index_corpus_dir} was built "
             f"(weights {built_weights} then, {weights_fingerprint(model)} now); index the corpus "
@@ -87,6 +98,18 @@ def check_index(model: ModelConfig, index_corpus_dir: str) -> dict:
         )
     check_layout(f"{index_corpus_dir}/index", index_manifest)
     return index_manifest
+
+
+def shares_image_tower(model: ModelConfig, index_manifest: dict) -> bool:
+    """Whether `model` embeds images exactly as the model that built the index did (the same
+    architecture, an image tower of the same weights): then its queries search the index as it
+    is, whatever its text tower learnt since (a fine-tune with finetune.lock_image)."""
+    built = index_manifest.get("image_tower")
+    return (
+        built is not None
+        and index_manifest["model"]["name"] == model.name
+        and built == image_tower_digest(model)
+    )
 
 
 def write_index_manifest(
@@ -105,6 +128,9 @@ def write_index_manifest(
         "model": model.model_dump(),
         # The weights themselves (a checkpoint rewritten at the same path is another model).
         "weights": weights_fingerprint(model),
+        # What every image embedding depends on: a model with this image tower searches the
+        # index as it is (shares_image_tower).
+        "image_tower": image_tower_digest(model),
         "dim": built["spec"].dim,
         "count": sum(s["count"] for s in shards),
         "spec": built["spec"].to_dict(),

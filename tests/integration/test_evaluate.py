@@ -32,13 +32,14 @@ from tests.helpers import indexed_world as make_indexed_world
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
-SYSTEMS = ["base", "base+rewrite", "rerank", "steer", "aligned", "aligned+rerank"]
+SYSTEMS = ["base", "base+rewrite", "rerank", "steer", "aligned", "aligned+rerank", "text_tower"]
 
 
 @pytest.fixture(scope="module")
 def world(ray_session, tmp_path_factory):
-    """A small indexed world, a second micro-clip checkpoint as the 'aligned' model, and one
-    held-out image that does not decode."""
+    """A small indexed world, a second micro-clip checkpoint as the 'aligned' model, a third
+    whose text tower alone differs from the base's ('text_tower', as a fine-tune with
+    finetune.lock_image), and one held-out image that does not decode."""
     root = tmp_path_factory.mktemp("ev")
     overrides = make_indexed_world(root, 800, "world.heldout_images=120")
     score_gallery(overrides)
@@ -49,6 +50,11 @@ def world(ray_session, tmp_path_factory):
              for k, v in state.state_dict().items()}  # fmt: skip
     aligned = root / "other.pt"
     torch.save(state, aligned)
+    base = torch.load(root / "micro.pt", weights_only=True)
+    text_tower = root / "text_tower.pt"
+    torch.save(
+        {k: state[k] if not k.startswith("visual.") else v for k, v in base.items()}, text_tower
+    )
     shard = sorted((root / "world" / "heldout_images").glob("*.parquet"))[0]
     table = pq.read_table(shard)
     images = table["image"].to_pylist()
@@ -57,6 +63,7 @@ def world(ray_session, tmp_path_factory):
     overrides += [
         f"evaluate.systems.aligned.pretrained={aligned}",
         f"evaluate.systems.aligned+rerank.pretrained={aligned}",
+        f"evaluate.systems.text_tower={{pretrained: {text_tower}}}",
         "evaluate.report_queries=3",
         "evaluate.judge.compare=[[aligned, base], [base+rewrite, base], [base, base]]",
     ]
@@ -118,6 +125,13 @@ def test_a_table_per_gallery_and_split_the_unseen_gallery_first(world, oracle_ru
         "gallery of images no training step read, query families the alignment never saw"
     )
     assert "seen" in tables["seen/heldout"]["title"]
+    # The base's image tower under another text tower reads the base's image embeddings.
+    manifest = json.loads((Path(result["output"]) / "_manifest.json").read_text())
+    assert manifest["image_embeddings_of"] == {
+        "base": "base",
+        "aligned": "aligned",
+        "text_tower": "base",
+    }
     # HPIR rows are gallery images: its agreement exists on the gallery's tables only.
     assert tables["gallery/heldout"]["systems"]["base"]["hpir_aesthetic"] is not None
     assert "hpir_aesthetic" not in tables["seen/heldout"]["systems"]["base"]
@@ -157,6 +171,7 @@ def test_metrics_match_an_independent_computation(world, oracle_run, table, spli
     for name, pretrained in (
         ("base", config.model.pretrained),
         ("aligned", config.evaluate.systems["aligned"].pretrained),
+        ("text_tower", config.evaluate.systems["text_tower"].pretrained),
     ):
         ids, top = brute_force_top(config, pretrained, held["query"].tolist(), 5, gallery[0])
         true = gt.loc[ids[top.ravel()], "true_aesthetic"].to_numpy().mean()

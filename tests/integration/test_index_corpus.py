@@ -20,6 +20,7 @@ from PIL import Image
 
 from align.config import load_config
 from align.data.contracts import ERRORS, SCORED, SCORER_COLUMN_PREFIX
+from align.models.clip import image_tower_digest
 from align.search.corpus import load_corpus, load_index
 from pipelines.index_corpus import check_inputs, index_corpus, unit_pipeline
 from pipelines.make_world import make_world
@@ -126,6 +127,8 @@ def test_folder_with_bad_files_accounts_for_every_row(ray_session, bad_corpus, t
     assert index.ntotal == 7 and index_manifest["spec"]["type"] == "hnsw"
     assert sorted(id_map["image_id"].to_pylist()) == sorted(GOOD)
     assert 0.0 <= index_manifest["recall_at_10"] <= 1.0
+    # What a model must share to search it without embedding the corpus again.
+    assert index_manifest["image_tower"] == image_tower_digest(config.model)
 
 
 # img2dataset's sidecar parquet and .json: the input columns (url, caption), then what its

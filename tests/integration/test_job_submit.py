@@ -123,10 +123,13 @@ def test_demo_submitted_with_ray_job_submit(cluster, tmp_path):
     metrics = json.loads((out / "evaluate/metrics.json").read_text())
     assert set(metrics["systems"]) == set(load_config(REPO / "configs/demo.yaml").evaluate.systems)
     assert metrics["order"] == ["gallery/unseen", "gallery/heldout", "seen/heldout"]
-    jobs = ("world", "index_corpus", "build_preferences", "finetune", "index_corpus_aligned")
-    for job in (*jobs, "index_corpus_eval"):
+    jobs = ("world", "index_corpus", "build_preferences", "finetune", "index_corpus_eval")
+    for job in jobs:
         manifest = json.loads((out / job / "_manifest.json").read_text())
         counts = manifest["counts"]
         assert counts["rows_in"] == counts["rows_out"] + counts["rows_error"]
     assert (out / "finetune/model.pt").is_file()
+    # The fine-tune locked the image tower: the aligned model searches the base's index.
+    assert "the aligned model searches the base's index" in logs
+    assert not (out / "index_corpus_aligned").exists()
     assert (out / "evaluate/report.html").is_file()

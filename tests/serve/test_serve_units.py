@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from align.config import ModelConfig, load_config
-from align.models.clip import build_clip, check_model, weights_fingerprint
+from align.models.clip import build_clip, check_model, image_tower_digest, weights_fingerprint
 from align.runtime.manifest import JobManifest
 from serve.config import ServeConfigError, parse_args, resolve_models
 from serve.images import CorpusImages
@@ -312,6 +312,34 @@ def test_an_index_built_with_another_model_is_refused(job_outputs):
         resolve_models(parse_args({"models": {"aligned": args}}))
     message = str(e.value)
     assert "model 'aligned'" in message and f"model.pretrained={root}/finetune/model.pt" in message
+
+
+def test_a_run_of_the_same_image_tower_serves_over_the_index_as_it_is(job_outputs):
+    """A fine-tune that kept the image tower (finetune.lock_image): its model embeds the queries
+    over the base's index; one that moved the image tower is refused, naming the index to build."""
+    root, ckpt = job_outputs
+    index_json = root / "index_corpus/index/_index.json"
+    base = ModelConfig(name="micro-clip", pretrained=str(ckpt))
+    manifest = {**json.loads(index_json.read_text()), "image_tower": image_tower_digest(base)}
+    index_json.write_text(json.dumps(manifest))
+    state = torch.load(ckpt, weights_only=True)
+    state["text_projection"] = -state["text_projection"]
+    export = root / "finetune/model.pt"
+    export.parent.mkdir()
+    torch.save(state, export)
+    run = JobManifest("finetune", load_config(None, ["model.name=micro-clip"]))
+    run.extra["export"] = str(export)
+    run.write(str(root / "finetune"), rows_in=1, rows_out=1, rows_error=0)
+    aligned = {"index_corpus": str(root / "index_corpus"), "run": str(root / "finetune")}
+    args = {"models": {"aligned": aligned}}
+    served = resolve_models(parse_args(args))["aligned"]
+    assert served.model["pretrained"] == str(export)
+    assert served.index_dir == f"{root}/index_corpus/index"
+    state["visual.proj"] = -state["visual.proj"]
+    torch.save(state, export)
+    with pytest.raises(ServeConfigError, match="the two image towers differ") as e:
+        resolve_models(parse_args(args))
+    assert f"model.pretrained={export}" in str(e.value)
 
 
 def test_a_checkpoint_retrained_at_the_same_path_is_refused(job_outputs):

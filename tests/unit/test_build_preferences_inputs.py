@@ -121,3 +121,47 @@ def test_an_index_built_before_its_checkpoint_was_rewritten_is_refused(tmp_path)
     os.utime(ckpt, ns=(1, 1))  # a retrained model.pt at the same path
     with pytest.raises(ModelLoadError, match="was rewritten after the index"):
         check_index(config.model, str(tmp_path))
+
+
+def test_a_model_of_the_same_image_tower_searches_the_index_another_does_not(tmp_path):
+    """An index built with the base: a checkpoint whose text tower alone changed (a fine-tune
+    with finetune.lock_image) passes, one whose image tower changed is refused, naming both."""
+    import torch
+
+    from align.config import ModelConfig
+    from align.models.clip import (
+        ModelLoadError,
+        build_clip,
+        export_checkpoint,
+        image_tower_digest,
+        weights_fingerprint,
+    )
+    from align.search.stored import check_index
+
+    base = ModelConfig(name="micro-clip", pretrained=str(tmp_path / "base.pt"))
+    model = build_clip(ModelConfig(name="micro-clip")).model
+    export_checkpoint(model, base.pretrained)
+    (tmp_path / "index").mkdir()
+    manifest = {
+        "model": base.model_dump(),
+        "weights": weights_fingerprint(base),
+        "image_tower": image_tower_digest(base),
+        "dim": 32,
+    }
+    (tmp_path / "index" / "_index.json").write_text(json.dumps(manifest))
+    with torch.no_grad():
+        model.text_projection.mul_(-1.0)
+    text_only = base.model_copy(update={"pretrained": str(tmp_path / "text.pt")})
+    export_checkpoint(model, text_only.pretrained)
+    check_index(text_only, str(tmp_path))
+    with torch.no_grad():
+        model.visual.proj.mul_(-1.0)
+    both = base.model_copy(update={"pretrained": str(tmp_path / "both.pt")})
+    export_checkpoint(model, both.pretrained)
+    with pytest.raises(ModelLoadError, match="whose image tower is not the one") as e:
+        check_index(both, str(tmp_path))
+    assert f"pretrained='{base.pretrained}'" in str(e.value) and both.pretrained in str(e.value)
+    # An index that records no image tower: only its own model searches it.
+    (tmp_path / "index" / "_index.json").write_text(json.dumps({**manifest, "image_tower": None}))
+    with pytest.raises(ModelLoadError, match="image tower"):
+        check_index(text_only, str(tmp_path))

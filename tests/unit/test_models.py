@@ -80,3 +80,29 @@ def test_exported_checkpoint_loads_with_open_clip_and_keeps_the_weights(tmp_path
     loaded = open_clip.create_model("micro-clip", pretrained=str(tmp_path / "m.pt"))
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_the_image_tower_digest_follows_the_image_weights_alone(tmp_path):
+    """Another text tower, the same digest (a fine-tune with finetune.lock_image); one image
+    weight moved, another; a checkpoint's digest is the digest of the model it holds."""
+    from align.models.clip import export_checkpoint, image_tower_digest
+
+    seeded = ModelConfig(name="micro-clip")
+    model = build_clip(seeded).model
+    base = tmp_path / "base.pt"
+    torch.save(model.state_dict(), base)
+    digest = image_tower_digest(seeded)
+    assert digest == image_tower_digest(ModelConfig(name="micro-clip", pretrained=str(base)))
+    with torch.no_grad():
+        model.text_projection.add_(1.0)
+        model.logit_scale.fill_(2.0)
+    export_checkpoint(model, str(tmp_path / "text.pt"))  # {"state_dict": ...}, as jobs export
+    assert digest == image_tower_digest(
+        ModelConfig(name="micro-clip", pretrained=str(tmp_path / "text.pt"))
+    )
+    with torch.no_grad():
+        next(model.visual.parameters()).view(-1)[0] += 1e-3
+    export_checkpoint(model, str(tmp_path / "image.pt"))
+    assert digest != image_tower_digest(
+        ModelConfig(name="micro-clip", pretrained=str(tmp_path / "image.pt"))
+    )
