@@ -259,15 +259,20 @@ def _run_model(what: str, indexed: ModelConfig, run_dir: str, ic_dir: str) -> Mo
         index_manifest = read_index_manifest(f"{ic_dir}/index")
     except UserError as e:
         raise ServeConfigError(f"{what}: {e}") from None
+    why = "the two image towers differ"
+    if index_manifest.get("image_tower") is None:
+        why = (
+            "its _index.json records no image tower to compare; index_corpus.steps=[index] adds it"
+        )
     try:
         if shares_image_tower(exported, index_manifest):
             return exported
-    except UserError:  # the run's checkpoint is gone or unreadable: the message below says so
-        pass
+    except UserError as e:  # the run's checkpoint is gone or unreadable
+        why = str(e)
     raise ServeConfigError(
         f"{what}: the index in {ic_dir} was built with model.pretrained={indexed.pretrained}, "
-        f"not with the run's {run['export']}, and the two image towers differ; index the corpus "
-        f"with model.pretrained={run['export']}"
+        f"not with the run's {run['export']} ({why}); index the corpus with "
+        f"model.pretrained={run['export']}"
     )
 
 

@@ -340,6 +340,10 @@ def test_a_run_of_the_same_image_tower_serves_over_the_index_as_it_is(job_output
     with pytest.raises(ServeConfigError, match="the two image towers differ") as e:
         resolve_models(parse_args(args))
     assert f"model.pretrained={export}" in str(e.value)
+    # An index whose _index.json records no image tower: named, with the step that adds it.
+    index_json.write_text(json.dumps({**manifest, "image_tower": None}))
+    with pytest.raises(ServeConfigError, match=r"records no image tower.*steps=\[index\]"):
+        resolve_models(parse_args(args))
 
 
 def test_a_checkpoint_retrained_at_the_same_path_is_refused(job_outputs):
