@@ -24,8 +24,8 @@ import numpy as np
 from align.config import Config, ModelConfig, ScorerConfig
 from align.data import world
 from align.log import get_logger
-from align.models.clip import image_tower_digest
 from align.runtime.cli import run_job
+from align.search.stored import read_index_manifest, shares_image_tower
 from align.storage import io, paths
 from pipelines.build_preferences import build_preferences
 from pipelines.evaluate import evaluate
@@ -99,7 +99,8 @@ def index_aligned(config: Config, export: str) -> None:
     (finetune.lock_image) embeds every image as the base did: the aligned model searches the
     base's index (configs/serve.yaml), and the corpus is not embedded again."""
     aligned = config.model.model_copy(update={"pretrained": export})
-    if image_tower_digest(aligned) == image_tower_digest(config.model):
+    base_index = read_index_manifest(f"{config.job_output('index_corpus')}/index")
+    if shares_image_tower(aligned, base_index):  # the check serving makes (configs/serve.yaml)
         print(
             "index_corpus (aligned model): not run, the fine-tune kept the base's image tower; "
             "the aligned model searches the base's index"
